@@ -1,0 +1,100 @@
+"""loomc: durable, budgeted agent loops.
+
+Write one iteration of an agent; ``@loop`` runs it as a loop with hard budgets, a
+checkpoint after every step, resume, convergence detection, backtracking and stall
+escalation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+# ``loomc.loop`` is both a submodule (0.3.0 path) and the decorator: import the
+# module first, then bind the name to the decorator.
+from loomc.loop import AsyncLoopRunner, LoopRunner, loop  # isort: skip
+from loomc import circuit_breaker as _circuit_breaker_module  # isort: skip
+from loomc._budget import Budget
+from loomc._context import Reservation, RunView, charge, current_run, reserve
+from loomc._detectors import BestScore, Escalate, JudgeDetector, LastGood, judge, predicate, score_plateau
+from loomc._errors import (
+    AmbiguousRunId,
+    BudgetExhausted,
+    CircuitOpenError,
+    LoomcError,
+    RunLocked,
+    RunNotFound,
+    SchemaTooNew,
+    SpecMismatch,
+    StallError,
+    StateError,
+    StoreError,
+)
+from loomc._semantic import SemanticDelta, semantic_delta
+from loomc._store import CheckpointStore, MemoryStore, SQLiteStore
+from loomc._types import RunInfo, RunResult, RunStatus, StepRecord
+from loomc.circuit_breaker import BreakerState, CircuitBreaker, circuit_breaker
+
+if TYPE_CHECKING:
+    from loomc.adapters import AnthropicAdapter, OpenAIAdapter
+
+__version__ = "0.4.0"
+
+__all__ = [
+    "AmbiguousRunId",
+    "AnthropicAdapter",
+    "AsyncLoopRunner",
+    "BestScore",
+    "BreakerState",
+    "Budget",
+    "BudgetExhausted",
+    "CheckpointStore",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "Escalate",
+    "JudgeDetector",
+    "LastGood",
+    "LoomcError",
+    "LoopRunner",
+    "MemoryStore",
+    "OpenAIAdapter",
+    "Reservation",
+    "RunInfo",
+    "RunLocked",
+    "RunNotFound",
+    "RunResult",
+    "RunStatus",
+    "RunView",
+    "SQLiteStore",
+    "SchemaTooNew",
+    "SemanticDelta",
+    "SpecMismatch",
+    "StallError",
+    "StateError",
+    "StepRecord",
+    "StoreError",
+    "charge",
+    "circuit_breaker",
+    "current_run",
+    "judge",
+    "loop",
+    "predicate",
+    "reserve",
+    "score_plateau",
+    "semantic_delta",
+]
+
+_LAZY = {"AnthropicAdapter": "loomc.adapters", "OpenAIAdapter": "loomc.adapters"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loomc' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+del _circuit_breaker_module

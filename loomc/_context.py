@@ -1,0 +1,210 @@
+"""The run context: ledgers that roll costs up the run tree, and ``charge``/``reserve``.
+
+A ``ContextVar`` holds the ledger of the run whose step is executing. The ledger is a
+mutable object with a parent pointer, so a child run started in a worker thread or a
+task (which sees a *copy* of the context) still charges the very same ledgers as its
+parent. All ledgers share one lock: a charge checks and updates every ancestor at once,
+so concurrent charges can never together cross a cap.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from loomc._errors import BudgetExhausted, LoomcError
+from loomc._policy import EPS, Headroom
+
+__all__ = ["Ledger", "Reservation", "RunView", "charge", "current_ledger", "current_run", "reserve"]
+
+_lock = threading.RLock()
+
+
+class Ledger:
+    """Money spent and reserved by one run, its descendants included."""
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        parent: Ledger | None = None,
+        usd_cap: float | None = None,
+        spent: float = 0.0,
+        deadline: float | None = None,
+        context: Any = None,
+    ) -> None:
+        self.run_id = run_id
+        self.parent = parent
+        self.usd_cap = usd_cap
+        self.spent = spent
+        self.reserved = 0.0
+        self.deadline = deadline  # time.monotonic() value at which the run's wall clock runs out
+        self.context = context
+        self.total_iterations = 0
+
+    @property
+    def total_cost_usd(self) -> float:
+        """Spent so far, nested runs included (loomc 0.3.0 name)."""
+        return self.spent
+
+    def chain(self) -> Iterator[Ledger]:
+        """This ledger and its ancestors, innermost first."""
+        node: Ledger | None = self
+        while node is not None:
+            yield node
+            node = node.parent
+
+    def headroom(self, now: float, *, include_self: bool = False) -> Headroom:
+        """The tightest remaining usd and wall time among the ancestors (and self if asked)."""
+        usd = usd_owner = usd_cap = wall = wall_owner = None
+        with _lock:
+            for led in self.chain():
+                if led is self and not include_self:
+                    continue
+                if led.usd_cap is not None:
+                    left = led.usd_cap - led.spent - led.reserved
+                    if usd is None or left < usd:
+                        usd, usd_owner, usd_cap = left, led.run_id, led.usd_cap
+                if led.deadline is not None:
+                    w = led.deadline - now
+                    if wall is None or w < wall:
+                        wall, wall_owner = w, led.run_id
+        return Headroom(usd, usd_owner, usd_cap, wall, wall_owner)
+
+    def _refuse(self, usd: float) -> BudgetExhausted | None:
+        for led in self.chain():
+            if led.usd_cap is not None and led.spent + led.reserved + usd > led.usd_cap + EPS:
+                return BudgetExhausted(
+                    "usd", led.spent, led.usd_cap, run_id=self.run_id, owner=led.run_id,
+                    requested=usd, state=None,
+                )
+        return None
+
+    def charge(self, usd: float, *, enforce: bool = True) -> None:
+        """Record ``usd`` spent on this run and every ancestor at once.
+
+        With ``enforce`` (the default) a charge that would cross any cap is refused
+        with :class:`BudgetExhausted` and nothing is recorded.
+        """
+        with _lock:
+            if enforce and usd > 0:
+                err = self._refuse(usd)
+                if err is not None:
+                    raise err
+            for led in self.chain():
+                led.spent = round(led.spent + usd, 12)
+
+    def reserve(self, usd: float) -> Reservation:
+        """Hold ``usd`` against every cap in the chain until settled."""
+        with _lock:
+            err = self._refuse(usd)
+            if err is not None:
+                raise err
+            for led in self.chain():
+                led.reserved = round(led.reserved + usd, 12)
+        return Reservation(self, usd)
+
+
+class Reservation:
+    """Money held against the caps before a call; ``settle(actual)`` records what it cost.
+
+    As a context manager: leaving the block without ``settle`` records the full amount
+    (never under-count); leaving it with an exception releases it.
+    """
+
+    def __init__(self, ledger: Ledger | None, usd: float) -> None:
+        self.ledger = ledger
+        self.usd = usd
+        self.settled: float | None = None
+
+    def settle(self, actual: float) -> None:
+        """Replace the reservation by the real cost (recorded even if it exceeds the hold)."""
+        if self.settled is not None:
+            return
+        self.settled = actual
+        if self.ledger is None:
+            return
+        with _lock:
+            for led in self.ledger.chain():
+                led.reserved = round(led.reserved - self.usd, 12)
+                led.spent = round(led.spent + actual, 12)
+
+    def release(self) -> None:
+        """Give the reservation back: nothing was spent."""
+        self.settle(0.0)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.settled is None:
+            self.settle(0.0 if exc_type is not None else self.usd)
+
+
+# The ledger of the run whose step is executing in this context (None outside runs).
+# loomc 0.3.0 exposed it as ``loomc.loop._parent_ledger``.
+_parent_ledger: ContextVar[Ledger | None] = ContextVar("loomc_parent_ledger", default=None)
+
+
+def current_ledger() -> Ledger | None:
+    """The ledger of the run whose step is executing here, if any."""
+    return _parent_ledger.get()
+
+
+def _check_amount(usd: float) -> float:
+    if isinstance(usd, bool) or not isinstance(usd, (int, float)) or usd != usd or usd < 0:
+        raise ValueError(f"charge({usd!r}): the amount must be a non-negative number of USD")
+    return float(usd)
+
+
+def charge(usd: float) -> None:
+    """Record ``usd`` spent by the current step, on its run and every enclosing run.
+
+    A hard cap: a charge that would cross any cap raises :class:`BudgetExhausted`
+    (and is not recorded). Outside a run it does nothing.
+    """
+    usd = _check_amount(usd)
+    ledger = _parent_ledger.get()
+    if ledger is not None:
+        ledger.charge(usd)
+
+
+def reserve(usd: float) -> Reservation:
+    """Hold ``usd`` (the most a call can cost) against every cap before the call.
+
+    Raises :class:`BudgetExhausted` if it cannot fit. Settle the real cost after the
+    call with ``reservation.settle(actual)``; use it as a context manager to settle
+    the full amount (or release it on an exception) automatically.
+    """
+    usd = _check_amount(usd)
+    return Reservation(None, usd) if (ledger := _parent_ledger.get()) is None else ledger.reserve(usd)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What user code can learn about the run it executes in (``loomc.current_run()``)."""
+
+    run_id: str
+    name: str
+    step: int
+    parent_run_id: str | None
+    usd_spent: float
+    usd_remaining: float | None
+    iterations_remaining: int | None
+    wall_clock_remaining: float | None
+
+
+def current_run() -> RunView | None:
+    """The run whose step is executing here (id, step, remaining budget), or ``None``."""
+    ledger = _parent_ledger.get()
+    if ledger is None or ledger.context is None:
+        return None
+    view = ledger.context.view()
+    if not isinstance(view, RunView):  # pragma: no cover - defensive
+        raise LoomcError("run context is not available")
+    return view
+
+

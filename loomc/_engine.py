@@ -1,0 +1,348 @@
+"""One run, written once: the sans-I/O run protocol shared by the sync and async drivers.
+
+:func:`run_protocol` is a generator. It decides what to do with the pure policy core
+and *yields* every piece of I/O it needs — a store call (:class:`StoreOp`) or the
+user's step (:class:`CallOp`) — and receives the result. The sync driver fulfils those
+requests with plain calls, the async driver with ``await``: the loop logic exists once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from loomc import _codec
+from loomc._budget import Budget
+from loomc._context import Ledger, RunView
+from loomc._errors import BudgetExhausted, SpecMismatch, StateError
+from loomc._lease import owner_token
+from loomc._policy import Policy, Stop, Usage, after_step, best_step, check_budget
+from loomc._sql import StepRow, now_iso
+from loomc._store import NewRun, ResumePoint, mark_active
+from loomc._types import RunInfo, RunResult, RunStatus, StepRecord
+
+__all__ = ["CallOp", "RunContext", "RunRequest", "RunSpec", "StoreOp", "WallClockExceeded", "run_protocol"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOp:
+    """Call ``store.<method>(*args)`` (``shield``: even while being cancelled)."""
+
+    store: Any
+    method: str
+    args: tuple[Any, ...]
+    shield: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CallOp:
+    """Run the user's step on ``state`` with ``ledger`` as the current run (until ``deadline``)."""
+
+    state: Any
+    ledger: Ledger
+    deadline: float | None
+
+
+class WallClockExceeded(Exception):  # noqa: N818 - internal signal, never reaches users
+    """Thrown into the protocol when an async step is cancelled at its deadline."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A loop as declared by ``@loop``."""
+
+    name: str
+    spec_hash: str
+    policy: Policy
+    scorer: Callable[[Any], float | None] | None
+    cost_fn: Callable[[Any], float] | None
+    checkpoint: Any
+    durability: str | None
+    kind: str = "loop"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the caller asked for: a new run from ``state`` or the resume of ``run_id``."""
+
+    state: Any = None
+    run_id: str | None = None
+    resume: bool = False
+    budget: Budget | None = None
+    force: bool = False
+
+
+class RunContext:
+    """The live run behind ``loomc.current_run()`` and nested-loop bookkeeping."""
+
+    def __init__(self, run_id: str, name: str, store: Any, parent_run_id: str | None, budget: Budget) -> None:
+        self.run_id = run_id
+        self.name = name
+        self.store = store
+        self.parent_run_id = parent_run_id
+        self.budget = budget
+        self.step_n = -1
+        self.in_step = False
+        self._calls = 0
+        self.iterations = 0
+        self.ledger: Ledger | None = None
+        self.meta: dict[str, Any] = {}
+
+    def begin_step(self, step_n: int) -> None:
+        """A new step starts: nested loops it starts are numbered from 0 again."""
+        self.step_n = step_n
+        self._calls = 0
+        self.in_step = True
+
+    def next_call_index(self) -> int:
+        """The call order of the next nested loop started by the current step."""
+        from loomc._context import _lock
+
+        with _lock:
+            i = self._calls
+            self._calls += 1
+            return i
+
+    def view(self) -> RunView:
+        """A snapshot for user code."""
+        led = self.ledger
+        assert led is not None
+        now = time.monotonic()
+        room = led.headroom(now, include_self=True)
+        iters = None if self.budget.iterations is None else max(0, self.budget.iterations - self.iterations)
+        return RunView(
+            run_id=self.run_id, name=self.name, step=self.step_n, parent_run_id=self.parent_run_id,
+            usd_spent=led.spent, usd_remaining=room.usd, iterations_remaining=iters,
+            wall_clock_remaining=room.wall_s,
+        )
+
+
+def _budget_error(stop: Stop, run_id: str, state: Any) -> BudgetExhausted:
+    return BudgetExhausted(stop.limit or "usd", stop.used, stop.cap, run_id=run_id, owner=stop.owner or run_id, state=state)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: Any) -> Generator[Any, Any, RunResult]:
+    """Drive one run to its end; yields :class:`StoreOp`/:class:`CallOp`, returns the result."""
+    owner = owner_token()
+    parent_ctx: RunContext | None = parent.context if parent is not None else None
+    nested = parent_ctx is not None and parent_ctx.in_step
+    budget = req.budget if req.budget is not None else spec.policy.budget
+    rp: ResumePoint | None = None
+    carried = 0.0  # cost already spent by a resumed child, to roll up into its parent
+
+    if nested:
+        assert parent_ctx is not None
+        store = parent_ctx.store
+        idx = parent_ctx.next_call_index()
+        existing: RunInfo | None = yield StoreOp(store, "find_child", (parent_ctx.run_id, parent_ctx.step_n, idx))
+        if existing is not None:
+            rp = yield StoreOp(store, "resume_point", (existing.id,))
+            carried = existing.cost_usd
+        else:
+            start_blob = _codec.encode(req.state)
+            run_id = yield StoreOp(store, "begin_run", (NewRun(
+                spec_hash=spec.spec_hash, name=spec.name, kind=spec.kind, parent_run_id=parent_ctx.run_id,
+                parent_step=parent_ctx.step_n, call_index=idx, state_type=_codec.type_ref(req.state),
+                input_blob=start_blob, budget=budget.to_dict(), meta=spec.meta or None, owner=owner,
+            ),))
+    else:
+        target = req.run_id
+        if target is not None:
+            if req.resume:
+                target = yield StoreOp(store, "resolve", (target,))
+                rp = yield StoreOp(store, "resume_point", (target,))
+            else:
+                info = yield StoreOp(store, "get_run", (target,))
+                if info is not None:
+                    rp = yield StoreOp(store, "resume_point", (target,))
+        if rp is None:
+            if target is not None and not _valid_id(target):
+                raise ValueError(f"run_id={target!r}: use 1-64 letters, digits, '-', '_' or '.'")
+            start_blob = _codec.encode(req.state)
+            run_id = yield StoreOp(store, "begin_run", (NewRun(
+                spec_hash=spec.spec_hash, name=spec.name, kind=spec.kind, run_id=target,
+                state_type=_codec.type_ref(req.state), input_blob=start_blob, budget=budget.to_dict(),
+                meta=spec.meta or None, owner=owner,
+            ),))
+
+    if rp is not None:
+        info = rp.info
+        run_id = info.id
+        if info.name and info.name != spec.name and not req.force and not nested:
+            raise SpecMismatch(
+                f"run {run_id} was started by {info.name}, not {spec.name}; resume it with that function, "
+                "or pass force=True to continue it with this one"
+            )
+        if req.budget is None and info.budget:
+            budget = Budget.from_dict(info.budget)
+        state_type = rp.state_type
+        if state_type and state_type != "json" and _codec.resolve_type(state_type) is None and not isinstance(req.state, type(None)):
+            _codec._seen_types[state_type] = type(req.state)  # noqa: SLF001 - same type as the caller's
+        state = _codec.decode(rp.start_blob, state_type)
+        history = list(rp.history)
+        if info.status is RunStatus.COMPLETED:
+            if nested and parent is not None and carried:
+                parent.charge(carried, enforce=False)
+            best = best_step(history)
+            return RunResult(
+                run_id, RunStatus.COMPLETED, state, info.steps, info.cost_usd,
+                best.state if best else None, best.score if best else None, info.stop_reason, None, history,
+            )
+        yield StoreOp(store, "acquire", (run_id, owner, req.budget.to_dict() if req.budget is not None else None))
+        usage = Usage(info.cost_usd, info.steps, info.wall_s, info.max_step_cost)
+        next_from = rp.next_from
+        parent_run_id = info.parent_run_id
+    else:
+        state = req.state
+        history = []
+        usage = Usage()
+        next_from = -1
+        parent_run_id = parent_ctx.run_id if nested and parent_ctx is not None else None
+
+    # -- the attempt --------------------------------------------------------------
+    t0 = time.monotonic()
+    wall_cap = budget.wall_clock_seconds
+    ctx = RunContext(run_id, spec.name, store, parent_run_id, budget)
+    ledger = Ledger(
+        run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
+        deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
+    )
+    if nested and parent is not None and carried:
+        parent.charge(carried, enforce=False)
+    ctx.ledger = ledger
+    iterations, max_step_cost, wall_base = usage.iterations, usage.max_step_cost, usage.wall_s
+    attempt_start = history[-1].step_n + 1 if history else 0
+    step_n = attempt_start
+    best = best_step(history)
+    best_state: Any = None
+    have_best_state = False
+    mark_active(run_id, True)
+
+    def result(status: RunStatus, reason: str | None, error: BaseException | None = None) -> RunResult:
+        b = best_step(history)
+        bstate = best_state if have_best_state else (b.state if b is not None else None)
+        return RunResult(run_id, status, state, iterations, ledger.spent, bstate, b.score if b else None, reason, error, history)
+
+    try:
+        while True:
+            now = time.monotonic()
+            ctx.iterations = iterations
+            used = Usage(ledger.spent, iterations, wall_base + (now - t0), max_step_cost)
+            stop = check_budget(budget, used, ledger.headroom(now))
+            if stop is not None:
+                yield StoreOp(store, "finish_run", (run_id, stop.status, stop.reason, used.wall_s))
+                return result(stop.status, stop.reason, _budget_error(stop, run_id, state))
+
+            ctx.begin_step(step_n)
+            spent_before = ledger.spent
+            started = time.monotonic()
+            start_from = next_from
+            error: BaseException | None = None
+            budget_stop: Stop | None = None
+            new_state: Any = state
+            try:
+                room = ledger.headroom(started, include_self=True)
+                deadline = started + room.wall_s if room.wall_s is not None else None
+                new_state = yield CallOp(state, ledger, deadline)
+            except WallClockExceeded:
+                error = BudgetExhausted("wall_clock", wall_base + (time.monotonic() - t0), wall_cap or 0.0, run_id=run_id)
+                budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, "budget: wall_clock", "wall_clock",
+                                   wall_base + (time.monotonic() - t0), wall_cap or 0.0)
+            except BudgetExhausted as exc:
+                error = exc
+                if any(exc.owner == led.run_id for led in ledger.chain()):
+                    budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}", exc.limit, exc.used, exc.cap,
+                                       exc.owner if exc.owner != run_id else None)
+            except Exception as exc:  # noqa: BLE001 - recorded with the step, re-raised by __call__
+                error = exc
+            except BaseException as exc:
+                ctx.in_step = False
+                wall = wall_base + (time.monotonic() - t0)
+                yield StoreOp(store, "finish_run", (run_id, RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}", wall), True)
+                raise
+            finally:
+                ctx.in_step = False
+
+            score: float | None = None
+            if error is None:
+                try:
+                    if spec.cost_fn is not None:
+                        ledger.charge(float(spec.cost_fn(new_state) or 0.0), enforce=False)
+                    if spec.scorer is not None:
+                        raw = spec.scorer(new_state)
+                        score = None if raw is None else float(raw)
+                except Exception as exc:  # noqa: BLE001 - a failing scorer fails the step
+                    error = exc
+            iterations += 1
+            cost = round(ledger.spent - spent_before, 12)
+            ended = time.monotonic()
+            stored_state = state if error is not None else new_state
+            try:
+                blob = _codec.encode(stored_state)
+            except StateError as exc:
+                wall = wall_base + (ended - t0)
+                yield StoreOp(store, "finish_run", (run_id, RunStatus.FAILED, f"error: {exc}", wall))
+                state = stored_state
+                return result(RunStatus.FAILED, f"error: {exc}", exc)
+
+            record = StepRecord(step_n, stored_state, cost, score, None, _error_text(error) if error else None)
+            history.append(record)
+            if budget_stop is not None:
+                verdict_event, verdict_next, stop = None, start_from, budget_stop
+            else:
+                verdict = after_step(spec.policy, history, start_from=start_from, attempt_start=attempt_start)
+                verdict_event, verdict_next, stop = verdict.event, verdict.next_from, verdict.stop
+            record.event = verdict_event
+            max_step_cost = max(max_step_cost, cost)
+            status = stop.status if stop is not None else RunStatus.RUNNING
+            wall = wall_base + (ended - t0)
+            row = StepRow(
+                step_n, blob, cost, score, now_iso(), record.error, verdict_event, verdict_next, ended - started,
+                ledger.spent, iterations, wall, max_step_cost, status.value, stop.reason if stop else None,
+            )
+            yield StoreOp(store, "commit_step", (run_id, row))
+
+            # What the next step starts from, and which states to keep in memory.
+            if error is None and score is not None and (best is None or score > best.score):  # type: ignore[operator]
+                best, best_state, have_best_state = record, new_state, True
+            if verdict_next == step_n:
+                state = new_state
+            elif verdict_next != start_from:
+                state = best_state if (have_best_state and best is not None and best.step_n == verdict_next) else (
+                    (yield StoreOp(store, "load_state", (run_id, verdict_next)))
+                )
+            next_from = verdict_next
+            if len(history) >= 2:
+                prev = history[-2]
+                prev.drop_state(_StateLoader(store, run_id, prev.step_n))
+            step_n += 1
+
+            if stop is not None:
+                if stop.status is RunStatus.BUDGET_EXHAUSTED:
+                    return result(stop.status, stop.reason, error if isinstance(error, BudgetExhausted) else _budget_error(stop, run_id, state))
+                return result(stop.status, stop.reason, error)
+    finally:
+        mark_active(run_id, False)
+
+
+class _StateLoader:
+    __slots__ = ("run_id", "step_n", "store")
+
+    def __init__(self, store: Any, run_id: str, step_n: int) -> None:
+        self.store, self.run_id, self.step_n = store, run_id, step_n
+
+    def __call__(self) -> Any:
+        return self.store.load_state(self.run_id, self.step_n)
+
+
+def _valid_id(run_id: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", run_id))

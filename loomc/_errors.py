@@ -1,0 +1,181 @@
+"""The errors loomc raises.
+
+Every error a user can cause derives from :class:`LoomcError`::
+
+    LoomcError
+    ├── BudgetExhausted          a budget limit stopped the run (or refused a charge)
+    ├── StallError               no score improvement for ``Escalate(after=n)`` steps
+    ├── RunNotFound              no run matches the id (also a ``LookupError``)
+    ├── AmbiguousRunId           a prefix matches several runs (also a ``LookupError``)
+    ├── RunLocked                the run is held by a live process
+    ├── SpecMismatch             resuming a run with a different function or graph
+    ├── StateError               a state cannot be serialised (also a ``TypeError``)
+    ├── StoreError               the checkpoint database cannot be used
+    │   └── SchemaTooNew         the database was written by a newer loomc
+    └── CircuitOpenError         a circuit breaker refused a call
+
+Exceptions raised by the user's own step pass through unchanged, with a note naming
+the run and how to resume it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AmbiguousRunId",
+    "BudgetExhausted",
+    "CircuitOpenError",
+    "LoomcError",
+    "RunLocked",
+    "RunNotFound",
+    "SchemaTooNew",
+    "SpecMismatch",
+    "StallError",
+    "StateError",
+    "StoreError",
+]
+
+
+class LoomcError(Exception):
+    """Base class of every error loomc raises on its own account."""
+
+
+def _fmt(limit: str, value: float) -> str:
+    if limit == "usd":
+        return f"${value:.4f}"
+    if limit == "wall_clock":
+        return f"{value:.2f}s"
+    return f"{value:g}"
+
+
+class BudgetExhausted(LoomcError):
+    """A budget limit stopped the run, or refused a charge that would cross a cap.
+
+    Attributes:
+        limit: ``"usd"``, ``"iterations"`` or ``"wall_clock"``.
+        used: what had been used of that limit.
+        cap: the limit itself.
+        run_id: the run that stopped (``None`` for a refused charge outside a run).
+        owner: the run whose cap was reached (the run itself or one of its ancestors).
+        state: the run's state when it stopped (the state a resume starts from).
+    """
+
+    def __init__(
+        self,
+        limit: str,
+        used: float,
+        cap: float,
+        *,
+        run_id: str | None = None,
+        owner: str | None = None,
+        state: Any = None,
+        requested: float | None = None,
+    ) -> None:
+        self.limit = limit
+        self.used = used
+        self.cap = cap
+        self.max_val = cap  # loomc 0.3.0 name
+        self.run_id = run_id
+        self.owner = owner if owner is not None else run_id
+        self.state = state
+        self.requested = requested
+        msg = f"Budget exhausted: {limit} ({_fmt(limit, used)} used of {_fmt(limit, cap)})"
+        if requested is not None:
+            msg += f"; a charge of {_fmt(limit, requested)} would cross the cap"
+        if self.owner is not None and self.owner != run_id:
+            msg += f" — the cap of enclosing run {self.owner}"
+        if run_id is not None:
+            msg += f". Run {run_id} keeps its state: resume it with a larger budget, e.g. fn.resume({run_id!r}, budget=Budget(...))"
+        super().__init__(msg)
+
+
+class StallError(LoomcError):
+    """The run made no score improvement in the last ``after`` scored steps.
+
+    Attributes:
+        run_id: the stalled run; resuming it continues (with whatever you changed).
+        state: the state the next step would start from.
+        best_state: the state of the best-scoring step so far.
+        iterations: the stall window (``Escalate(after=n)``).
+    """
+
+    def __init__(
+        self,
+        iterations: int,
+        *,
+        run_id: str | None = None,
+        state: Any = None,
+        best_state: Any = None,
+    ) -> None:
+        self.iterations = iterations
+        self.run_id = run_id
+        self.state = state
+        self.best_state = best_state
+        msg = f"Loop stalled: no score improvement for {iterations} iterations"
+        if run_id is not None:
+            msg += f" (run {run_id}; change the prompt or strategy, then fn.resume({run_id!r}))"
+        super().__init__(msg)
+
+
+class RunNotFound(LoomcError, LookupError):
+    """No run matches the given id or prefix."""
+
+    def __init__(self, run_id: str, nearest: list[str] | None = None, where: str = "") -> None:
+        self.run_id = run_id
+        self.nearest = nearest or []
+        msg = f"no run {run_id!r}"
+        if where:
+            msg += f" in {where}"
+        if self.nearest:
+            msg += "; nearest: " + ", ".join(self.nearest)
+        else:
+            msg += "; list runs with `loomc runs`"
+        super().__init__(msg)
+
+
+class AmbiguousRunId(LoomcError, LookupError):
+    """A run id prefix matches more than one run."""
+
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        self.prefix = prefix
+        self.matches = matches
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        super().__init__(f"run id prefix {prefix!r} is ambiguous ({shown}); give more characters")
+
+
+class RunLocked(LoomcError):
+    """The run is held by a live process; only one process may advance a run."""
+
+    def __init__(self, run_id: str, owner: str) -> None:
+        self.run_id = run_id
+        self.owner = owner
+        super().__init__(
+            f"run {run_id} is running in live process {owner}; wait for it to finish "
+            "or stop that process, then resume"
+        )
+
+
+class SpecMismatch(LoomcError):
+    """A run is being resumed by a different function or graph."""
+
+
+class StateError(LoomcError, TypeError):
+    """A state cannot be serialised to JSON; nothing was written for that step."""
+
+
+class StoreError(LoomcError):
+    """The checkpoint database cannot be opened, read or written."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer loomc; it is left untouched."""
+
+
+class CircuitOpenError(LoomcError):
+    """A call was refused because its circuit breaker is open."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        self.name = name
+        self.retry_after = retry_after
+        super().__init__(f"Circuit breaker open for {name!r}, retry after {retry_after:.1f}s")

@@ -1,0 +1,332 @@
+"""``@loop`` and its two thin drivers, :class:`LoopRunner` and :class:`AsyncLoopRunner`.
+
+Both drivers only move data between the run protocol (``_engine``), the store and the
+user's function; every decision is made once, in the protocol and the policy core.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import signal
+import threading
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar, overload
+
+from loomc._budget import Budget
+from loomc._context import _parent_ledger
+from loomc._engine import CallOp, RunRequest, RunSpec, StoreOp, WallClockExceeded, run_protocol
+from loomc._errors import BudgetExhausted, StallError
+from loomc._policy import Policy
+from loomc._store import open_store
+from loomc._types import RunResult, RunStatus
+
+__all__ = ["AsyncLoopRunner", "LoopRunner", "loop"]
+
+S = TypeVar("S")
+
+
+def _spec(fn: Callable[..., Any], policy: Policy, scorer: Any, cost_fn: Any, checkpoint: Any, durability: Any, name: str | None) -> RunSpec:
+    qualname = name or f"{fn.__module__}:{fn.__qualname__}"
+    meta: dict[str, Any] = {}
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        meta["file"] = code.co_filename
+    return RunSpec(
+        name=qualname,
+        spec_hash=hashlib.sha256(qualname.encode()).hexdigest()[:12],
+        policy=policy,
+        scorer=scorer,
+        cost_fn=cost_fn,
+        checkpoint=checkpoint,
+        durability=durability,
+        meta=meta,
+    )
+
+
+class _BaseRunner(Generic[S]):
+    """What both drivers share: the declaration and turning results into returns/raises."""
+
+    def __init__(self, fn: Callable[..., Any], spec: RunSpec) -> None:
+        self._fn = fn
+        self.spec = spec
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        """The run name stored for this loop (``module:qualname``)."""
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec.name}>"
+
+    def store(self) -> Any:
+        """The checkpoint store this loop writes to (opened on first use)."""
+        return open_store(self.spec.checkpoint, self.spec.durability)  # type: ignore[arg-type]
+
+    def _request(self, state: Any, run_id: str | None, resume: bool, budget: Budget | None, force: bool) -> RunRequest:
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
+        return RunRequest(state=state, run_id=run_id, resume=resume, budget=budget, force=force)
+
+    def _unwrap(self, result: RunResult) -> Any:
+        """The final state, or the exception the outcome calls for."""
+        st = result.status
+        if st is RunStatus.COMPLETED:
+            return result.state
+        err = result.error
+        if st is RunStatus.BUDGET_EXHAUSTED:
+            if isinstance(err, BudgetExhausted):
+                if err.run_id is None or err.run_id == result.run_id:
+                    err.run_id = result.run_id
+                    err.state = result.state
+                    raise err
+                raise err
+            raise BudgetExhausted("usd", result.cost_usd, result.cost_usd, run_id=result.run_id, state=result.state)
+        if st is RunStatus.STALLED:
+            after = self.spec.policy.on_stall.after if self.spec.policy.on_stall else 0
+            raise StallError(after, run_id=result.run_id, state=result.state, best_state=result.best_state)
+        if err is not None:
+            if not any(str(n).startswith("loomc:") for n in getattr(err, "__notes__", [])):
+                err.add_note(
+                    f"loomc: run {result.run_id} ({self.spec.name}) failed at step {result.steps - 1}; "
+                    f"fix the cause, then resume it with {self._fn.__name__}.resume({result.run_id!r}) "
+                    f"or `loomc resume {result.run_id}`"
+                )
+            raise err
+        raise RuntimeError(f"run {result.run_id} ended {st.value}")  # pragma: no cover
+
+
+class _SigTerm:
+    """Turn SIGTERM into KeyboardInterrupt while a root run is driven on the main thread."""
+
+    def __init__(self) -> None:
+        self.prev: Any = None
+        self.active = False
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                    self.prev = signal.signal(signal.SIGTERM, _raise_interrupt)
+                    self.active = True
+            except ValueError:  # pragma: no cover - not the main interpreter
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            signal.signal(signal.SIGTERM, self.prev)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+class LoopRunner(_BaseRunner[S]):
+    """A sync ``@loop``: call it to run the loop, ``.run`` for a result, ``.resume`` to continue."""
+
+    def __call__(self, state: S, *, run_id: str | None = None) -> S:
+        """Run the loop from ``state`` and return the final state.
+
+        Raises:
+            BudgetExhausted: a limit stopped the run (its state is kept).
+            StallError: ``on_stall`` stopped the run.
+            Exception: the step's own exception, with a note naming the run.
+        """
+        return self._unwrap(self.run(state, run_id=run_id))  # type: ignore[no-any-return]
+
+    def run(self, state: S, *, run_id: str | None = None) -> RunResult:
+        """Run the loop and return a :class:`RunResult` (never raises for budget, stall or step errors)."""
+        return self._drive(self._request(state, run_id, False, None, False))
+
+    def resume(self, run_id: str, *, budget: Budget | None = None, force: bool = False) -> S:
+        """Continue a stopped or crashed run from its last checkpoint; returns the final state.
+
+        Args:
+            run_id: the run's id or a unique prefix of it.
+            budget: new limits (the only way to get more); by default the run's own,
+                with what it already used carried over.
+            force: continue a run started by a different function.
+        """
+        return self._unwrap(self.resume_run(run_id, budget=budget, force=force))  # type: ignore[no-any-return]
+
+    def resume_run(self, run_id: str, *, budget: Budget | None = None, force: bool = False) -> RunResult:
+        """Like :meth:`resume`, returning the :class:`RunResult`."""
+        return self._drive(self._request(None, run_id, True, budget, force))
+
+    def _drive(self, req: RunRequest) -> RunResult:
+        parent = _parent_ledger.get()
+        nested = parent is not None and parent.context is not None and parent.context.in_step
+        store = None if nested else self.store()
+        gen = run_protocol(self.spec, req, parent, store)
+        with _SigTerm() if not nested else _nullctx():
+            return _drive_sync(gen, self._fn)
+
+
+class _nullctx:  # noqa: N801
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -> RunResult:
+    send: Any = None
+    throw: BaseException | None = None
+    while True:
+        try:
+            op = gen.throw(throw) if throw is not None else gen.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        send, throw = None, None
+        if type(op) is StoreOp:
+            send = getattr(op.store, op.method)(*op.args)
+        else:
+            assert type(op) is CallOp
+            token = _parent_ledger.set(op.ledger)
+            try:
+                send = fn(op.state)
+            except BaseException as exc:  # noqa: BLE001 - handed to the protocol, which decides
+                throw = exc
+            finally:
+                _parent_ledger.reset(token)
+
+
+class AsyncLoopRunner(_BaseRunner[S]):
+    """An async ``@loop``: ``await fn(state)``, ``await fn.run(state)``, ``await fn.resume(id)``.
+
+    Runs on anyio (asyncio or trio); the async step is cancelled at its wall-clock deadline.
+    """
+
+    async def __call__(self, state: S, *, run_id: str | None = None) -> S:
+        """Run the loop from ``state`` and return the final state (raises as ``LoopRunner`` does)."""
+        return self._unwrap(await self.run(state, run_id=run_id))  # type: ignore[no-any-return]
+
+    async def run(self, state: S, *, run_id: str | None = None) -> RunResult:
+        """Run the loop and return a :class:`RunResult`."""
+        return await self._drive(self._request(state, run_id, False, None, False))
+
+    async def resume(self, run_id: str, *, budget: Budget | None = None, force: bool = False) -> S:
+        """Continue a stopped or crashed run; returns the final state."""
+        return self._unwrap(await self.resume_run(run_id, budget=budget, force=force))  # type: ignore[no-any-return]
+
+    async def resume_run(self, run_id: str, *, budget: Budget | None = None, force: bool = False) -> RunResult:
+        """Like :meth:`resume`, returning the :class:`RunResult`."""
+        return await self._drive(self._request(None, run_id, True, budget, force))
+
+    async def _drive(self, req: RunRequest) -> RunResult:
+        from loomc._astore import async_twin
+
+        parent = _parent_ledger.get()
+        nested = parent is not None and parent.context is not None and parent.context.in_step
+        store = None if nested else self.store()
+        gen = run_protocol(self.spec, req, parent, store)
+        return await _drive_async(gen, self._fn, async_twin)
+
+
+async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any], twin: Callable[[Any], Any]) -> RunResult:
+    import anyio
+
+    send: Any = None
+    throw: BaseException | None = None
+    while True:
+        try:
+            op = gen.throw(throw) if throw is not None else gen.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        send, throw = None, None
+        if type(op) is StoreOp:
+            method = getattr(twin(op.store), op.method)
+            if op.shield:
+                with anyio.CancelScope(shield=True):
+                    send = await method(*op.args)
+            else:
+                send = await method(*op.args)
+        else:
+            assert type(op) is CallOp
+            token = _parent_ledger.set(op.ledger)
+            try:
+                if op.deadline is None:
+                    send = await fn(op.state)
+                else:
+                    with anyio.CancelScope(deadline=op.deadline) as scope:
+                        send = await fn(op.state)
+                    if scope.cancelled_caught:
+                        throw = WallClockExceeded()
+            except BaseException as exc:  # noqa: BLE001 - handed to the protocol, which decides
+                throw = exc
+            finally:
+                _parent_ledger.reset(token)
+
+
+@overload
+def loop(fn: Callable[..., Any], /) -> Any: ...
+@overload
+def loop(
+    *,
+    budget: Budget | None = ...,
+    checkpoint: Any = ...,
+    converge_on: Any = ...,
+    backtrack: Any = ...,
+    scorer: Callable[[Any], float | None] | None = ...,
+    cost_fn: Callable[[Any], float] | None = ...,
+    on_stall: Any = ...,
+    durability: str | None = ...,
+    name: str | None = ...,
+) -> Callable[[Callable[..., Any]], Any]: ...
+
+
+def loop(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    budget: Budget | None = None,
+    checkpoint: Any = "sqlite",
+    converge_on: Any = None,
+    backtrack: Any = None,
+    scorer: Callable[[Any], float | None] | None = None,
+    cost_fn: Callable[[Any], float] | None = None,
+    on_stall: Any = None,
+    durability: str | None = None,
+    name: str | None = None,
+) -> Any:
+    """Turn a function doing ONE iteration (``state -> state``, sync or async) into a durable loop.
+
+    Args:
+        budget: hard limits (``Budget(usd=, iterations=, wall_clock=)``); checked before
+            every step, and ``loomc.charge`` enforces ``usd`` inside a step.
+        checkpoint: ``"sqlite"`` (default: ``$LOOMC_DB`` or ``.loomc/checkpoints.db``),
+            a database path, ``"memory"`` or a store object.
+        converge_on: a detector (``score_plateau()``, ``predicate()``, ``judge()`` ...,
+            combined with ``|``/``&``) or a callable ``history -> bool``.
+        backtrack: ``BestScore()``, ``LastGood()`` or a list of both.
+        scorer: ``state -> float | None``, recorded with each step.
+        cost_fn: ``state -> USD`` spent by the step that produced ``state``.
+        on_stall: ``Escalate(after=n)``.
+        durability: ``"power"`` (default) or ``"process"``; see ``SQLiteStore``.
+        name: the stored run name (default ``module:qualname``).
+
+    Returns:
+        A :class:`LoopRunner`, or an :class:`AsyncLoopRunner` for an ``async def``.
+    """
+    if durability is not None and durability not in ("power", "process"):
+        raise ValueError(f"durability={durability!r}: use 'power' or 'process'")
+    if scorer is not None and not callable(scorer):
+        raise TypeError(f"scorer={scorer!r}: expected a callable state -> float")
+    if cost_fn is not None and not callable(cost_fn):
+        raise TypeError(f"cost_fn={cost_fn!r}: expected a callable state -> float")
+    policy = Policy.build(budget, converge_on, backtrack, on_stall)
+
+    def decorate(func: Callable[..., Any]) -> Any:
+        if not callable(func):
+            raise TypeError(f"@loop expects a function, got {func!r}")
+        spec = _spec(func, policy, scorer, cost_fn, checkpoint, durability, name)
+        if inspect.iscoroutinefunction(func):
+            return AsyncLoopRunner(func, spec)
+        return LoopRunner(func, spec)
+
+    return decorate(fn) if fn is not None else decorate
+
+

@@ -1,0 +1,204 @@
+"""The SQLite schema and statements, shared by the sync and async stores.
+
+Pure data and row conversion: no connection is opened here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from loomc._lease import is_alive
+from loomc._types import RunInfo, RunStatus
+
+__all__ = ["SCHEMA_VERSION", "StepRow"]
+
+SCHEMA_VERSION = 1
+
+#: Forward migrations: MIGRATIONS[v] takes a database at version v to v + 1.
+MIGRATIONS: dict[int, str] = {
+    0: """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    spec_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT 'loop',
+    parent_run_id TEXT,
+    parent_step INTEGER,
+    call_index INTEGER,
+    root_run_id TEXT,
+    state_type TEXT,
+    input_blob BLOB,
+    budget TEXT,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    steps INTEGER NOT NULL DEFAULT 0,
+    wall_s REAL NOT NULL DEFAULT 0,
+    max_step_cost REAL NOT NULL DEFAULT 0,
+    next_from INTEGER,
+    stop_reason TEXT,
+    owner TEXT,
+    heartbeat REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    meta TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_roots ON runs(created_at) WHERE parent_run_id IS NULL;
+CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
+CREATE INDEX IF NOT EXISTS runs_children ON runs(parent_run_id, parent_step, call_index);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id TEXT NOT NULL,
+    step_n INTEGER NOT NULL,
+    state_blob BLOB,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    score REAL,
+    timestamp TEXT NOT NULL,
+    error TEXT,
+    event TEXT,
+    next_from INTEGER,
+    duration_s REAL,
+    PRIMARY KEY (run_id, step_n)
+) WITHOUT ROWID;
+""",
+}
+
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=OFF")
+SYNCHRONOUS = {"power": "FULL", "process": "NORMAL"}
+BUSY_TIMEOUT_S = 60.0
+
+RUN_COLS = (
+    "id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, parent_step, "
+    "call_index, cost_usd, steps, wall_s, max_step_cost, budget, stop_reason, owner, heartbeat, meta"
+)
+
+INSERT_RUN = (
+    "INSERT INTO runs (id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, "
+    "parent_step, call_index, root_run_id, state_type, input_blob, budget, owner, heartbeat, meta, "
+    "attempts, cost_usd) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+SELECT_RUN = f"SELECT {RUN_COLS} FROM runs WHERE id = ?"
+SELECT_RESUME = "SELECT state_type, input_blob, next_from FROM runs WHERE id = ?"
+SELECT_PREFIX = "SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 20"
+SELECT_ALL_IDS = "SELECT id FROM runs"
+SELECT_CHILD = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = ? AND parent_step = ? AND call_index = ?"
+SELECT_CHILDREN = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = ? ORDER BY parent_step, call_index, created_at"
+UPDATE_STATUS = "UPDATE runs SET status = ?, updated_at = ? WHERE id = ?"
+ACQUIRE = (
+    "UPDATE runs SET status = 'running', owner = ?, heartbeat = ?, updated_at = ?, "
+    "attempts = attempts + 1, stop_reason = NULL, budget = COALESCE(?, budget) WHERE id = ?"
+)
+SELECT_LEASE = "SELECT status, owner, heartbeat FROM runs WHERE id = ?"
+INSERT_STEP = (
+    "INSERT OR REPLACE INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, "
+    "event, next_from, duration_s) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+UPDATE_TOTALS = (
+    "UPDATE runs SET cost_usd = ?, steps = ?, wall_s = ?, max_step_cost = ?, next_from = ?, "
+    "status = ?, stop_reason = ?, updated_at = ?, heartbeat = ? WHERE id = ?"
+)
+FINISH = (
+    "UPDATE runs SET status = ?, stop_reason = ?, wall_s = MAX(wall_s, ?), updated_at = ?, "
+    "heartbeat = ? WHERE id = ?"
+)
+UPDATE_META = "UPDATE runs SET meta = ? WHERE id = ?"
+ADD_COST = "UPDATE runs SET cost_usd = cost_usd + ?, updated_at = ? WHERE id = ?"
+SELECT_STEP_META = (
+    "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? ORDER BY step_n"
+)
+SELECT_STEPS_FULL = (
+    "SELECT step_n, state_blob, cost_usd, score, timestamp, error, event FROM steps "
+    "WHERE run_id = ? ORDER BY step_n"
+)
+SELECT_STATE = "SELECT state_blob FROM steps WHERE run_id = ? AND step_n = ?"
+SELECT_STATE_TYPE = "SELECT state_type FROM runs WHERE id = ?"
+
+
+def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) -> tuple[str, tuple[Any, ...]]:
+    """The query behind ``list_runs``: newest first, optionally roots only."""
+    where, args = [], []
+    if roots_only:
+        where.append("parent_run_id IS NULL")
+    if status is not None and status != RunStatus.CRASHED.value:
+        where.append("status = ?")
+        args.append(status)
+    elif status == RunStatus.CRASHED.value:
+        where.append("status = 'running'")
+    sql = f"SELECT {RUN_COLS} FROM runs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC, id DESC"
+    if limit is not None and status != RunStatus.CRASHED.value:
+        sql += " LIMIT ?"
+        args.append(int(limit))
+    return sql, tuple(args)
+
+
+def now_iso() -> str:
+    """The current UTC time as stored in the database."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def run_info(row: tuple[Any, ...] | Any) -> RunInfo:
+    """Build a :class:`RunInfo` from a row of ``RUN_COLS``; a dead owner reads as crashed."""
+    status = RunStatus(row[2])
+    if status is RunStatus.RUNNING and row[16] and not is_alive(row[16], row[17]):
+        status = RunStatus.CRASHED
+    return RunInfo(
+        id=row[0],
+        spec_hash=row[1],
+        status=status,
+        created_at=row[3],
+        updated_at=row[4],
+        name=row[5],
+        kind=row[6],
+        parent_run_id=row[7],
+        parent_step=row[8],
+        call_index=row[9],
+        cost_usd=row[10],
+        steps=row[11],
+        wall_s=row[12],
+        max_step_cost=row[13],
+        budget=json.loads(row[14]) if row[14] else {},
+        stop_reason=row[15],
+        owner=row[16],
+        meta=json.loads(row[18]) if row[18] else {},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """One step as committed: the step row and the run totals after it."""
+
+    step_n: int
+    state_blob: str | bytes | None
+    cost_usd: float
+    score: float | None
+    timestamp: str
+    error: str | None
+    event: str | None
+    next_from: int
+    duration_s: float
+    # run totals after this step
+    total_cost: float
+    total_steps: int
+    total_wall_s: float
+    max_step_cost: float
+    status: str
+    stop_reason: str | None
+
+    def step_args(self, run_id: str) -> tuple[Any, ...]:
+        """Parameters of ``INSERT_STEP``."""
+        return (
+            run_id, self.step_n, self.state_blob, self.cost_usd, self.score, self.timestamp,
+            self.error, self.event, self.next_from, self.duration_s,
+        )
+
+    def totals_args(self, run_id: str, heartbeat: float) -> tuple[Any, ...]:
+        """Parameters of ``UPDATE_TOTALS``."""
+        return (
+            self.total_cost, self.total_steps, self.total_wall_s, self.max_step_cost, self.next_from,
+            self.status, self.stop_reason, self.timestamp, heartbeat, run_id,
+        )

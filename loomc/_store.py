@@ -1,0 +1,766 @@
+"""Checkpoint stores: the ``CheckpointStore`` protocol, SQLite (default) and memory.
+
+One connection per store, WAL, one transaction per step. Stores are cached per
+database path, so every loop of a process (and every nested loop of a tree) shares
+one connection to a given file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from loomc import _sql
+from loomc._codec import decode, encode
+from loomc._errors import AmbiguousRunId, RunLocked, RunNotFound, SchemaTooNew, StoreError
+from loomc._lease import is_alive, owner_token
+from loomc._types import RunInfo, RunStatus, StepRecord
+
+__all__ = [
+    "CheckpointStore",
+    "Durability",
+    "MemoryStore",
+    "NewRun",
+    "SQLiteStore",
+    "default_db_path",
+    "new_run_id",
+    "open_store",
+]
+
+Durability = Literal["power", "process"]
+
+
+def default_db_path() -> Path:
+    """``$LOOMC_DB``, else ``.loomc/checkpoints.db`` under the working directory."""
+    env = os.environ.get("LOOMC_DB")
+    return Path(env) if env else Path.cwd() / ".loomc" / "checkpoints.db"
+
+
+def new_run_id() -> str:
+    """A fresh run id: 12 lowercase hex characters."""
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What a store needs to create a run."""
+
+    spec_hash: str
+    name: str = ""
+    kind: str = "loop"
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    parent_step: int | None = None
+    call_index: int | None = None
+    root_run_id: str | None = None
+    state_type: str | None = "json"
+    input_blob: str | bytes | None = None
+    budget: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None
+    owner: str | None = None
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run picks up: the state the next step starts from and its history."""
+
+    info: RunInfo
+    state_type: str | None
+    start_blob: str | bytes | None
+    next_from: int
+    history: list[StepRecord]
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """What the engine needs from a checkpoint backend (synchronous).
+
+    The first six methods are loomc 0.3.0's store API; the rest serve the engine.
+    """
+
+    def create_run(self, spec_hash: str, **kwargs: Any) -> str: ...
+    def get_run(self, run_id: str) -> RunInfo | None: ...
+    def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]: ...
+    def update_run_status(self, run_id: str, status: RunStatus | str) -> None: ...
+    def save_step(self, run_id: str, record: StepRecord) -> None: ...
+    def load_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    def resolve(self, run_id: str) -> str: ...
+    def begin_run(self, new: NewRun) -> str: ...
+    def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None: ...
+    def commit_step(self, run_id: str, row: _sql.StepRow) -> None: ...
+    def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None: ...
+    def resume_point(self, run_id: str) -> ResumePoint: ...
+    def load_state(self, run_id: str, step_n: int) -> Any: ...
+    def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None: ...
+    def children(self, run_id: str) -> list[RunInfo]: ...
+    def set_meta(self, run_id: str, meta: dict[str, Any]) -> None: ...
+    def add_cost(self, run_id: str, usd: float) -> None: ...
+
+
+# ---------------------------------------------------------------------------------
+# SQLite
+
+
+def _script(conn: sqlite3.Connection, script: str) -> None:
+    """Run a multi-statement script inside the current transaction (``executescript`` would commit)."""
+    for stmt in script.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
+def _migrate_0(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring a loomc 0.3.0 database up to it."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    if not cols:
+        _script(conn, _sql.MIGRATIONS[0])
+        return
+    # A 0.3.0 database: add what it lacks, then fill the totals from its steps.
+    run_cols = {
+        "name": "TEXT NOT NULL DEFAULT ''", "kind": "TEXT NOT NULL DEFAULT 'loop'",
+        "parent_run_id": "TEXT", "parent_step": "INTEGER", "call_index": "INTEGER",
+        "root_run_id": "TEXT", "state_type": "TEXT", "input_blob": "BLOB", "budget": "TEXT",
+        "cost_usd": "REAL NOT NULL DEFAULT 0", "steps": "INTEGER NOT NULL DEFAULT 0",
+        "wall_s": "REAL NOT NULL DEFAULT 0", "max_step_cost": "REAL NOT NULL DEFAULT 0",
+        "next_from": "INTEGER", "stop_reason": "TEXT", "owner": "TEXT", "heartbeat": "REAL",
+        "attempts": "INTEGER NOT NULL DEFAULT 0", "meta": "TEXT",
+    }
+    for name, decl in run_cols.items():
+        if name not in cols:
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {decl}")
+    step_cols = {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
+    if not step_cols:
+        _script(conn, _sql.MIGRATIONS[0])
+    for name, decl in {"event": "TEXT", "next_from": "INTEGER", "duration_s": "REAL"}.items():
+        if name not in step_cols:
+            conn.execute(f"ALTER TABLE steps ADD COLUMN {name} {decl}")
+    if "breaker_event" in step_cols:
+        conn.execute("UPDATE steps SET event = breaker_event WHERE event IS NULL")
+    conn.execute(
+        "UPDATE runs SET cost_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM steps WHERE run_id = runs.id), "
+        "steps = (SELECT COUNT(*) FROM steps WHERE run_id = runs.id), "
+        "max_step_cost = (SELECT COALESCE(MAX(cost_usd), 0) FROM steps WHERE run_id = runs.id), "
+        "next_from = (SELECT MAX(step_n) FROM steps WHERE run_id = runs.id), state_type = 'json'"
+    )
+    _script(
+        conn,
+        "CREATE INDEX IF NOT EXISTS runs_roots ON runs(created_at) WHERE parent_run_id IS NULL;"
+        "CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);"
+        "CREATE INDEX IF NOT EXISTS runs_children ON runs(parent_run_id, parent_step, call_index);"
+    )
+
+
+def _history_record(row: tuple[Any, ...], loader: Any) -> StepRecord:
+    from datetime import datetime
+
+    return StepRecord.lazy(
+        row[0], loader, cost_usd=row[1], score=row[2],
+        timestamp=datetime.fromisoformat(row[3]), error=row[4], event=row[5],
+    )
+
+
+class SQLiteStore:
+    """The embedded default store: one SQLite file in WAL mode, one transaction per step.
+
+    Args:
+        path: the database file (default ``$LOOMC_DB`` or ``.loomc/checkpoints.db``).
+            Created, with its directory, at first use unless ``create=False``.
+        durability: ``"power"`` (``synchronous=FULL``: a committed step survives a power
+            cut) or ``"process"`` (``synchronous=NORMAL``: survives any process crash).
+        create: when ``False``, a missing database is a :class:`StoreError` (readers).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        durability: Durability = "power",
+        create: bool = True,
+        db_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if durability not in _sql.SYNCHRONOUS:
+            raise ValueError(f"durability={durability!r}: use 'power' or 'process'")
+        chosen = path if path is not None else db_path
+        self.path = Path(chosen) if chosen is not None else default_db_path()
+        self.durability: Durability = durability
+        self.create = create
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.RLock()
+
+    # -- connection ---------------------------------------------------------------
+    @property
+    def db_path(self) -> str:
+        """The database file path (loomc 0.3.0 attribute)."""
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The store's one connection, opened (and the schema checked) on first use."""
+        if self._conn is None:
+            with self._lock:
+                if self._conn is None:
+                    self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        path = self.path
+        if not self.create and not path.exists():
+            raise StoreError(f"no loomc database at {path}: run a loop first, or pass --db / set LOOMC_DB")
+        if self.create:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the database directory {path.parent}: {exc.strerror or exc}; "
+                    "set LOOMC_DB or checkpoint= to a writable path"
+                ) from exc
+        try:
+            uri = f"file:{path}?mode={'rwc' if self.create else 'rw'}"
+            conn = sqlite3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=_sql.BUSY_TIMEOUT_S
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot open the database {path}: {exc}; check the path and its permissions, "
+                "or set LOOMC_DB / checkpoint= to a writable path"
+            ) from exc
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > _sql.SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"{path} was written by a newer loomc (schema v{version}; this loomc reads up to "
+                    f"v{_sql.SCHEMA_VERSION}); upgrade loomc to use it — the file was not changed"
+                )
+            if version == 0:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if tables and "runs" not in tables:
+                    raise StoreError(
+                        f"{path} is a SQLite database but not a loomc one (tables: "
+                        f"{', '.join(sorted(tables)[:5])}); point LOOMC_DB / --db at another file"
+                    )
+            if version < _sql.SCHEMA_VERSION and not self.create:
+                # Readers do not migrate; an empty/old file is shown as it is.
+                if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master WHERE name='runs'").fetchone():
+                    raise StoreError(f"{path} holds no loomc runs yet; run a loop first")
+            for pragma in _sql.PRAGMAS:
+                conn.execute(pragma)
+            conn.execute(f"PRAGMA synchronous={_sql.SYNCHRONOUS[self.durability]}")
+            if version < _sql.SCHEMA_VERSION and self.create:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    while version < _sql.SCHEMA_VERSION:
+                        if version == 0:
+                            _migrate_0(conn)
+                        else:  # pragma: no cover - future migrations
+                            _script(conn, _sql.MIGRATIONS[version])
+                        version += 1
+                        conn.execute(f"PRAGMA user_version={version}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"{path} is not a usable loomc database ({exc}); move it away or point "
+                "LOOMC_DB / --db at another file"
+            ) from exc
+
+    def close(self) -> None:
+        """Close the connection (it reopens on next use)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._wrap(exc) from exc
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise self._wrap(exc) from exc
+
+    def _wrap(self, exc: sqlite3.Error) -> StoreError:
+        msg = str(exc)
+        if "full" in msg:
+            hint = "free disk space, then resume the run"
+        elif "readonly" in msg or "read-only" in msg:
+            hint = "the database or its directory is read-only; fix permissions or set LOOMC_DB"
+        elif "locked" in msg or "busy" in msg:
+            hint = "another process held the database too long; retry or resume the run"
+        else:
+            hint = "check the database file; committed steps are kept"
+        return StoreError(f"cannot write to {self.path}: {msg}; {hint}")
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            try:
+                return self.conn.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"cannot read {self.path}: {exc}") from exc
+
+    # -- runs ---------------------------------------------------------------------
+    def create_run(self, spec_hash: str, **kwargs: Any) -> str:
+        """Create a run (status ``running``, no owner) and return its id."""
+        return self.begin_run(NewRun(spec_hash=spec_hash, **kwargs))
+
+    def begin_run(self, new: NewRun) -> str:
+        """Create a run from ``new``, owned by ``new.owner``; returns its id."""
+        run_id = new.run_id or new_run_id()
+        now = _sql.now_iso()
+        args = (
+            run_id, new.spec_hash, RunStatus.RUNNING.value, now, now, new.name, new.kind,
+            new.parent_run_id, new.parent_step, new.call_index, new.root_run_id, new.state_type,
+            new.input_blob, json.dumps(new.budget) if new.budget is not None else None, new.owner,
+            time.time(), json.dumps(new.meta) if new.meta else None, 1 if new.owner else 0, new.cost_usd,
+        )
+        with self._tx() as conn:
+            conn.execute(_sql.INSERT_RUN, args)
+        return run_id
+
+    def get_run(self, run_id: str) -> RunInfo | None:
+        """The run with exactly this id, or ``None``."""
+        rows = self._read(_sql.SELECT_RUN, (run_id,))
+        return _sql.run_info(rows[0]) if rows else None
+
+    def resolve(self, run_id: str) -> str:
+        """The full id of the run whose id is or starts with ``run_id``.
+
+        Raises:
+            RunNotFound: listing the nearest ids.
+            AmbiguousRunId: when several runs share the prefix.
+        """
+        if not run_id:
+            raise RunNotFound(run_id, where=str(self.path))
+        rows = self._read(_sql.SELECT_PREFIX, (run_id, run_id + "\U0010ffff"))
+        ids = [r[0] for r in rows]
+        if run_id in ids:
+            return run_id
+        if len(ids) == 1:
+            return ids[0]
+        if ids:
+            raise AmbiguousRunId(run_id, ids)
+        raise RunNotFound(run_id, _nearest(run_id, [r[0] for r in self._read(_sql.SELECT_ALL_IDS)]), str(self.path))
+
+    def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
+        """Runs newest first (all of them by default, as in loomc 0.3.0)."""
+        st = status.value if isinstance(status, RunStatus) else status
+        sql, args = _sql.list_runs_sql(status=st, roots_only=roots_only, limit=limit)
+        runs = [_sql.run_info(r) for r in self._read(sql, args)]
+        if st is not None:
+            runs = [r for r in runs if r.status.value == st]
+            if limit is not None:
+                runs = runs[:limit]
+        return runs
+
+    def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
+        """Set a run's status."""
+        with self._tx() as conn:
+            conn.execute(_sql.UPDATE_STATUS, (RunStatus(status).value, _sql.now_iso(), run_id))
+
+    def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
+        """Take the run's lease for ``owner`` (raises :class:`RunLocked` if a live process holds it)."""
+        with self._tx() as conn:
+            row = conn.execute(_sql.SELECT_LEASE, (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(run_id, where=str(self.path))
+            status, held_by, heartbeat = row
+            if status == RunStatus.RUNNING.value and held_by and held_by != owner and is_alive(held_by, heartbeat):
+                raise RunLocked(run_id, held_by)
+            if status == RunStatus.RUNNING.value and held_by == owner and owner == owner_token() and _in_process(run_id):
+                raise RunLocked(run_id, held_by)
+            conn.execute(
+                _sql.ACQUIRE,
+                (owner, time.time(), _sql.now_iso(), json.dumps(budget) if budget is not None else None, run_id),
+            )
+
+    def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
+        """Write one step and the run's totals in one transaction."""
+        with self._tx() as conn:
+            conn.execute(_sql.INSERT_STEP, row.step_args(run_id))
+            conn.execute(_sql.UPDATE_TOTALS, row.totals_args(run_id, time.time()))
+
+    def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
+        """Record how an attempt ended."""
+        with self._tx() as conn:
+            conn.execute(_sql.FINISH, (status.value, stop_reason, wall_s, _sql.now_iso(), time.time(), run_id))
+
+    def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
+        """Replace the run's free-form metadata (JSON)."""
+        with self._tx() as conn:
+            conn.execute(_sql.UPDATE_META, (json.dumps(meta), run_id))
+
+    def add_cost(self, run_id: str, usd: float) -> None:
+        """Add to a run's total cost outside a step (e.g. a graph run's node costs)."""
+        with self._tx() as conn:
+            conn.execute(_sql.ADD_COST, (usd, _sql.now_iso(), run_id))
+
+    # -- steps --------------------------------------------------------------------
+    def save_step(self, run_id: str, record: StepRecord) -> None:
+        """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
+        info = self.get_run(run_id)
+        if info is None:
+            raise RunNotFound(run_id, where=str(self.path))
+        ts = record.timestamp.isoformat()
+        total = info.cost_usd + record.cost_usd
+        row = _sql.StepRow(
+            record.step_n, encode(record.state), record.cost_usd, record.score, ts, record.error,
+            record.event, record.step_n, 0.0, total, max(info.steps, record.step_n + 1), info.wall_s,
+            max(info.max_step_cost, record.cost_usd), RunStatus.RUNNING.value if info.status is RunStatus.CRASHED else info.status.value,
+            info.stop_reason,
+        )
+        self.commit_step(run_id, row)
+
+    def load_steps(self, run_id: str) -> list[StepRecord]:
+        """Every step of the run, states included, in order."""
+        from datetime import datetime
+
+        type_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
+        ref = type_rows[0][0] if type_rows else "json"
+        return [
+            StepRecord(
+                step_n=r[0], state=decode(r[1], ref), cost_usd=r[2], score=r[3],
+                timestamp=datetime.fromisoformat(r[4]), error=r[5], event=r[6],
+            )
+            for r in self._read(_sql.SELECT_STEPS_FULL, (run_id,))
+        ]
+
+    def load_state(self, run_id: str, step_n: int) -> Any:
+        """The state a step committed (``step_n == -1``: the run's input)."""
+        if step_n < 0:
+            rows = self._read(_sql.SELECT_RESUME, (run_id,))
+            return decode(rows[0][1], rows[0][0]) if rows else None
+        ref_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
+        rows = self._read(_sql.SELECT_STATE, (run_id, step_n))
+        if not rows:
+            raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
+        return decode(rows[0][0], ref_rows[0][0] if ref_rows else "json")
+
+    def resume_point(self, run_id: str) -> ResumePoint:
+        """The run's info, its history (states loaded lazily) and the state to start from."""
+        info = self.get_run(run_id)
+        if info is None:
+            raise RunNotFound(run_id, where=str(self.path))
+        state_type, input_blob, next_from = self._read(_sql.SELECT_RESUME, (run_id,))[0]
+        history = [
+            _history_record(r, _Loader(self, run_id, r[0])) for r in self._read(_sql.SELECT_STEP_META, (run_id,))
+        ]
+        if next_from is None:
+            next_from = history[-1].step_n if history else -1
+        if next_from < 0:
+            blob = input_blob
+        else:
+            rows = self._read(_sql.SELECT_STATE, (run_id, next_from))
+            blob = rows[0][0] if rows else input_blob
+        return ResumePoint(info, state_type, blob, next_from, history)
+
+    def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
+        """The child run a parent step started as its ``call_index``-th nested loop."""
+        rows = self._read(_sql.SELECT_CHILD, (parent_run_id, parent_step, call_index))
+        return _sql.run_info(rows[0]) if rows else None
+
+    def children(self, run_id: str) -> list[RunInfo]:
+        """Direct child runs, in the order their parent started them."""
+        return [_sql.run_info(r) for r in self._read(_sql.SELECT_CHILDREN, (run_id,))]
+
+
+class _Loader:
+    __slots__ = ("run_id", "step_n", "store")
+
+    def __init__(self, store: Any, run_id: str, step_n: int) -> None:
+        self.store, self.run_id, self.step_n = store, run_id, step_n
+
+    def __call__(self) -> Any:
+        return self.store.load_state(self.run_id, self.step_n)
+
+
+# Runs currently driven by this process (to refuse a second driver of the same run).
+_active_runs: set[str] = set()
+_active_lock = threading.Lock()
+
+
+def _in_process(run_id: str) -> bool:
+    with _active_lock:
+        return run_id in _active_runs
+
+
+def mark_active(run_id: str, active: bool) -> None:
+    """Note that this process is (or no longer is) driving ``run_id``."""
+    with _active_lock:
+        if active:
+            _active_runs.add(run_id)
+        else:
+            _active_runs.discard(run_id)
+
+
+def _nearest(run_id: str, ids: list[str]) -> list[str]:
+    import difflib
+
+    close = difflib.get_close_matches(run_id, ids, n=3, cutoff=0.3)
+    if close:
+        return close
+    ids = sorted(ids)
+    i = bisect.bisect_left(ids, run_id)
+    return ids[max(0, i - 1) : i + 2]
+
+
+# ---------------------------------------------------------------------------------
+# Memory
+
+
+class MemoryStore:
+    """A store that keeps runs in memory (``checkpoint="memory"``): nothing survives the process."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._steps: dict[str, dict[int, _sql.StepRow]] = {}
+        self._lock = threading.RLock()
+        self.path = None
+        self.db_path = ":memory:"
+        self.durability = "process"
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._runs)} runs)"
+
+    def _info(self, r: dict[str, Any]) -> RunInfo:
+        status = RunStatus(r["status"])
+        return RunInfo(
+            id=r["id"], spec_hash=r["spec_hash"], status=status, created_at=r["created_at"],
+            updated_at=r["updated_at"], name=r["name"], kind=r["kind"], parent_run_id=r["parent_run_id"],
+            cost_usd=r["cost_usd"], steps=r["steps"], parent_step=r["parent_step"], call_index=r["call_index"],
+            wall_s=r["wall_s"], max_step_cost=r["max_step_cost"], budget=dict(r["budget"] or {}),
+            stop_reason=r["stop_reason"], owner=r["owner"], meta=dict(r["meta"] or {}),
+        )
+
+    def create_run(self, spec_hash: str, **kwargs: Any) -> str:
+        """Create a run and return its id."""
+        return self.begin_run(NewRun(spec_hash=spec_hash, **kwargs))
+
+    def begin_run(self, new: NewRun) -> str:
+        """Create a run from ``new``."""
+        run_id = new.run_id or new_run_id()
+        now = _sql.now_iso()
+        with self._lock:
+            self._runs[run_id] = {
+                "id": run_id, "spec_hash": new.spec_hash, "status": RunStatus.RUNNING.value,
+                "created_at": now, "updated_at": now, "name": new.name, "kind": new.kind,
+                "parent_run_id": new.parent_run_id, "parent_step": new.parent_step,
+                "call_index": new.call_index, "state_type": new.state_type, "input_blob": new.input_blob,
+                "budget": new.budget, "cost_usd": new.cost_usd, "steps": 0, "wall_s": 0.0, "max_step_cost": 0.0,
+                "next_from": None, "stop_reason": None, "owner": new.owner, "meta": new.meta,
+            }
+            self._steps[run_id] = {}
+        return run_id
+
+    def get_run(self, run_id: str) -> RunInfo | None:
+        """The run with exactly this id, or ``None``."""
+        with self._lock:
+            r = self._runs.get(run_id)
+            return self._info(r) if r else None
+
+    def resolve(self, run_id: str) -> str:
+        """The full id for an id or unique prefix."""
+        with self._lock:
+            ids = sorted(self._runs)
+        if run_id in ids:
+            return run_id
+        matches = [i for i in ids if i.startswith(run_id)] if run_id else []
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise AmbiguousRunId(run_id, matches)
+        raise RunNotFound(run_id, _nearest(run_id, ids), "memory")
+
+    def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
+        """Runs newest first."""
+        with self._lock:
+            runs = [self._info(r) for r in self._runs.values()]
+        runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        st = status.value if isinstance(status, RunStatus) else status
+        runs = [r for r in runs if (not roots_only or r.parent_run_id is None) and (st is None or r.status.value == st)]
+        return runs[:limit] if limit is not None else runs
+
+    def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
+        """Set a run's status."""
+        with self._lock:
+            self._runs[run_id]["status"] = RunStatus(status).value
+
+    def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
+        """Take the run's lease."""
+        with self._lock:
+            r = self._runs.get(run_id)
+            if r is None:
+                raise RunNotFound(run_id, where="memory")
+            if r["status"] == RunStatus.RUNNING.value and _in_process(run_id):
+                raise RunLocked(run_id, r["owner"] or owner)
+            r.update(status=RunStatus.RUNNING.value, owner=owner, stop_reason=None)
+            if budget is not None:
+                r["budget"] = budget
+
+    def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
+        """Record one step and the run's totals."""
+        with self._lock:
+            self._steps[run_id][row.step_n] = row
+            self._runs[run_id].update(
+                cost_usd=row.total_cost, steps=row.total_steps, wall_s=row.total_wall_s,
+                max_step_cost=row.max_step_cost, next_from=row.next_from, status=row.status,
+                stop_reason=row.stop_reason, updated_at=row.timestamp,
+            )
+
+    def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
+        """Record how an attempt ended."""
+        with self._lock:
+            r = self._runs[run_id]
+            r.update(status=status.value, stop_reason=stop_reason, wall_s=max(r["wall_s"], wall_s), updated_at=_sql.now_iso())
+
+    def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
+        """Replace the run's metadata."""
+        with self._lock:
+            self._runs[run_id]["meta"] = dict(meta)
+
+    def add_cost(self, run_id: str, usd: float) -> None:
+        """Add to a run's total cost outside a step."""
+        with self._lock:
+            self._runs[run_id]["cost_usd"] += usd
+
+    def save_step(self, run_id: str, record: StepRecord) -> None:
+        """Write a step record (loomc 0.3.0 API)."""
+        with self._lock:
+            r = self._runs[run_id]
+            row = _sql.StepRow(
+                record.step_n, encode(record.state), record.cost_usd, record.score, record.timestamp.isoformat(),
+                record.error, record.event, record.step_n, 0.0, r["cost_usd"] + record.cost_usd,
+                max(r["steps"], record.step_n + 1), r["wall_s"], max(r["max_step_cost"], record.cost_usd),
+                r["status"], r["stop_reason"],
+            )
+            self.commit_step(run_id, row)
+
+    def load_steps(self, run_id: str) -> list[StepRecord]:
+        """Every step of the run, states included."""
+        from datetime import datetime
+
+        with self._lock:
+            ref = self._runs[run_id]["state_type"] if run_id in self._runs else "json"
+            rows = sorted(self._steps.get(run_id, {}).values(), key=lambda s: s.step_n)
+        return [
+            StepRecord(
+                r.step_n, decode(r.state_blob, ref), r.cost_usd, r.score,
+                datetime.fromisoformat(r.timestamp), r.error, r.event,
+            )
+            for r in rows
+        ]
+
+    def load_state(self, run_id: str, step_n: int) -> Any:
+        """The state a step committed (``-1``: the input)."""
+        with self._lock:
+            r = self._runs[run_id]
+            blob = r["input_blob"] if step_n < 0 else self._steps[run_id][step_n].state_blob
+            return decode(blob, r["state_type"])
+
+    def resume_point(self, run_id: str) -> ResumePoint:
+        """The run's info, its history and the state to start from."""
+        with self._lock:
+            r = self._runs.get(run_id)
+            if r is None:
+                raise RunNotFound(run_id, where="memory")
+            rows = sorted(self._steps[run_id].values(), key=lambda s: s.step_n)
+            next_from = r["next_from"] if r["next_from"] is not None else (rows[-1].step_n if rows else -1)
+            blob = r["input_blob"] if next_from < 0 else self._steps[run_id][next_from].state_blob
+            info = self._info(r)
+            state_type = r["state_type"]
+        history = [
+            _history_record((s.step_n, s.cost_usd, s.score, s.timestamp, s.error, s.event), _Loader(self, run_id, s.step_n))
+            for s in rows
+        ]
+        return ResumePoint(info, state_type, blob, next_from, history)
+
+    def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
+        """The child run keyed by (parent, parent step, call order)."""
+        with self._lock:
+            for r in self._runs.values():
+                if (r["parent_run_id"], r["parent_step"], r["call_index"]) == (parent_run_id, parent_step, call_index):
+                    return self._info(r)
+        return None
+
+    def children(self, run_id: str) -> list[RunInfo]:
+        """Direct child runs in call order."""
+        with self._lock:
+            kids = [self._info(r) for r in self._runs.values() if r["parent_run_id"] == run_id]
+        return sorted(kids, key=lambda r: (r.parent_step or 0, r.call_index or 0, r.created_at))
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+# ---------------------------------------------------------------------------------
+
+_stores: dict[tuple[str, str], SQLiteStore] = {}
+_stores_lock = threading.Lock()
+
+
+def open_store(checkpoint: Any, durability: Durability | None = None) -> Any:
+    """Resolve a ``checkpoint=`` argument to a store, at run time (never at decoration).
+
+    ``"sqlite"`` or ``None``: the default database; ``"memory"``: a fresh
+    :class:`MemoryStore`; a path: a SQLite file; a store object: itself.
+    """
+    if checkpoint is None or checkpoint == "sqlite":
+        path: Path | None = default_db_path()
+    elif checkpoint == "memory":
+        return MemoryStore()
+    elif isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint)
+    else:
+        if durability is not None and isinstance(checkpoint, SQLiteStore) and checkpoint.durability != durability:
+            return replace_durability(checkpoint, durability)
+        return checkpoint
+    key = (str(path.resolve()), durability or "power")
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = SQLiteStore(path, durability=durability or "power")
+        return store
+
+
+def replace_durability(store: SQLiteStore, durability: Durability) -> SQLiteStore:
+    """A store on the same file with another durability."""
+    return open_store(store.path, durability)  # type: ignore[no-any-return]
+
+

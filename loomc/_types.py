@@ -1,0 +1,176 @@
+"""The records loomc keeps: run status, step records, run info and run results."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["RunInfo", "RunResult", "RunStatus", "StepRecord"]
+
+
+class RunStatus(str, enum.Enum):
+    """Where a run stands."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    STALLED = "stalled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    CRASHED = "crashed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        """True once nothing more will happen without a resume."""
+        return self is not RunStatus.RUNNING
+
+
+_MISSING: Any = object()
+
+
+class StepRecord:
+    """One committed iteration of a run.
+
+    ``state`` is the state the step returned (for a failed step, the state it started
+    from). A record read back from a long run may load its state lazily from the store.
+    """
+
+    __slots__ = ("_loader", "_state", "cost_usd", "error", "event", "score", "step_n", "timestamp")
+
+    def __init__(
+        self,
+        step_n: int,
+        state: Any = None,
+        cost_usd: float = 0.0,
+        score: float | None = None,
+        timestamp: datetime | None = None,
+        error: str | None = None,
+        event: str | None = None,
+        breaker_event: str | None = None,
+    ) -> None:
+        self.step_n = step_n
+        self._state = state
+        self._loader: Callable[[], Any] | None = None
+        self.cost_usd = cost_usd
+        self.score = score
+        self.timestamp = timestamp if timestamp is not None else datetime.now(timezone.utc)
+        self.error = error
+        self.event = event if event is not None else breaker_event
+
+    @classmethod
+    def lazy(
+        cls,
+        step_n: int,
+        loader: Callable[[], Any],
+        *,
+        cost_usd: float = 0.0,
+        score: float | None = None,
+        timestamp: datetime | None = None,
+        error: str | None = None,
+        event: str | None = None,
+    ) -> StepRecord:
+        """A record whose state is loaded by ``loader`` when first asked for."""
+        rec = cls(step_n, _MISSING, cost_usd, score, timestamp, error, event)
+        rec._loader = loader
+        return rec
+
+    @property
+    def state(self) -> Any:
+        """The step's state (loaded on first access for lazy records)."""
+        if self._state is _MISSING:
+            assert self._loader is not None
+            return self._loader()
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._state = value
+        self._loader = None
+
+    def drop_state(self, loader: Callable[[], Any]) -> None:
+        """Forget the in-memory state; ``loader`` fetches it again when needed."""
+        self._state = _MISSING
+        self._loader = loader
+
+    @property
+    def breaker_event(self) -> str | None:
+        """loomc 0.3.0 name of :attr:`event`."""
+        return self.event
+
+    def __repr__(self) -> str:
+        state = "<lazy>" if self._state is _MISSING else repr(self._state)
+        if len(state) > 60:
+            state = state[:57] + "..."
+        parts = [f"step_n={self.step_n}", f"state={state}", f"cost_usd={self.cost_usd!r}"]
+        if self.score is not None:
+            parts.append(f"score={self.score!r}")
+        if self.error is not None:
+            parts.append(f"error={self.error!r}")
+        if self.event is not None:
+            parts.append(f"event={self.event!r}")
+        return f"StepRecord({', '.join(parts)})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepRecord):
+            return NotImplemented
+        return (
+            self.step_n == other.step_n
+            and self.state == other.state
+            and self.cost_usd == other.cost_usd
+            and self.score == other.score
+            and self.error == other.error
+            and self.event == other.event
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as the store knows it (totals include nested child runs)."""
+
+    id: str
+    spec_hash: str
+    status: RunStatus
+    created_at: str
+    updated_at: str
+    name: str = ""
+    kind: str = "loop"
+    parent_run_id: str | None = None
+    cost_usd: float = 0.0
+    steps: int = 0
+    parent_step: int | None = None
+    call_index: int | None = None
+    wall_s: float = 0.0
+    max_step_cost: float = 0.0
+    budget: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None
+    owner: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run produced; ``LoopRunner.run`` returns it."""
+
+    run_id: str
+    status: RunStatus
+    state: Any
+    steps: int
+    cost_usd: float
+    best_state: Any = None
+    best_score: float | None = None
+    stop_reason: str | None = None
+    error: BaseException | None = None
+    history: list[StepRecord] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the run completed (converged or ran to its natural end)."""
+        return self.status is RunStatus.COMPLETED

@@ -1,0 +1,7 @@
+"""Backtracking strategies (loomc 0.3.0 module path)."""
+
+from __future__ import annotations
+
+from loomc._detectors import BestScore, LastGood
+
+__all__ = ["BestScore", "LastGood"]

@@ -1,0 +1,1 @@
+"""orchestration: multi-agent pipelines where each agent is a loomc loop."""
