@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from loomc._lease import is_alive
@@ -136,9 +136,20 @@ def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) ->
     return sql, tuple(args)
 
 
+_last_now: list[datetime] = [datetime.min.replace(tzinfo=timezone.utc)]
+
+
 def now_iso() -> str:
-    """The current UTC time as stored in the database."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    """The current UTC time as stored in the database, strictly increasing within a process.
+
+    Runs are listed newest first by ``created_at``; two runs created in the same
+    microsecond must still sort in creation order.
+    """
+    now = datetime.now(timezone.utc)
+    if now <= _last_now[0]:
+        now = _last_now[0] + timedelta(microseconds=1)
+    _last_now[0] = now
+    return now.isoformat(timespec="microseconds")
 
 
 def run_info(row: tuple[Any, ...] | Any) -> RunInfo:
