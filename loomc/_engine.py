@@ -73,6 +73,7 @@ class RunRequest:
     resume: bool = False
     budget: Budget | None = None
     force: bool = False
+    call_index: int | None = None  # a child's fixed place under its parent step (graph nodes)
 
 
 class RunContext:
@@ -140,7 +141,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     if nested:
         assert parent_ctx is not None
         store = parent_ctx.store
-        idx = parent_ctx.next_call_index()
+        idx = req.call_index if req.call_index is not None else parent_ctx.next_call_index()
         existing: RunInfo | None = yield StoreOp(store, "find_child", (parent_ctx.run_id, parent_ctx.step_n, idx))
         if existing is not None:
             rp = yield StoreOp(store, "resume_point", (existing.id,))

@@ -6,6 +6,7 @@ user's function; every decision is made once, in the protocol and the policy cor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -163,6 +164,17 @@ class LoopRunner(_BaseRunner[S]):
         with _SigTerm() if not nested else _nullctx():
             return _drive_sync(gen, self._fn)
 
+    def _run_child(
+        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None
+    ) -> RunResult:
+        """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
+        parent = _parent_ledger.get()
+        assert parent is not None
+        assert parent.context is not None
+        assert parent.context.in_step
+        spec = dataclasses.replace(self.spec, kind=kind, meta={**self.spec.meta, **(meta or {})})
+        return _drive_sync(run_protocol(spec, RunRequest(state=state, call_index=call_index), parent, None), self._fn)
+
 
 class _nullctx:  # noqa: N801
     def __enter__(self) -> None:
@@ -223,6 +235,20 @@ class AsyncLoopRunner(_BaseRunner[S]):
         nested = parent is not None and parent.context is not None and parent.context.in_step
         store = None if nested else self.store()
         gen = run_protocol(self.spec, req, parent, store)
+        return await _drive_async(gen, self._fn, async_twin)
+
+    async def _run_child(
+        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None
+    ) -> RunResult:
+        """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
+        from loomc._astore import async_twin
+
+        parent = _parent_ledger.get()
+        assert parent is not None
+        assert parent.context is not None
+        assert parent.context.in_step
+        spec = dataclasses.replace(self.spec, kind=kind, meta={**self.spec.meta, **(meta or {})})
+        gen = run_protocol(spec, RunRequest(state=state, call_index=call_index), parent, None)
         return await _drive_async(gen, self._fn, async_twin)
 
 
