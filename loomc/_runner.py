@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import signal
 import threading
+import time
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar, overload
 
@@ -277,7 +278,9 @@ async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], 
                 if op.deadline is None:
                     send = await fn(op.state)
                 else:
-                    with anyio.CancelScope(deadline=op.deadline) as scope:
+                    # the deadline is on time.monotonic(); anyio's clock may differ (trio offsets it)
+                    deadline = anyio.current_time() + (op.deadline - time.monotonic())
+                    with anyio.CancelScope(deadline=deadline) as scope:
                         send = await fn(op.state)
                     if scope.cancelled_caught:
                         throw = WallClockExceeded()
