@@ -120,7 +120,7 @@ def encode_json(state: Any) -> str:
         return _adapter(cls).dump_json(state).decode()  # type: ignore[no-any-return]
     except StateError:
         raise
-    except Exception as exc:  # noqa: BLE001 - re-raised as StateError with the culprit
+    except Exception as exc:
         where = _find_bad_field(state, "state") or "state"
         raise StateError(
             f"cannot serialise the state: {where} is a {type(_lookup(state, where)).__name__}, "
@@ -158,10 +158,7 @@ def decode(blob: str | bytes | None, ref: TypeRef | None = "json") -> Any:
         return None
     if isinstance(blob, (bytes, bytearray, memoryview)):
         raw = bytes(blob)
-        if raw[:1] == b"z":
-            text = zlib.decompress(raw[1:]).decode()
-        else:
-            text = raw.decode()
+        text = zlib.decompress(raw[1:]).decode() if raw[:1] == b"z" else raw.decode()
     else:
         text = blob
     cls = resolve_type(ref)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from loomc._lease import is_alive
@@ -136,7 +136,7 @@ def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) ->
     return sql, tuple(args)
 
 
-_last_now: list[datetime] = [datetime.min.replace(tzinfo=timezone.utc)]
+_last_now: list[datetime] = [datetime.min.replace(tzinfo=UTC)]
 
 
 def now_iso() -> str:
@@ -145,7 +145,7 @@ def now_iso() -> str:
     Runs are listed newest first by ``created_at``; two runs created in the same
     microsecond must still sort in creation order.
     """
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if now <= _last_now[0]:
         now = _last_now[0] + timedelta(microseconds=1)
     _last_now[0] = now

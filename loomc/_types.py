@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = ["RunInfo", "RunResult", "RunStatus", "StepRecord"]
@@ -59,7 +59,7 @@ class StepRecord:
         self._loader: Callable[[], Any] | None = None
         self.cost_usd = cost_usd
         self.score = score
-        self.timestamp = timestamp if timestamp is not None else datetime.now(timezone.utc)
+        self.timestamp = timestamp if timestamp is not None else datetime.now(UTC)
         self.error = error
         self.event = event if event is not None else breaker_event
 

@@ -111,5 +111,6 @@ def test_resume_of_a_live_run_is_refused(tmp_path: Path) -> None:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    out = subprocess.run([sys.executable, str(script), str(db), run_id], capture_output=True, text=True, env={**os.environ, "STEP_SLEEP": "0"}, check=True)
+    env = {**os.environ, "STEP_SLEEP": "0"}
+    out = subprocess.run([sys.executable, str(script), str(db), run_id], capture_output=True, text=True, env=env, check=True)
     assert "'n': 8" in out.stdout

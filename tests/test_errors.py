@@ -129,12 +129,12 @@ def test_newer_schema_is_refused_untouched(db: str) -> None:
     """A database from a newer loomc is refused with a clear message and never altered."""
     _runner(db).run({"n": 1})
     SQLiteStore(db).close()
-    for store in list(loomc._store._stores.values()):  # noqa: SLF001 - drop cached connections
+    for store in list(loomc._store._stores.values()):
         store.close()
     with sqlite3.connect(db) as c:
         c.execute("PRAGMA user_version=99")
     before = digest(Path(db))
-    with pytest.raises(loomc.SchemaTooNew, match="newer loomc.*upgrade loomc"):
+    with pytest.raises(loomc.SchemaTooNew, match=r"newer loomc.*upgrade loomc"):
         SQLiteStore(db).list_runs()
     assert digest(Path(db)) == before
 

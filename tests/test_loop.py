@@ -387,7 +387,9 @@ def _make_runner(db: str, scores: list[float], errors: set[int], interrupt_at: l
     k=st.integers(min_value=0, max_value=11),
 )
 @settings(max_examples=30, deadline=None)
-def test_resume_after_any_step_equals_uninterrupted(tmp_path_factory: pytest.TempPathFactory, scores: list[float], errors: set[int], k: int) -> None:
+def test_resume_after_any_step_equals_uninterrupted(
+    tmp_path_factory: pytest.TempPathFactory, scores: list[float], errors: set[int], k: int
+) -> None:
     """Interrupt after any step k, resume: same step history, same final state, same cost."""
     d = tmp_path_factory.mktemp("eq")
     whole = _make_runner(str(d / "a.db"), scores, errors, []).run({"trail": [], "score": 0.0})
