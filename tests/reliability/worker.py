@@ -1,0 +1,77 @@
+"""A loop driven by the reliability tests: warm start, then runs or resumes a run on command.
+
+Protocol (stdin/stdout, one line each): the worker imports loomc, prints ``ready``, waits
+for ``go <db> <run_id> <steps>``, then prints ``s<n>`` when a step starts and ``c<n>``
+just before it returns (the engine then encodes and commits), and ``done <json>`` at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import time
+from typing import Any
+
+import loomc
+from loomc import Budget, loop, predicate
+
+
+def step_cost(n: int) -> float:
+    """A deterministic cost for step ``n`` (cents, so sums are exact in binary-friendly steps)."""
+    return (n % 7 + 1) / 100
+
+
+def payload(n: int) -> str:
+    """A deterministic, poorly compressible string; large on every fourth step."""
+    size = 300_000 if n % 4 == 0 else 200
+    return random.Random(n).randbytes(size // 2).hex()
+
+
+def digest(state: dict[str, Any]) -> str:
+    """A short fingerprint of a state."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make(db: str, target: int, jitter: float) -> Any:
+    """The loop under test."""
+
+    @loop(
+        checkpoint=db,
+        budget=Budget(usd=1000.0, iterations=10 * target),
+        converge_on=predicate(lambda h: h[-1].state["n"] >= target),
+        name="reliability-subject",
+    )
+    def work(state: dict[str, Any]) -> dict[str, Any]:
+        n = state["n"]
+        print(f"s{n}", flush=True)
+        loomc.charge(step_cost(n))
+        time.sleep(random.uniform(0, jitter))
+        new = {"n": n + 1, "acc": state["acc"] + n * n, "blob": payload(n), "trail": state["trail"][-20:] + [n]}
+        print(f"c{n}", flush=True)
+        return new
+
+    return work
+
+
+def main() -> None:
+    """Wait for the go line, then run or resume."""
+    print("ready", flush=True)
+    line = sys.stdin.readline().split()
+    if not line:
+        return
+    _, db, run_id, target = line[:4]
+    jitter = float(line[4]) if len(line) > 4 else 0.004
+    work = make(db, int(target), jitter)
+    store = work.store()
+    if store.get_run(run_id) is None:
+        res = work.run({"n": 0, "acc": 0, "blob": "", "trail": []}, run_id=run_id)
+    else:
+        res = work.resume_run(run_id)
+    print("done " + json.dumps({"status": res.status.value, "steps": res.steps, "cost": res.cost_usd,
+                                "digest": digest(res.state)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
