@@ -118,7 +118,8 @@ SELECT_STATE_TYPE = "SELECT state_type FROM runs WHERE id = ?"
 
 def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) -> tuple[str, tuple[Any, ...]]:
     """The query behind ``list_runs``: newest first, optionally roots only."""
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if roots_only:
         where.append("parent_run_id IS NULL")
     if status is not None and status != RunStatus.CRASHED.value:

@@ -374,7 +374,7 @@ class SQLiteStore:
         if run_id in ids:
             return run_id
         if len(ids) == 1:
-            return ids[0]
+            return str(ids[0])
         if ids:
             raise AmbiguousRunId(run_id, ids)
         raise RunNotFound(run_id, _nearest(run_id, [r[0] for r in self._read(_sql.SELECT_ALL_IDS)]), str(self.path))
@@ -742,7 +742,7 @@ def open_store(checkpoint: Any, durability: Durability | None = None) -> Any:
     :class:`MemoryStore`; a path: a SQLite file; a store object: itself.
     """
     if checkpoint is None or checkpoint == "sqlite":
-        path: Path | None = default_db_path()
+        path = default_db_path()
     elif checkpoint == "memory":
         return MemoryStore()
     elif isinstance(checkpoint, (str, os.PathLike)):
