@@ -20,7 +20,7 @@ from loomc._errors import BudgetExhausted, SpecMismatch, StateError
 from loomc._lease import owner_token
 from loomc._policy import Policy, Stop, Usage, after_step, best_step, check_budget
 from loomc._sql import StepRow, now_iso
-from loomc._store import NewRun, ResumePoint, mark_active
+from loomc._store import NewRun, ResumePoint, StateLoader, mark_active
 from loomc._types import RunInfo, RunResult, RunStatus, StepRecord
 
 __all__ = ["CallOp", "RunContext", "RunRequest", "RunSpec", "StoreOp", "WallClockExceeded", "run_protocol"]
@@ -322,7 +322,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             next_from = verdict_next
             if len(history) >= 2:
                 prev = history[-2]
-                prev.drop_state(_StateLoader(store, run_id, prev.step_n))
+                prev.drop_state(StateLoader(store, run_id, prev.step_n))
             step_n += 1
 
             if stop is not None:
@@ -331,16 +331,6 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 return result(stop.status, stop.reason, error)
     finally:
         mark_active(run_id, False)
-
-
-class _StateLoader:
-    __slots__ = ("run_id", "step_n", "store")
-
-    def __init__(self, store: Any, run_id: str, step_n: int) -> None:
-        self.store, self.run_id, self.step_n = store, run_id, step_n
-
-    def __call__(self) -> Any:
-        return self.store.load_state(self.run_id, self.step_n)
 
 
 def _valid_id(run_id: str) -> bool:

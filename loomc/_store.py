@@ -480,7 +480,7 @@ class SQLiteStore:
             raise RunNotFound(run_id, where=str(self.path))
         state_type, input_blob, next_from = self._read(_sql.SELECT_RESUME, (run_id,))[0]
         history = [
-            _history_record(r, _Loader(self, run_id, r[0])) for r in self._read(_sql.SELECT_STEP_META, (run_id,))
+            _history_record(r, StateLoader(self, run_id, r[0])) for r in self._read(_sql.SELECT_STEP_META, (run_id,))
         ]
         if next_from is None:
             next_from = history[-1].step_n if history else -1
@@ -501,7 +501,9 @@ class SQLiteStore:
         return [_sql.run_info(r) for r in self._read(_sql.SELECT_CHILDREN, (run_id,))]
 
 
-class _Loader:
+class StateLoader:
+    """Loads one committed state on demand (for lazy history records)."""
+
     __slots__ = ("run_id", "step_n", "store")
 
     def __init__(self, store: Any, run_id: str, step_n: int) -> None:
@@ -706,7 +708,7 @@ class MemoryStore:
             info = self._info(r)
             state_type = r["state_type"]
         history = [
-            _history_record((s.step_n, s.cost_usd, s.score, s.timestamp, s.error, s.event), _Loader(self, run_id, s.step_n))
+            _history_record((s.step_n, s.cost_usd, s.score, s.timestamp, s.error, s.event), StateLoader(self, run_id, s.step_n))
             for s in rows
         ]
         return ResumePoint(info, state_type, blob, next_from, history)
