@@ -85,7 +85,9 @@ def test_fifty_sigkills_lose_no_committed_step(tmp_path: Path) -> None:
                 info = reader.get_run(run_id)
                 reader.close()
                 assert info is not None
-                assert info.status is loomc.RunStatus.CRASHED
+                # crashed; or completed when the kill landed after the last commit
+                expected = loomc.RunStatus.COMPLETED if len(now) == TARGET else loomc.RunStatus.CRASHED
+                assert info.status is expected
                 if mode == "commit" and last_n not in now:
                     landed_before_commit += 1
             seen = now

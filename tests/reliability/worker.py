@@ -48,7 +48,7 @@ def make(db: str, target: int, jitter: float) -> Any:
         print(f"s{n}", flush=True)
         loomc.charge(step_cost(n))
         time.sleep(random.uniform(0, jitter))
-        new = {"n": n + 1, "acc": state["acc"] + n * n, "blob": payload(n), "trail": state["trail"][-20:] + [n]}
+        new = {"n": n + 1, "acc": state["acc"] + n * n, "blob": payload(n), "trail": [*state["trail"][-20:], n]}
         print(f"c{n}", flush=True)
         return new
 
@@ -65,10 +65,8 @@ def main() -> None:
     jitter = float(line[4]) if len(line) > 4 else 0.004
     work = make(db, int(target), jitter)
     store = work.store()
-    if store.get_run(run_id) is None:
-        res = work.run({"n": 0, "acc": 0, "blob": "", "trail": []}, run_id=run_id)
-    else:
-        res = work.resume_run(run_id)
+    start = {"n": 0, "acc": 0, "blob": "", "trail": []}
+    res = work.run(start, run_id=run_id) if store.get_run(run_id) is None else work.resume_run(run_id)
     print("done " + json.dumps({"status": res.status.value, "steps": res.steps, "cost": res.cost_usd,
                                 "digest": digest(res.state)}), flush=True)
 
