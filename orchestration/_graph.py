@@ -1,0 +1,693 @@
+"""``Graph``: a networkx DAG of loops with one budget, per-node checkpoints and graph-wide resume.
+
+The graph run is a run of kind ``graph`` whose ledger is the parent of every node run:
+each node is a child run (kind ``node``) keyed by (graph run, step 0, node index), so a
+resumed graph finds each node's own run, and every cost a node charges is applied at
+once to the graph's ledger, which caps the sum.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import networkx as nx
+
+from loomc import _codec
+from loomc._budget import Budget
+from loomc._context import Ledger, _lock, _parent_ledger
+from loomc._detectors import predicate
+from loomc._engine import RunContext
+from loomc._errors import SpecMismatch
+from loomc._lease import owner_token
+from loomc._policy import EPS
+from loomc._runner import AsyncLoopRunner, LoopRunner, _nullctx, _SigTerm, loop
+from loomc._store import NewRun, mark_active, open_store
+from loomc._types import RunInfo, RunResult, RunStatus
+
+__all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressHook"]
+
+#: Node statuses besides the run statuses: never started, and not run because an upstream failed.
+PENDING = "pending"
+SKIPPED = "skipped"
+
+#: ``hook(node_name, status, run_id)`` is called as nodes start and finish (for live progress).
+ProgressHook = Callable[[str, str, "str | None"], None]
+
+_HANDOFF = (RunStatus.COMPLETED.value, RunStatus.BUDGET_EXHAUSTED.value)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """How one node of a graph run ended.
+
+    ``status`` is a run status value (``completed``, ``budget_exhausted``, ``failed``,
+    ``stalled``, ``interrupted``) or ``pending`` (not started: the graph's budget ran
+    out) or ``skipped`` (an upstream node failed). ``reused`` is true when the node had
+    completed in an earlier attempt and its output came from the store.
+    """
+
+    name: str
+    status: str
+    run_id: str | None = None
+    steps: int = 0
+    cost_usd: float = 0.0
+    stop_reason: str | None = None
+    error: BaseException | None = field(default=None, repr=False, compare=False)
+    reused: bool = False
+
+
+@dataclass
+class GraphResult:
+    """What a graph run produced: its status, each node's final state, cost and outcome."""
+
+    run_id: str
+    status: RunStatus
+    outputs: dict[str, Any]
+    cost_usd: float
+    nodes: dict[str, NodeInfo]
+    stop_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when every node completed (or handed on its state after its own budget ran out)."""
+        return self.status is RunStatus.COMPLETED
+
+
+@dataclass
+class _Node:
+    name: str
+    runner: Any
+    after: tuple[str, ...]
+    inputs: Callable[[dict[str, Any], Any], Any] | None
+
+    @property
+    def is_async(self) -> bool:
+        return isinstance(self.runner, AsyncLoopRunner)
+
+
+def _one_step_done(history: Sequence[Any]) -> bool:
+    return bool(history) and history[-1].error is None
+
+
+def _as_runner(fn: Any) -> Any:
+    """A ``@loop`` as it is; a plain function as a loop that completes after one good step."""
+    if isinstance(fn, (LoopRunner, AsyncLoopRunner)):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"Graph.add expects a @loop or a function, got {fn!r}")
+    name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+    return loop(converge_on=predicate(_one_step_done), name=name)(fn)
+
+
+class _Slot(Ledger):
+    """A node's place under the graph ledger: what the node spent before this attempt is prepaid.
+
+    On resume the graph ledger holds every node's earlier spending as a reservation from
+    the start (so concurrent nodes can never spend it again); when the engine re-charges a
+    resumed node's carried cost, it is taken from that reservation atomically.
+    """
+
+    def __init__(self, graph: Ledger, prepaid: float) -> None:
+        super().__init__(graph.run_id, parent=graph, context=graph.context)
+        self.prepaid = prepaid
+        with _lock:
+            graph.reserved = round(graph.reserved + prepaid, 12)
+
+    def charge(self, usd: float, *, enforce: bool = True) -> None:
+        """Charge ``usd``, consuming the prepaid reservation first."""
+        with _lock:
+            take = min(self.prepaid, max(usd, 0.0))
+            if take > 0:
+                self.prepaid = round(self.prepaid - take, 12)
+                for led in self.parent.chain() if self.parent is not None else ():
+                    led.reserved = round(led.reserved - take, 12)
+                    led.spent = round(led.spent + take, 12)
+                self.spent = round(self.spent + take, 12)
+            rest = usd - take
+            if rest:
+                super().charge(rest, enforce=enforce)
+
+
+class Graph:
+    """A DAG of loops run as one budgeted, resumable pipeline.
+
+    Args:
+        name: the graph's name (stored as the graph run's name).
+        budget: a ``Budget(usd=, wall_clock=)`` over the whole graph: it caps the sum
+            of every node's cost (nested loops included) and the graph's active time.
+            Each node's own budget still applies.
+        checkpoint: where the graph and all its node runs are stored: ``"sqlite"``
+            (``$LOOMC_DB`` or ``.loomc/checkpoints.db``), a database path, ``"memory"``
+            or a store.
+        max_concurrency: at most this many nodes run at once (default: unbounded).
+
+    Example::
+
+        graph = Graph("report", budget=Budget(usd=2.00))
+        graph.add(research)
+        graph.add(draft, after=research)
+        result = graph.run({"topic": "tides"})
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        budget: Budget | None = None,
+        checkpoint: Any = "sqlite",
+        max_concurrency: int | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"Graph(name={name!r}): give the graph a non-empty name")
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"Graph(budget={budget!r}): expected loomc.Budget(...)")
+        if budget is not None and budget.iterations is not None:
+            raise ValueError(
+                f"Graph {name!r}: a graph budget takes usd and wall_clock; give iterations to each node's @loop"
+            )
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+        ):
+            raise ValueError(f"Graph(max_concurrency={max_concurrency!r}): use a positive integer or None")
+        self.name = name
+        self.budget = budget if budget is not None else Budget()
+        self.checkpoint = checkpoint
+        self.max_concurrency = max_concurrency
+        self._dag: nx.DiGraph = nx.DiGraph()
+        self._nodes: dict[str, _Node] = {}
+        self._names_by_obj: dict[int, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name!r}: {len(self._nodes)} nodes>"
+
+    # -- building -------------------------------------------------------------------
+    def add(
+        self,
+        fn: Any,
+        *,
+        name: str | None = None,
+        after: Any = None,
+        inputs: Callable[[dict[str, Any], Any], Any] | None = None,
+    ) -> Any:
+        """Add a node: a ``@loop`` (or a plain function, run as one checkpointed step).
+
+        Args:
+            fn: the node's loop, or a sync/async function ``state -> state``.
+            name: the node's name (default: the function's ``__name__``).
+            after: the upstream node(s): names or the objects added, one or a list.
+            inputs: ``inputs(upstream_states, graph_input) -> state`` builds the node's
+                input; ``upstream_states`` is ``{name: final state}``. Default: the graph
+                input for a root node, the upstream's final state for one upstream,
+                ``{name: state}`` for several.
+
+        Returns:
+            ``fn`` unchanged (so ``add`` also works as a decorator).
+
+        Raises:
+            ValueError: a duplicate name, an unknown upstream, or a cycle (naming the node).
+        """
+        runner = _as_runner(fn)
+        node_name = name if name is not None else getattr(fn, "__name__", None)
+        if not isinstance(node_name, str) or not node_name:
+            raise ValueError(f"graph {self.name!r}: cannot name the node {fn!r}; pass name=")
+        if node_name in self._nodes:
+            raise ValueError(
+                f"graph {self.name!r}: a node named {node_name!r} already exists; pass name= to add it again"
+            )
+        if inputs is not None and not callable(inputs):
+            raise TypeError(f"node {node_name!r}: inputs={inputs!r} must be a callable (upstream, graph_input)")
+        ups: list[str] = []
+        for ref in self._as_list(after):
+            up = ref if isinstance(ref, str) else self._names_by_obj.get(id(ref))
+            if up == node_name:
+                raise ValueError(f"graph {self.name!r}: node {node_name!r} cannot come after itself (a cycle)")
+            if up is None or up not in self._nodes:
+                raise ValueError(
+                    f"graph {self.name!r}: node {node_name!r} comes after unknown node "
+                    f"{ref if isinstance(ref, str) else getattr(ref, '__name__', ref)!r}; add that node first"
+                )
+            if up not in ups:
+                ups.append(up)
+        self._dag.add_node(node_name)
+        for up in ups:
+            self._dag.add_edge(up, node_name)
+        if not nx.is_directed_acyclic_graph(self._dag):  # pragma: no cover - unknown upstreams already refused
+            self._dag.remove_node(node_name)
+            raise ValueError(f"graph {self.name!r}: adding node {node_name!r} would make a cycle")
+        self._nodes[node_name] = _Node(node_name, runner, tuple(ups), inputs)
+        self._names_by_obj[id(fn)] = node_name
+        self._names_by_obj[id(runner)] = node_name
+        return fn
+
+    @staticmethod
+    def _as_list(after: Any) -> list[Any]:
+        if after is None:
+            return []
+        if isinstance(after, (list, tuple, set, frozenset)):
+            return list(after)
+        return [after]
+
+    # -- introspection --------------------------------------------------------------
+    @property
+    def nodes(self) -> list[str]:
+        """Node names in the order they were added."""
+        return list(self._nodes)
+
+    def upstream(self, name: str) -> list[str]:
+        """The nodes ``name`` comes after."""
+        return list(self._nodes[name].after)
+
+    def downstream(self, name: str) -> list[str]:
+        """The nodes that come directly after ``name``."""
+        return [n.name for n in self._nodes.values() if name in n.after]
+
+    def loop_name(self, name: str) -> str:
+        """The stored run name of a node's loop (``module:qualname``)."""
+        return str(self._nodes[name].runner.spec.name)
+
+    @property
+    def dag(self) -> nx.DiGraph:
+        """A copy of the underlying networkx ``DiGraph``."""
+        return self._dag.copy()
+
+    @property
+    def structure_hash(self) -> str:
+        """A hash of the graph's name, nodes, their loops and edges (resume refuses a change)."""
+        shape = {
+            "name": self.name,
+            "nodes": [[n.name, n.runner.spec.name, list(n.after)] for n in self._nodes.values()],
+        }
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_mermaid(self) -> str:
+        """The DAG as a mermaid ``flowchart``."""
+        ids = {name: f"n{i}" for i, name in enumerate(self._nodes)}
+        lines = ["flowchart TD"]
+        for name, node in self._nodes.items():
+            lines.append(f'    {ids[name]}["{name}"]')
+            lines.extend(f"    {ids[up]} --> {ids[name]}" for up in node.after)
+        return "\n".join(lines)
+
+    def to_text(self) -> str:
+        """The DAG as text: one line per node in run order, its upstreams and what runs beside it."""
+        lines = [f"graph {self.name}: {len(self._nodes)} nodes" + self._budget_text()]
+        width = max((len(n) for n in self._nodes), default=0)
+        for level, names in enumerate(nx.topological_generations(self._dag)):
+            ordered = [n for n in self._nodes if n in names]
+            par = "  (in parallel)" if len(ordered) > 1 else ""
+            lines.append(f"  stage {level + 1}{par}")
+            for n in ordered:
+                ups = self._nodes[n].after
+                arrow = f"  <- {', '.join(ups)}" if ups else "  <- graph input"
+                lines.append(f"    {n.ljust(width)}{arrow}    [{self.loop_name(n)}]")
+        return "\n".join(lines)
+
+    def _budget_text(self) -> str:
+        b = self.budget
+        parts = []
+        if b.usd is not None:
+            parts.append(f"${b.usd:.4f}")
+        if b.wall_clock_seconds is not None:
+            parts.append(f"{b.wall_clock_seconds:g}s wall clock")
+        if self.max_concurrency is not None:
+            parts.append(f"max {self.max_concurrency} at once")
+        return f" (budget {', '.join(parts)})" if parts else ""
+
+    # -- running --------------------------------------------------------------------
+    def store(self) -> Any:
+        """The store the graph writes to (opened on first use)."""
+        return open_store(self.checkpoint)
+
+    def run(self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None) -> GraphResult:
+        """Run the graph from ``input`` and return a :class:`GraphResult` (never raises for node failures)."""
+        return self._sync(functools.partial(self.arun, input, store=store, on_progress=on_progress))
+
+    async def arun(
+        self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None
+    ) -> GraphResult:
+        """Async :meth:`run` (anyio: asyncio or trio)."""
+        self._check_not_empty()
+        return await _Execution(self, store if store is not None else self.store(), on_progress).start(input)
+
+    def resume(
+        self,
+        run_id: str,
+        *,
+        budget: Budget | None = None,
+        force: bool = False,
+        store: Any = None,
+        on_progress: ProgressHook | None = None,
+    ) -> GraphResult:
+        """Continue a stopped or crashed graph run.
+
+        Completed nodes are not run again (their outputs come from the store); failed,
+        interrupted or crashed nodes resume from their own last checkpoint; nodes not
+        yet started run. The graph budget keeps what was spent.
+
+        Args:
+            run_id: the graph run's id or a unique prefix of it.
+            budget: new graph limits (the only way to get more).
+            force: continue even though the graph's structure changed since the run.
+            store: the store to read (default: the graph's ``checkpoint``).
+            on_progress: ``hook(node, status, run_id)`` as nodes start and finish.
+
+        Raises:
+            SpecMismatch: the structure (nodes, loops, edges) changed and ``force`` is false.
+            RunNotFound: no such run.
+            RunLocked: the graph run is live in another process.
+        """
+        return self._sync(functools.partial(
+            self.aresume, run_id, budget=budget, force=force, store=store, on_progress=on_progress
+        ))
+
+    async def aresume(
+        self,
+        run_id: str,
+        *,
+        budget: Budget | None = None,
+        force: bool = False,
+        store: Any = None,
+        on_progress: ProgressHook | None = None,
+    ) -> GraphResult:
+        """Async :meth:`resume`."""
+        self._check_not_empty()
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
+        ex = _Execution(self, store if store is not None else self.store(), on_progress)
+        return await ex.resume(run_id, budget, force)
+
+    def _check_not_empty(self) -> None:
+        if not self._nodes:
+            raise ValueError(f"graph {self.name!r} has no nodes; add some with graph.add(fn)")
+
+    @staticmethod
+    def _sync(fn: Callable[[], Awaitable[GraphResult]]) -> GraphResult:
+        guard = _SigTerm() if threading.current_thread() is threading.main_thread() else _nullctx()
+        with guard:
+            return anyio.run(fn)
+
+
+class _Execution:
+    """One attempt at a graph run: the scheduler."""
+
+    def __init__(self, graph: Graph, store: Any, hook: ProgressHook | None) -> None:
+        from loomc._astore import async_twin
+
+        self.graph = graph
+        self.store = store
+        self.astore = async_twin(store)
+        self.hook = hook
+        self.owner = owner_token()
+        self.outputs: dict[str, Any] = {}
+        self.infos: dict[str, NodeInfo] = {}
+        self.done: dict[str, anyio.Event] = {}
+        self.exhausted = False  # the graph's own budget ran out
+        self.aborted = False  # the attempt is being cancelled
+        self.db_cost = 0.0
+        self.orphan_cost = 0.0
+        self.cost_lock = anyio.Lock()
+        self.run_id = ""
+        self.ledger = Ledger("")
+        self.slots: dict[str, _Slot] = {}
+
+    # -- entry points ---------------------------------------------------------------
+    async def start(self, graph_input: Any) -> GraphResult:
+        g = self.graph
+        meta = {"nodes": [
+            {"name": n.name, "index": i, "loop": n.runner.spec.name, "after": list(n.after)}
+            for i, n in enumerate(g._nodes.values())
+        ], "max_concurrency": g.max_concurrency}
+        run_id = await self.astore.begin_run(NewRun(
+            spec_hash=g.structure_hash, name=g.name, kind="graph", state_type=_codec.type_ref(graph_input),
+            input_blob=_codec.encode(graph_input), budget=g.budget.to_dict(), meta=meta, owner=self.owner,
+        ))
+        index = {name: i for i, name in enumerate(g._nodes)}
+        return await self._attempt(run_id, graph_input, g.budget, index, {}, 0.0)
+
+    async def resume(self, run_id: str, budget: Budget | None, force: bool) -> GraphResult:
+        g = self.graph
+        run_id = await self.astore.resolve(run_id)
+        info: RunInfo = await self.astore.get_run(run_id)
+        if info.kind != "graph":
+            raise SpecMismatch(
+                f"run {run_id} is a {info.kind} run ({info.name}), not a graph; resume it with `loomc resume {run_id}`"
+            )
+        if not force and info.name != g.name:
+            raise SpecMismatch(
+                f"run {run_id} belongs to graph {info.name!r}, not {g.name!r}; resume it with that graph, "
+                "or pass force=True"
+            )
+        if not force and info.spec_hash != g.structure_hash:
+            raise SpecMismatch(
+                f"graph {g.name!r} changed since run {run_id} started (its nodes, their loops or edges differ); "
+                "resume it with the graph as it was, or pass force=True (--force) to continue with this one"
+            )
+        await self.astore.acquire(run_id, self.owner, budget.to_dict() if budget is not None else None)
+        limits = budget if budget is not None else Budget.from_dict(info.budget)
+        graph_input = await self.astore.load_state(run_id, -1)
+        old = {n["name"]: int(n["index"]) for n in info.meta.get("nodes", []) if "name" in n and "index" in n}
+        index: dict[str, int] = {}
+        free = max(old.values(), default=-1) + 1
+        for name in g._nodes:
+            if name in old:
+                index[name] = old[name]
+            else:
+                index[name], free = free, free + 1
+        if index != old:
+            meta = dict(info.meta)
+            meta["nodes"] = [
+                {"name": n.name, "index": index[n.name], "loop": n.runner.spec.name, "after": list(n.after)}
+                for n in g._nodes.values()
+            ]
+            await self.astore.set_meta(run_id, meta)
+        children = {
+            c.call_index: c for c in await self.astore.children(run_id) if c.parent_step == 0 and c.call_index is not None
+        }
+        used = set(index.values())
+        self.orphan_cost = sum(c.cost_usd for i, c in children.items() if i not in used)
+        self.db_cost = info.cost_usd
+        existing = {name: children[i] for name, i in index.items() if i in children}
+        return await self._attempt(run_id, graph_input, limits, index, existing, info.wall_s)
+
+    # -- the attempt ----------------------------------------------------------------
+    async def _attempt(
+        self,
+        run_id: str,
+        graph_input: Any,
+        budget: Budget,
+        index: dict[str, int],
+        existing: dict[str, RunInfo],
+        wall_base: float,
+    ) -> GraphResult:
+        g = self.graph
+        t0 = time.monotonic()
+        wall_cap = budget.wall_clock_seconds
+        ctx = RunContext(run_id, g.name, self.store, None, budget)
+        ledger = Ledger(
+            run_id, usd_cap=budget.usd, spent=self.orphan_cost,
+            deadline=(t0 + wall_cap - wall_base) if wall_cap is not None else None, context=ctx,
+        )
+        ctx.ledger = ledger
+        ctx.begin_step(0)
+        slots = {name: _Slot(ledger, existing[name].cost_usd if name in existing else 0.0) for name in g._nodes}
+        self.ledger, self.slots, self.run_id = ledger, slots, run_id
+        self.done = {name: anyio.Event() for name in g._nodes}
+        limiter = anyio.CapacityLimiter(g.max_concurrency) if g.max_concurrency else None
+        mark_active(run_id, True)
+        try:
+            await self._sync_cost()
+            finished = False
+
+            async def watch() -> None:
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    if not finished:
+                        self._abort()
+
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(watch)
+                async with anyio.create_task_group() as tg:
+                    for name in g._nodes:
+                        tg.start_soon(self._node, name, index[name], graph_input, existing.get(name), limiter)
+                finished = True
+                outer.cancel_scope.cancel()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                wall = wall_base + (time.monotonic() - t0)
+                await self._sync_cost()
+                await self.astore.finish_run(run_id, RunStatus.INTERRUPTED, "interrupted", wall)
+                mark_active(run_id, False)
+            raise
+        status, reason = self._verdict()
+        wall = wall_base + (time.monotonic() - t0)
+        await self._sync_cost()
+        await self.astore.finish_run(run_id, status, reason, wall)
+        mark_active(run_id, False)
+        nodes = {name: self.infos[name] for name in g._nodes}
+        return GraphResult(run_id, status, dict(self.outputs), self._total(), nodes, reason)
+
+    def _abort(self) -> None:
+        """Cancelled: stop sync nodes (running in threads) at their next step boundary."""
+        self.aborted = True
+        with _lock:
+            self.ledger.deadline = -math.inf
+
+    def _total(self) -> float:
+        with _lock:
+            return round(self.ledger.spent + sum(s.prepaid for s in self.slots.values()), 12)
+
+    async def _sync_cost(self) -> None:
+        async with self.cost_lock:
+            total = self._total()
+            delta = round(total - self.db_cost, 12)
+            if abs(delta) > EPS:
+                await self.astore.add_cost(self.run_id, delta)
+                self.db_cost = total
+
+    def _verdict(self) -> tuple[RunStatus, str | None]:
+        by = {s: [n for n, i in self.infos.items() if i.status == s] for s in {i.status for i in self.infos.values()}}
+        if by.get(RunStatus.FAILED.value):
+            first = self.infos[by[RunStatus.FAILED.value][0]]
+            detail = f" ({first.stop_reason})" if first.stop_reason else ""
+            return RunStatus.FAILED, f"failed: node {first.name!r}{detail}"
+        if by.get(RunStatus.STALLED.value):
+            return RunStatus.STALLED, f"stalled: node {by[RunStatus.STALLED.value][0]!r}"
+        if self.exhausted or by.get(PENDING):
+            pending = by.get(PENDING, [])
+            tail = f"; not started: {', '.join(pending)}" if pending else ""
+            return RunStatus.BUDGET_EXHAUSTED, f"budget: graph {self._limit_hit()}{tail}"
+        return RunStatus.COMPLETED, None
+
+    def _limit_hit(self) -> str:
+        led = self.ledger
+        if led.deadline is not None and led.deadline - time.monotonic() <= 0:
+            return "wall_clock"
+        return "usd"
+
+    def _room(self) -> bool:
+        """May a new node start under the graph's budget?"""
+        room = self.ledger.headroom(time.monotonic(), include_self=True)
+        if room.wall_s is not None and room.wall_s <= 0:
+            return False
+        return not (room.usd is not None and room.usd <= EPS)
+
+    def _emit(self, name: str, status: str, run_id: str | None) -> None:
+        if self.hook is not None:
+            try:
+                self.hook(name, status, run_id)
+            except Exception:  # noqa: BLE001, S110 - a display must never break the run
+                pass
+
+    def _finish(self, info: NodeInfo) -> None:
+        self.infos[info.name] = info
+        self._emit(info.name, info.status, info.run_id)
+        self.done[info.name].set()
+
+    # -- one node -------------------------------------------------------------------
+    async def _node(
+        self, name: str, idx: int, graph_input: Any, prior: RunInfo | None, limiter: anyio.CapacityLimiter | None
+    ) -> None:
+        node = self.graph._nodes[name]
+        try:
+            for up in node.after:
+                await self.done[up].wait()
+            ups = [self.infos[u] for u in node.after]
+            if any(u.status == PENDING for u in ups):
+                return self._finish(NodeInfo(name, PENDING))
+            blocked = [u.name for u in ups if u.status not in _HANDOFF]
+            if blocked:
+                return self._finish(NodeInfo(name, SKIPPED, stop_reason=f"upstream {blocked[0]!r} did not finish"))
+            reused = prior is not None and prior.status is RunStatus.COMPLETED
+            try:
+                state = self._input(node, graph_input)
+            except Exception as exc:  # noqa: BLE001 - the node fails, its branch stops
+                return self._finish(NodeInfo(name, RunStatus.FAILED.value, stop_reason=f"inputs: {type(exc).__name__}: {exc}",
+                                             error=exc))
+            if limiter is not None and not reused:
+                async with limiter:
+                    await self._start(node, idx, state, prior, reused)
+            else:
+                await self._start(node, idx, state, prior, reused)
+        finally:
+            if name not in self.infos:
+                self.infos[name] = NodeInfo(name, RunStatus.INTERRUPTED.value if self.aborted else PENDING)
+                self.done[name].set()
+        return None
+
+    def _input(self, node: _Node, graph_input: Any) -> Any:
+        up = {u: self.outputs[u] for u in node.after}
+        if node.inputs is not None:
+            return node.inputs(up, graph_input)
+        if not node.after:
+            return graph_input
+        if len(node.after) == 1:
+            return up[node.after[0]]
+        return up
+
+    async def _start(self, node: _Node, idx: int, state: Any, prior: RunInfo | None, reused: bool) -> None:
+        name = node.name
+        if not reused and (self.exhausted or not self._room()):
+            self.exhausted = True
+            return self._finish(NodeInfo(name, PENDING, stop_reason="graph budget ran out before it started"))
+        if self.aborted:
+            return None
+        self._emit(name, RunStatus.RUNNING.value if not reused else RunStatus.COMPLETED.value, prior.id if prior else None)
+        meta = {"node": name, "graph": self.graph.name}
+        slot = self.slots[name]
+        token = _parent_ledger.set(slot)
+        try:
+            if node.is_async:
+                result: RunResult = await node.runner._run_child(state, call_index=idx, meta=meta)
+            else:
+                call = functools.partial(node.runner._run_child, state, call_index=idx, meta=meta)
+                result = await anyio.to_thread.run_sync(call)
+        except Exception as exc:  # noqa: BLE001 - a node that cannot run fails alone
+            self._finish(NodeInfo(name, RunStatus.FAILED.value, prior.id if prior else None,
+                                  stop_reason=f"{type(exc).__name__}: {exc}", error=exc))
+            with anyio.CancelScope(shield=True):
+                await self._sync_cost()
+            return None
+        finally:
+            _parent_ledger.reset(token)
+        if self.aborted and result.status is RunStatus.BUDGET_EXHAUSTED:
+            # Stopped by the cancellation, not by a budget: record it as interrupted.
+            with anyio.CancelScope(shield=True):
+                await self.astore.finish_run(result.run_id, RunStatus.INTERRUPTED, "interrupted", 0.0)
+            status = RunStatus.INTERRUPTED.value
+        else:
+            status = result.status.value
+        if result.status is RunStatus.BUDGET_EXHAUSTED and self._graph_stopped(result):
+            self.exhausted = True
+        if status in _HANDOFF or status == RunStatus.STALLED.value:
+            self.outputs[name] = result.state
+        with anyio.CancelScope(shield=True):
+            await self._sync_cost()
+        self._finish(NodeInfo(
+            name, status, result.run_id, result.steps, result.cost_usd, result.stop_reason,
+            result.error if status != RunStatus.COMPLETED.value else None, reused,
+        ))
+        return None
+
+    def _graph_stopped(self, result: RunResult) -> bool:
+        """Whether the graph's budget (not the node's own) stopped this node."""
+        owner = getattr(result.error, "owner", None)
+        if owner == self.run_id:
+            return True
+        return bool(result.stop_reason and f"enclosing run {self.run_id}" in result.stop_reason)
+
+
+def describe_status(info: NodeInfo) -> str:
+    """A short human label for a node's outcome."""
+    if info.status == RunStatus.BUDGET_EXHAUSTED.value:
+        return "budget_exhausted (handed on its last state)"
+    return info.status
