@@ -1,23 +1,379 @@
-"""The async twin of a checkpoint store.
+"""The async twin of a checkpoint store: ``AsyncCheckpointStore``, ``AsyncSQLiteStore`` on aiosqlite.
 
-``async_twin(store)`` gives the async face of a store for the async driver. Any store
-is served by :class:`ThreadedStore`, which runs each call in a worker thread so the
-event loop never blocks on SQLite.
+The async driver never blocks its event loop on SQLite. ``async_twin(store)`` gives it
+the async face of the run's store:
+
+- a :class:`~loomc.SQLiteStore` under asyncio gets an :class:`AsyncSQLiteStore` on the
+  same file with the same durability: one aiosqlite connection (its own thread) per
+  event loop, opened while runs use it and closed when the last one leaves;
+- anything else (trio, where aiosqlite cannot run, a ``MemoryStore``, a custom store)
+  gets a :class:`ThreadedStore`, which runs each call in a worker thread.
+
+The SQL and the row conversions live in ``_sql`` and are shared with the sync store;
+the connection is opened and the schema prepared by the sync store's own code, run in
+aiosqlite's thread.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-__all__ = ["ThreadedStore", "async_twin"]
+from loomc import _sql
+from loomc._codec import decode, encode
+from loomc._errors import RunNotFound, StoreError
+from loomc._lease import owner_token
+from loomc._store import (
+    Durability,
+    NewRun,
+    ResumePoint,
+    SQLiteStore,
+    StateLoader,
+    _history_record,
+    _in_process,
+    _nearest,
+    new_run_id,
+)
+from loomc._types import RunInfo, RunStatus, StepRecord
+
+if TYPE_CHECKING:
+    import os
+    import sqlite3
+
+    import aiosqlite
+    import anyio
+
+__all__ = ["AsyncCheckpointStore", "AsyncSQLiteStore", "ThreadedStore", "async_twin"]
+
+
+@runtime_checkable
+class AsyncCheckpointStore(Protocol):
+    """What the async driver needs from a checkpoint backend: ``CheckpointStore``, awaited.
+
+    An implementation is also an async context manager: the driver enters it for the
+    length of a run (open connections there, release them on exit).
+    """
+
+    is_async: bool
+
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def create_run(self, spec_hash: str, **kwargs: Any) -> str: ...
+    async def get_run(self, run_id: str) -> RunInfo | None: ...
+    async def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]: ...
+    async def update_run_status(self, run_id: str, status: RunStatus | str) -> None: ...
+    async def save_step(self, run_id: str, record: StepRecord) -> None: ...
+    async def load_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    async def resolve(self, run_id: str) -> str: ...
+    async def begin_run(self, new: NewRun) -> str: ...
+    async def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None: ...
+    async def commit_step(self, run_id: str, row: _sql.StepRow) -> None: ...
+    async def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None: ...
+    async def resume_point(self, run_id: str) -> ResumePoint: ...
+    async def load_state(self, run_id: str, step_n: int) -> Any: ...
+    async def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None: ...
+    async def children(self, run_id: str) -> list[RunInfo]: ...
+    async def set_meta(self, run_id: str, meta: dict[str, Any]) -> None: ...
+    async def add_cost(self, run_id: str, usd: float) -> None: ...
+
+
+def _current_loop() -> Any:
+    """The running asyncio event loop (the object a connection belongs to)."""
+    import asyncio
+
+    return asyncio.get_running_loop()
+
+
+class AsyncSQLiteStore:
+    """The SQLite store for async loops, on aiosqlite: the event loop never waits on SQLite.
+
+    Same file format, methods and semantics as :class:`~loomc.SQLiteStore`, awaited.
+    One connection (running in aiosqlite's thread) serves every task of one event loop;
+    transactions are serialised on it and shielded from cancellation, so a cancelled
+    task never leaves one half done. Use it as an async context manager, or call
+    :meth:`aclose` when done; it runs on asyncio only (under trio loomc offloads the
+    sync store to worker threads instead).
+
+    Args:
+        path: the database file (default ``$LOOMC_DB`` or ``.loomc/checkpoints.db``).
+        durability: ``"power"`` or ``"process"``, as for ``SQLiteStore``.
+        create: when ``False``, a missing database is a :class:`~loomc.StoreError`.
+    """
+
+    is_async = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        durability: Durability = "power",
+        create: bool = True,
+        sync: SQLiteStore | None = None,
+    ) -> None:
+        # The sync store opens and prepares connections (in aiosqlite's thread) and loads
+        # lazily-read history states; its own connection opens only if that happens.
+        self.sync = sync if sync is not None else SQLiteStore(path, durability=durability, create=create)
+        self._conn: aiosqlite.Connection | None = None
+        self._lock: anyio.Lock | None = None
+        self._loop: Any = None
+        self._users = 0
+
+    @property
+    def path(self) -> Any:
+        """The database file."""
+        return self.sync.path
+
+    @property
+    def db_path(self) -> str:
+        """The database file path as a string."""
+        return self.sync.db_path
+
+    @property
+    def durability(self) -> Durability:
+        """``"power"`` or ``"process"``."""
+        return self.sync.durability
+
+    def __repr__(self) -> str:
+        return f"AsyncSQLiteStore({str(self.path)!r}, durability={self.durability!r})"
+
+    # -- connection -----------------------------------------------------------------
+    async def __aenter__(self) -> AsyncSQLiteStore:
+        self._users += 1
+        try:
+            await self._connect()
+        except BaseException:
+            self._users -= 1
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._users -= 1
+        if self._users <= 0:
+            self._users = 0
+            await self.aclose()
+
+    async def _connect(self) -> tuple[aiosqlite.Connection, anyio.Lock]:
+        loop = _current_loop()
+        if self._conn is not None:
+            if self._loop is not loop:
+                raise StoreError(
+                    f"{self!r} is open in another event loop; use one AsyncSQLiteStore per event loop "
+                    "(loomc's async loops do this by themselves)"
+                )
+            assert self._lock is not None
+            return self._conn, self._lock
+        import aiosqlite
+        import anyio
+
+        lock = self._lock if self._lock is not None and self._loop is loop else anyio.Lock()
+        self._lock, self._loop = lock, loop
+        async with lock:
+            if self._conn is None:
+                conn = aiosqlite.Connection(self._open_sync, 64)
+                with anyio.CancelScope(shield=True):
+                    self._conn = await conn
+        assert self._conn is not None
+        return self._conn, lock
+
+    def _open_sync(self) -> sqlite3.Connection:
+        # Runs in aiosqlite's thread: the sync store's own open + schema check/migration.
+        return self.sync._open()
+
+    async def aclose(self) -> None:
+        """Close the connection (it reopens on next use)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            import anyio
+
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
+    async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        conn, lock = await self._connect()
+        try:
+            async with lock:
+                return list(await conn.execute_fetchall(sql, args))
+        except Exception as exc:
+            if _is_db_error(exc):
+                raise StoreError(f"cannot read {self.path}: {exc}") from exc
+            raise
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction, alone on the connection and shielded from cancellation."""
+        import anyio
+
+        conn, lock = await self._connect()
+        with anyio.CancelScope(shield=True):
+            async with lock:
+                try:
+                    await conn.execute("BEGIN IMMEDIATE")
+                except Exception as exc:
+                    raise self._wrap(exc) from exc
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        await conn.execute("ROLLBACK")
+                    raise
+                try:
+                    await conn.execute("COMMIT")
+                except Exception as exc:
+                    if conn.in_transaction:
+                        await conn.execute("ROLLBACK")
+                    raise self._wrap(exc) from exc
+
+    def _wrap(self, exc: Exception) -> Exception:
+        if not _is_db_error(exc):
+            return exc
+        return self.sync._wrap(exc)  # type: ignore[arg-type]
+
+    # -- runs -----------------------------------------------------------------------
+    async def create_run(self, spec_hash: str, **kwargs: Any) -> str:
+        """Create a run (status ``running``, no owner) and return its id."""
+        return await self.begin_run(NewRun(spec_hash=spec_hash, **kwargs))
+
+    async def begin_run(self, new: NewRun) -> str:
+        """Create a run from ``new``, owned by ``new.owner``; returns its id."""
+        run_id = new.run_id or new_run_id()
+        async with self._tx() as conn:
+            await conn.execute(_sql.INSERT_RUN, _sql.begin_run_args(new, run_id, time.time()))
+        return run_id
+
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        """The run with exactly this id, or ``None``."""
+        rows = await self._read(_sql.SELECT_RUN, (run_id,))
+        return _sql.run_info(rows[0]) if rows else None
+
+    async def resolve(self, run_id: str) -> str:
+        """The full id of the run whose id is or starts with ``run_id`` (see ``SQLiteStore.resolve``)."""
+        if run_id:
+            ids = [r[0] for r in await self._read(_sql.SELECT_PREFIX, _sql.prefix_args(run_id))]
+            found = _sql.match_prefix(run_id, ids)
+            if found is not None:
+                return found
+        every = [r[0] for r in await self._read(_sql.SELECT_ALL_IDS)]
+        raise RunNotFound(run_id, _nearest(run_id, every) if run_id else None, str(self.path))
+
+    async def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
+        """Runs newest first."""
+        st = status.value if isinstance(status, RunStatus) else status
+        sql, args = _sql.list_runs_sql(status=st, roots_only=roots_only, limit=limit)
+        return _sql.filter_listed([_sql.run_info(r) for r in await self._read(sql, args)], st, limit)
+
+    async def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
+        """Set a run's status."""
+        async with self._tx() as conn:
+            await conn.execute(_sql.UPDATE_STATUS, (RunStatus(status).value, _sql.now_iso(), run_id))
+
+    async def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
+        """Take the run's lease for ``owner`` (raises :class:`~loomc.RunLocked` if a live process holds it)."""
+        async with self._tx() as conn:
+            async with conn.execute(_sql.SELECT_LEASE, (run_id,)) as cur:
+                row = await cur.fetchone()
+            _sql.check_lease(run_id, tuple(row) if row is not None else None, owner, owner_token(), _in_process(run_id), str(self.path))
+            await conn.execute(_sql.ACQUIRE, _sql.acquire_args(run_id, owner, budget, time.time()))
+
+    async def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
+        """Write one step and the run's totals in one transaction."""
+        async with self._tx() as conn:
+            await conn.execute(_sql.INSERT_STEP, row.step_args(run_id))
+            await conn.execute(_sql.UPDATE_TOTALS, row.totals_args(run_id, time.time()))
+
+    async def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
+        """Record how an attempt ended."""
+        async with self._tx() as conn:
+            await conn.execute(_sql.FINISH, _sql.finish_args(run_id, status, stop_reason, wall_s, time.time()))
+
+    async def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
+        """Replace the run's free-form metadata (JSON)."""
+        import json
+
+        async with self._tx() as conn:
+            await conn.execute(_sql.UPDATE_META, (json.dumps(meta), run_id))
+
+    async def add_cost(self, run_id: str, usd: float) -> None:
+        """Add to a run's total cost outside a step."""
+        async with self._tx() as conn:
+            await conn.execute(_sql.ADD_COST, (usd, _sql.now_iso(), run_id))
+
+    # -- steps ----------------------------------------------------------------------
+    async def save_step(self, run_id: str, record: StepRecord) -> None:
+        """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
+        info = await self.get_run(run_id)
+        if info is None:
+            raise RunNotFound(run_id, where=str(self.path))
+        await self.commit_step(run_id, _sql.legacy_step_row(info, record, encode(record.state)))
+
+    async def load_steps(self, run_id: str) -> list[StepRecord]:
+        """Every step of the run, states included, in order."""
+        type_rows = await self._read(_sql.SELECT_STATE_TYPE, (run_id,))
+        ref = type_rows[0][0] if type_rows else "json"
+        return [_sql.step_record(r, ref) for r in await self._read(_sql.SELECT_STEPS_FULL, (run_id,))]
+
+    async def load_state(self, run_id: str, step_n: int) -> Any:
+        """The state a step committed (``step_n == -1``: the run's input)."""
+        if step_n < 0:
+            rows = await self._read(_sql.SELECT_RESUME, (run_id,))
+            return decode(rows[0][1], rows[0][0]) if rows else None
+        ref_rows = await self._read(_sql.SELECT_STATE_TYPE, (run_id,))
+        rows = await self._read(_sql.SELECT_STATE, (run_id, step_n))
+        if not rows:
+            raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
+        return decode(rows[0][0], ref_rows[0][0] if ref_rows else "json")
+
+    async def resume_point(self, run_id: str) -> ResumePoint:
+        """The run's info, its history (states loaded lazily) and the state to start from."""
+        info = await self.get_run(run_id)
+        if info is None:
+            raise RunNotFound(run_id, where=str(self.path))
+        state_type, input_blob, stored_next = (await self._read(_sql.SELECT_RESUME, (run_id,)))[0]
+        history = [
+            _history_record(r, StateLoader(self.sync, run_id, r[0]))
+            for r in await self._read(_sql.SELECT_STEP_META, (run_id,))
+        ]
+        next_from = _sql.start_point(stored_next, history[-1].step_n if history else None)
+        blob = input_blob
+        if next_from >= 0:
+            rows = await self._read(_sql.SELECT_STATE, (run_id, next_from))
+            blob = rows[0][0] if rows else input_blob
+        return ResumePoint(info, state_type, blob, next_from, history)
+
+    async def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
+        """The child run a parent step started as its ``call_index``-th nested loop."""
+        rows = await self._read(_sql.SELECT_CHILD, (parent_run_id, parent_step, call_index))
+        return _sql.run_info(rows[0]) if rows else None
+
+    async def children(self, run_id: str) -> list[RunInfo]:
+        """Direct child runs, in the order their parent started them."""
+        return [_sql.run_info(r) for r in await self._read(_sql.SELECT_CHILDREN, (run_id,))]
+
+
+def _is_db_error(exc: BaseException) -> bool:
+    import sqlite3
+
+    return isinstance(exc, sqlite3.Error)
 
 
 class ThreadedStore:
-    """Async face of a sync store: every method runs in a worker thread."""
+    """Async face of a sync store: every method runs in a worker thread (any backend, trio included)."""
+
+    is_async = True
 
     def __init__(self, store: Any) -> None:
         self.store = store
+
+    async def __aenter__(self) -> ThreadedStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.store, name)
@@ -32,17 +388,34 @@ class ThreadedStore:
         return call
 
 
-_twins: dict[int, Any] = {}
+# One AsyncSQLiteStore per (event loop, sync store); gone with its loop.
+_per_loop: weakref.WeakKeyDictionary[Any, dict[int, AsyncSQLiteStore]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def async_twin(store: Any) -> Any:
-    """The async face of ``store`` (itself when it is already async)."""
+    """The async face of ``store`` for the running event loop (``store`` itself when already async).
+
+    A ``SQLiteStore`` under asyncio gets the loop's :class:`AsyncSQLiteStore` on the same file
+    and durability; any other store, or any store under trio, a :class:`ThreadedStore`.
+    """
     if getattr(store, "is_async", False):
         return store
-    key = id(store)
-    with _lock:
-        twin = _twins.get(key)
-        if twin is None or twin.store is not store:
-            twin = _twins[key] = ThreadedStore(store)
-        return twin
+    if isinstance(store, SQLiteStore) and _on_asyncio():
+        loop = _current_loop()
+        with _lock:
+            twins = _per_loop.setdefault(loop, {})
+            twin = twins.get(id(store))
+            if twin is None or twin.sync is not store:
+                twin = twins[id(store)] = AsyncSQLiteStore(sync=store)
+            return twin
+    return ThreadedStore(store)
+
+
+def _on_asyncio() -> bool:
+    import sniffio
+
+    try:
+        return sniffio.current_async_library() == "asyncio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False

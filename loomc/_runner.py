@@ -254,40 +254,52 @@ class AsyncLoopRunner(_BaseRunner[S]):
 
 
 async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any], twin: Callable[[Any], Any]) -> RunResult:
+    import contextlib
+
     import anyio
 
     send: Any = None
     throw: BaseException | None = None
-    while True:
-        try:
-            op = gen.throw(throw) if throw is not None else gen.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        send, throw = None, None
-        if type(op) is StoreOp:
-            method = getattr(twin(op.store), op.method)
-            if op.shield:
-                with anyio.CancelScope(shield=True):
-                    send = await method(*op.args)
-            else:
-                send = await method(*op.args)
-        else:
-            assert type(op) is CallOp
-            token = _parent_ledger.set(op.ledger)
+    # The async face of every store this run touches, entered for the length of the run
+    # (an aiosqlite connection stays open while some run of this event loop uses it).
+    opened: dict[int, Any] = {}
+    async with contextlib.AsyncExitStack() as stores:
+        while True:
             try:
-                if op.deadline is None:
-                    send = await fn(op.state)
-                else:
-                    # the deadline is on time.monotonic(); anyio's clock may differ (trio offsets it)
-                    deadline = anyio.current_time() + (op.deadline - time.monotonic())
-                    with anyio.CancelScope(deadline=deadline) as scope:
+                op = gen.throw(throw) if throw is not None else gen.send(send)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            send, throw = None, None
+            if type(op) is StoreOp:
+                astore = opened.get(id(op.store))
+                if astore is None:
+                    astore = opened[id(op.store)] = await stores.enter_async_context(twin(op.store))
+                method = getattr(astore, op.method)
+                try:
+                    if op.shield:
+                        with anyio.CancelScope(shield=True):
+                            send = await method(*op.args)
+                    else:
+                        send = await method(*op.args)
+                except BaseException as exc:  # noqa: BLE001 - raised inside the protocol, so its cleanup runs now
+                    throw = exc
+            else:
+                assert type(op) is CallOp
+                token = _parent_ledger.set(op.ledger)
+                try:
+                    if op.deadline is None:
                         send = await fn(op.state)
-                    if scope.cancelled_caught:
-                        throw = WallClockExceeded()
-            except BaseException as exc:  # noqa: BLE001 - handed to the protocol, which decides
-                throw = exc
-            finally:
-                _parent_ledger.reset(token)
+                    else:
+                        # the deadline is on time.monotonic(); anyio's clock may differ (trio offsets it)
+                        deadline = anyio.current_time() + (op.deadline - time.monotonic())
+                        with anyio.CancelScope(deadline=deadline) as scope:
+                            send = await fn(op.state)
+                        if scope.cancelled_caught:
+                            throw = WallClockExceeded()
+                except BaseException as exc:  # noqa: BLE001 - handed to the protocol, which decides
+                    throw = exc
+                finally:
+                    _parent_ledger.reset(token)
 
 
 @overload

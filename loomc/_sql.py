@@ -214,3 +214,103 @@ class StepRow:
             self.total_cost, self.total_steps, self.total_wall_s, self.max_step_cost, self.next_from,
             self.status, self.stop_reason, self.timestamp, heartbeat, run_id,
         )
+
+
+# -- pure parts of the store methods, shared by the sync and async SQLite stores ----------
+
+
+def begin_run_args(new: Any, run_id: str, heartbeat: float) -> tuple[Any, ...]:
+    """Parameters of ``INSERT_RUN`` for a ``NewRun``."""
+    now = now_iso()
+    return (
+        run_id, new.spec_hash, RunStatus.RUNNING.value, now, now, new.name, new.kind,
+        new.parent_run_id, new.parent_step, new.call_index, new.root_run_id, new.state_type,
+        new.input_blob, json.dumps(new.budget) if new.budget is not None else None, new.owner,
+        heartbeat, json.dumps(new.meta) if new.meta else None, 1 if new.owner else 0, new.cost_usd,
+    )
+
+
+def prefix_args(run_id: str) -> tuple[str, str]:
+    """Parameters of ``SELECT_PREFIX``: every id starting with ``run_id``."""
+    return (run_id, run_id + "\U0010ffff")
+
+
+def match_prefix(run_id: str, ids: list[str]) -> str | None:
+    """The one id that ``run_id`` names among the ids starting with it (``None``: none does).
+
+    Raises:
+        AmbiguousRunId: several ids share the prefix.
+    """
+    from loomc._errors import AmbiguousRunId
+
+    if run_id in ids:
+        return run_id
+    if len(ids) == 1:
+        return ids[0]
+    if ids:
+        raise AmbiguousRunId(run_id, ids)
+    return None
+
+
+def filter_listed(runs: list[RunInfo], status: str | None, limit: int | None) -> list[RunInfo]:
+    """Apply the status filter after ``run_info`` (a ``crashed`` run is stored as ``running``)."""
+    if status is None:
+        return runs
+    runs = [r for r in runs if r.status.value == status]
+    return runs[:limit] if limit is not None else runs
+
+
+def check_lease(run_id: str, row: tuple[Any, ...] | None, owner: str, me: str, in_process: bool, where: str) -> None:
+    """May ``owner`` take the lease of a run whose ``SELECT_LEASE`` row is ``row``?
+
+    Raises:
+        RunNotFound: no such run.
+        RunLocked: a live process (or this one, still driving it) holds the run.
+    """
+    from loomc._errors import RunLocked, RunNotFound
+
+    if row is None:
+        raise RunNotFound(run_id, where=where)
+    status, held_by, heartbeat = row
+    if status == RunStatus.RUNNING.value and held_by and held_by != owner and is_alive(held_by, heartbeat):
+        raise RunLocked(run_id, held_by)
+    if status == RunStatus.RUNNING.value and held_by == owner and owner == me and in_process:
+        raise RunLocked(run_id, held_by)
+
+
+def acquire_args(run_id: str, owner: str, budget: dict[str, Any] | None, heartbeat: float) -> tuple[Any, ...]:
+    """Parameters of ``ACQUIRE``."""
+    return (owner, heartbeat, now_iso(), json.dumps(budget) if budget is not None else None, run_id)
+
+
+def finish_args(run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float, heartbeat: float) -> tuple[Any, ...]:
+    """Parameters of ``FINISH``."""
+    return (status.value, stop_reason, wall_s, now_iso(), heartbeat, run_id)
+
+
+def legacy_step_row(info: RunInfo, record: Any, blob: str | bytes | None) -> StepRow:
+    """The ``StepRow`` that folds a 0.3.0-style ``save_step(record)`` into the run's totals."""
+    status = RunStatus.RUNNING.value if info.status is RunStatus.CRASHED else info.status.value
+    return StepRow(
+        record.step_n, blob, record.cost_usd, record.score, record.timestamp.isoformat(), record.error,
+        record.event, record.step_n, 0.0, info.cost_usd + record.cost_usd, max(info.steps, record.step_n + 1),
+        info.wall_s, max(info.max_step_cost, record.cost_usd), status, info.stop_reason,
+    )
+
+
+def start_point(next_from: int | None, last_step: int | None) -> int:
+    """The step whose state the next step starts from (``-1``: the input)."""
+    if next_from is not None:
+        return int(next_from)
+    return last_step if last_step is not None else -1
+
+
+def step_record(row: tuple[Any, ...], ref: str | None) -> Any:
+    """A ``StepRecord`` (state decoded) from a ``SELECT_STEPS_FULL`` row."""
+    from loomc._codec import decode
+    from loomc._types import StepRecord
+
+    return StepRecord(
+        step_n=row[0], state=decode(row[1], ref), cost_usd=row[2], score=row[3],
+        timestamp=datetime.fromisoformat(row[4]), error=row[5], event=row[6],
+    )
