@@ -1,11 +1,513 @@
-"""The ``loomc`` command line (placeholder until the CLI lands)."""
+"""The ``loomc`` command: list, inspect, follow, export and resume runs; run graphs.
+
+Every command reads the checkpoint database (``--db``, else ``$LOOMC_DB``, else
+``.loomc/checkpoints.db``) and never creates one. A unique prefix of a run id works
+everywhere. Errors print one line on stderr (``loomc: ...``) and exit 1; usage errors
+exit 2. Output is plain, aligned text when stdout is not a terminal.
+"""
 
 from __future__ import annotations
 
 import sys
+from datetime import UTC
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from loomc._errors import LoomcError, StoreError
+from loomc._types import RunInfo, RunStatus
+
+if TYPE_CHECKING:
+    from loomc._store import SQLiteStore
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="loomc",
+    help="Durable, budgeted agent loops: see every run, every step, every cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+graph_app = typer.Typer(
+    help="Run and draw multi-agent graphs (orchestration.Graph).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(graph_app, name="graph")
+
+DbOpt = Annotated[
+    Path | None,
+    typer.Option("--db", help="Checkpoint database [default: $LOOMC_DB, else .loomc/checkpoints.db].", show_default=False),
+]
+RunIdArg = Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id, or a unique prefix of one.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+#: Statuses after which ``watch`` stops following a run.
+_ENDED = frozenset(s for s in RunStatus if s is not RunStatus.RUNNING)
+
+
+class _Fail(Exception):
+    """A user error found by the CLI itself: printed as one line, exit 1."""
+
+
+def _die(message: str, code: int = 1) -> None:
+    sys.stderr.write(f"loomc: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
 
 
 def main() -> None:
     """Entry point of the ``loomc`` command."""
-    print("loomc: the command line is not available in this build", file=sys.stderr)
-    sys.exit(1)
+    try:
+        app(prog_name="loomc")
+    except (LoomcError, _Fail) as exc:
+        _die(str(exc))
+    except KeyboardInterrupt:
+        sys.stderr.write("\nloomc: interrupted\n")
+        raise SystemExit(130) from None
+    except BrokenPipeError:
+        # `loomc runs | head`: the reader left; say nothing more.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(0) from None
+
+
+# ---------------------------------------------------------------------------------
+# Reading the store
+
+
+def _open(db: Path | None) -> SQLiteStore:
+    """The database named by ``--db`` / ``$LOOMC_DB`` / the default, opened for reading."""
+    from loomc._store import SQLiteStore, default_db_path
+
+    path = db if db is not None else default_db_path()
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a loomc database; pass --db FILE")
+    store = SQLiteStore(path, create=False)
+    store.conn  # noqa: B018 - open now, so a bad file is reported before any output
+    return store
+
+
+def _run(store: SQLiteStore, run_id: str) -> RunInfo:
+    """The run named by an id or unique prefix."""
+    rid = store.resolve(run_id)
+    info = store.get_run(rid)
+    if info is None:  # deleted between the two reads
+        from loomc._errors import RunNotFound
+
+        raise RunNotFound(run_id, where=str(store.path))
+    return info
+
+
+# ---------------------------------------------------------------------------------
+# runs
+
+
+@app.command()
+def runs(
+    status: Annotated[
+        RunStatus | None,
+        typer.Option("--status", help="Only runs with this status.", case_sensitive=False, show_default=False),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=0, help="At most N runs (0: all).")] = 20,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Include nested runs (child loops, graph nodes).")] = False,
+    db: DbOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List runs, newest first: ID STATUS STEPS COST CREATED NAME."""
+    from loomc import _cli_render as r
+
+    store = _open(db)
+    found = store.list_runs(status=status.value if status else None, limit=limit or None, roots_only=not all_)
+    if json_:
+        sys.stdout.write(r.dumps([r.run_dict(i) for i in found]) + "\n")
+        return
+    out = r.Output()
+    if not found:
+        what = f"{status.value} " if status else ""
+        sys.stderr.write(f"loomc: no {what}runs in {store.path}\n")
+        return
+    rows = [
+        [i.id, out.status(i.status), str(i.steps), r.money(i.cost_usd), r.when(i.created_at), i.name] for i in found
+    ]
+    out.table(r.RUN_COLS, rows)
+    if out.tty and limit and len(found) == limit:
+        out.console.print(f"[dim]newest {limit} shown; --limit N for more, --all for nested runs[/dim]")
+
+
+# ---------------------------------------------------------------------------------
+# show
+
+
+def _tree_json(store: SQLiteStore, info: RunInfo) -> dict[str, Any]:
+    from loomc import _cli_render as r
+
+    kids = store.children(info.id)
+    d = r.run_dict(info)
+    d["own_cost_usd"] = r.own_cost(info, kids)
+    d["children"] = [_tree_json(store, k) for k in kids]
+    return d
+
+
+def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo]) -> Any:
+    from rich.text import Text
+
+    from loomc import _cli_render as r
+
+    label = Text()
+    label.append(info.id, style="bold")
+    label.append(f"  {info.kind} {info.name}  ")
+    label.append_text(Text(info.status.value, style=r.STATUS_STYLE.get(info.status, "") if out.tty else ""))
+    label.append(f"  steps {info.steps}  own {r.money(r.own_cost(info, kids))}  total {r.money(info.cost_usd)}")
+    if info.parent_step is not None:
+        label.append(f"  (parent step {info.parent_step})", style="dim")
+    return label
+
+
+def _add_tree(out: Any, store: SQLiteStore, node: Any, info: RunInfo, depth: int) -> None:
+    kids = store.children(info.id)
+    branch = node.add(_tree_label(out, info, kids))
+    if depth > 50:  # a malformed (cyclic) parent chain must not recurse forever
+        return
+    for k in kids:
+        _add_tree(out, store, branch, k, depth + 1)
+
+
+def _show_tree(out: Any, store: SQLiteStore, info: RunInfo) -> None:
+    from rich.tree import Tree
+
+    kids = store.children(info.id)
+    tree = Tree(_tree_label(out, info, kids), guide_style="dim" if out.tty else "")
+    for k in kids:
+        _add_tree(out, store, tree, k, 1)
+    out.render(tree)
+
+
+def _header(info: RunInfo, out: Any) -> list[tuple[str, Any]]:
+    from loomc import _cli_render as r
+
+    pairs: list[tuple[str, Any]] = [("run", info.id), ("name", info.name or "-"), ("kind", info.kind)]
+    pairs.append(("status", out.status(info.status)))
+    if info.stop_reason:
+        pairs.append(("stopped", info.stop_reason))
+    elif info.status is RunStatus.CRASHED:
+        pairs.append(("stopped", "its process died (resume it to continue from the last step)"))
+    elif info.status is RunStatus.RUNNING and info.owner:
+        pairs.append(("owner", info.owner))
+    pairs.extend(r.budget_lines(info))
+    pairs.append(("created", r.when(info.created_at) + " UTC"))
+    if info.parent_run_id:
+        pairs.append(("parent", f"{info.parent_run_id} (step {info.parent_step})"))
+    return pairs
+
+
+@app.command()
+def show(
+    run_id: RunIdArg,
+    tree: Annotated[bool, typer.Option("--tree", "-t", help="Draw the run and all its nested runs.")] = False,
+    db: DbOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show a run: budget used and left, why it stopped, and STEP COST CUMUL SCORE ERROR per step."""
+    from loomc import _cli_render as r
+
+    store = _open(db)
+    info = _run(store, run_id)
+    out = r.Output()
+    if json_:
+        if tree:
+            sys.stdout.write(r.dumps(_tree_json(store, info)) + "\n")
+            return
+        data = r.run_dict(info)
+        kids = store.children(info.id)
+        data["own_cost_usd"] = r.own_cost(info, kids)
+        steps, cumul = [], 0.0
+        for rec in r.read_steps(store, info.id):
+            cumul += rec.cost_usd
+            steps.append(r.step_dict(rec, cumul))
+        data["step_rows"] = steps
+        data["children"] = [r.run_dict(k) for k in kids]
+        sys.stdout.write(r.dumps(data) + "\n")
+        return
+    if tree:
+        _show_tree(out, store, info)
+        return
+    out.kv(_header(info, out))
+    kids = store.children(info.id)
+    recs = r.read_steps(store, info.id)
+    if info.kind == "graph" and kids:
+        out.line()
+        out.table(
+            (r.Col("NODE"), r.Col("RUN"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True)),
+            [[k.name, k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd)] for k in kids],
+        )
+    if recs or info.kind != "graph":
+        out.line()
+        if recs:
+            rows, cumul = [], 0.0
+            for rec in recs:
+                cumul += rec.cost_usd
+                rows.append(r.step_cells(rec, cumul))
+            out.table(r.STEP_COLS, rows)
+        else:
+            out.line("no steps committed yet")
+    if kids and info.kind != "graph":
+        out.line()
+        out.line(f"nested runs: {len(kids)} (loomc show {info.id} --tree)")
+        out.table(
+            (r.Col("ID"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True), r.Col("STEP", True), r.Col("NAME")),
+            [
+                [k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd), str(k.parent_step), k.name]
+                for k in kids
+            ],
+        )
+
+
+# ---------------------------------------------------------------------------------
+# resume
+
+
+def _root(store: SQLiteStore, info: RunInfo) -> RunInfo:
+    seen = {info.id}
+    while info.parent_run_id:
+        parent = store.get_run(info.parent_run_id)
+        if parent is None or parent.id in seen:
+            break
+        seen.add(parent.id)
+        info = parent
+    return info
+
+
+def _import_hint(info: RunInfo) -> tuple[str, str]:
+    """``(import line, function name)`` for the resume snippet."""
+    module, _, qualname = info.name.partition(":")
+    top = qualname.split(".")[0] or "fn"
+    if module == "__main__":
+        file = info.meta.get("file")
+        stem = Path(file).stem if isinstance(file, str) and file else "your_script"
+        module = stem
+    if "<locals>" in qualname:
+        return f"# {info.name} is defined inside a function: get hold of that loop object", "fn"
+    return f"from {module} import {top}", qualname
+
+
+@app.command()
+def resume(
+    run_id: RunIdArg,
+    run: Annotated[
+        bool, typer.Option("--run", help="Import the run's function (from the working directory) and resume it now.")
+    ] = False,
+    db: DbOpt = None,
+) -> None:
+    """How to resume a run, and what is left of its budget; --run resumes it here, with live progress."""
+    from loomc import _cli_render as r
+
+    store = _open(db)
+    info = _run(store, run_id)
+    if run:
+        from loomc._cli_resume import resume_here
+
+        raise typer.Exit(resume_here(store, info))
+    out = r.Output()
+    pairs: list[tuple[str, Any]] = [("run", info.id), ("function", info.name or "-")]
+    file = info.meta.get("file")
+    if isinstance(file, str) and file:
+        pairs.append(("file", file))
+    pairs.append(("status", out.status(info.status)))
+    if info.stop_reason:
+        pairs.append(("stopped", info.stop_reason))
+    for label, text in r.budget_lines(info):
+        pairs.append((f"{label} left" if "no limit" not in text else label, text))
+    out.kv(pairs)
+    out.line()
+    rid = info.id
+    if info.parent_run_id:
+        root = _root(store, info)
+        out.line(f"{rid} is a nested run of {root.id} ({root.name}); resume the root run, which resumes its nested runs:")
+        out.line(f"    loomc resume {root.id}")
+        return
+    if info.kind == "graph":
+        out.line("a graph run: resume it with its pipeline file")
+        out.line(f"    loomc graph run PIPELINE.py --resume {rid}")
+        out.line("or from Python:")
+        out.line(f"    graph.resume({rid!r})")
+        return
+    if info.status is RunStatus.COMPLETED:
+        out.line("this run completed: resuming it returns its final state without running a step")
+    elif info.status is RunStatus.RUNNING:
+        out.line(f"this run is running in a live process ({info.owner}); follow it with `loomc watch {rid}`")
+        out.line("resume it only once that process has stopped:")
+    imp, fn = _import_hint(info)
+    out.line("resume it from Python:")
+    out.line(f"    {imp}")
+    out.line(f"    state = {fn}.resume({rid!r})")
+    out.line("with more budget (the only way to get more):")
+    out.line("    from loomc import Budget")
+    out.line(f"    state = {fn}.resume({rid!r}, budget=Budget(usd=..., iterations=..., wall_clock=...))")
+    out.line("or from here (imports the function from the working directory):")
+    out.line(f"    loomc resume {rid} --run")
+
+
+# ---------------------------------------------------------------------------------
+# watch
+
+
+@app.command()
+def watch(
+    run_id: RunIdArg,
+    interval: Annotated[float, typer.Option("--interval", min=0.05, help="Seconds between polls.")] = 0.5,
+    db: DbOpt = None,
+) -> None:
+    """Follow a run from another terminal: new steps appear as they commit; ends when the run ends."""
+    from loomc._cli_follow import Follower
+
+    store = _open(db)
+    info = _run(store, run_id)
+    follower = Follower(store, info.id)
+    follower.run_until_ended(interval)
+    raise typer.Exit(0)
+
+
+# ---------------------------------------------------------------------------------
+# export
+
+
+def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
+    from loomc import _cli_render as r
+    from loomc import _sql
+    from loomc._codec import decode
+
+    kids = store.children(info.id)
+    rows = store._read(_sql.SELECT_RESUME, (info.id,))
+    state_type, input_blob, next_from = rows[0] if rows else (None, None, None)
+    d = r.run_dict(info)
+    d["own_cost_usd"] = r.own_cost(info, kids)
+    d["state_type"] = state_type or "json"
+    d["next_from"] = next_from
+    # States are exported as the JSON they are stored as (a pydantic model's fields,
+    # named by state_type); the user's modules are never imported to read them.
+    d["input"] = decode(input_blob, "json")
+    steps, cumul = [], 0.0
+    for s in store._read(_sql.SELECT_STEPS_FULL, (info.id,)):
+        cumul += s[2]
+        steps.append({
+            "step": s[0], "cost_usd": s[2], "cumul_usd": cumul, "score": s[3], "error": s[5],
+            "events": [e.strip() for e in (s[6] or "").split(";") if e.strip()], "timestamp": s[4],
+            "state": decode(s[1], "json"),
+        })
+    d["steps_detail"] = steps
+    d["children"] = [_export_node(store, k, depth + 1) for k in kids] if depth < 50 else []
+    return d
+
+
+@app.command()
+def export(
+    run_id: RunIdArg,
+    json_: Annotated[bool, typer.Option("--json", help="JSON (the only format; the flag may be omitted).")] = True,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write to this file instead of stdout.", show_default=False),
+    ] = None,
+    db: DbOpt = None,
+) -> None:
+    """Export a run and its whole subtree (nested runs), states included, as JSON."""
+    import json
+    from datetime import datetime
+
+    store = _open(db)
+    info = _run(store, run_id)
+    data = {
+        "loomc_export": 1,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "database": str(store.path),
+        "run": _export_node(store, info),
+    }
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    if output is not None:
+        try:
+            output.write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise _Fail(f"cannot write {output}: {exc.strerror or exc}") from exc
+        sys.stderr.write(f"loomc: exported run {info.id} to {output}\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+# ---------------------------------------------------------------------------------
+# graph
+
+
+def _orchestration_cli() -> Any:
+    try:
+        from orchestration import _cli
+    except ImportError as exc:
+        raise _Fail(f"the graph commands are not available in this install (cannot import orchestration._cli: {exc})") from exc
+    return _cli
+
+
+@graph_app.command("run")
+def graph_run(
+    pipeline: Annotated[Path, typer.Argument(help="A Python file defining an orchestration.Graph.", show_default=False)],
+    graph: Annotated[
+        str | None,
+        typer.Option("--graph", "-g", help="The graph's name, when the file defines several.", show_default=False),
+    ] = None,
+    input_json: Annotated[
+        str | None,
+        typer.Option("--input", "-i", help="The graph input, as JSON.", show_default=False),
+    ] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option("--input-file", help="Read the graph input (JSON) from this file.", show_default=False),
+    ] = None,
+    resume_id: Annotated[
+        str | None,
+        typer.Option("--resume", help="Resume this graph run instead of starting one.", show_default=False),
+    ] = None,
+    db: DbOpt = None,
+) -> None:
+    """Run (or resume) the graph defined in PIPELINE.py, with live progress per node."""
+    if input_json is not None and input_file is not None:
+        raise typer.BadParameter("give --input or --input-file, not both", param_hint="--input")
+    cli = _orchestration_cli()
+    raise typer.Exit(
+        cli.graph_run(
+            path=pipeline, graph_name=graph, input_json=input_json, input_file=input_file, resume=resume_id, db=db
+        )
+    )
+
+
+@graph_app.command("show")
+def graph_show(
+    pipeline: Annotated[Path, typer.Argument(help="A Python file defining an orchestration.Graph.", show_default=False)],
+    graph: Annotated[
+        str | None,
+        typer.Option("--graph", "-g", help="The graph's name, when the file defines several.", show_default=False),
+    ] = None,
+    mermaid: Annotated[bool, typer.Option("--mermaid", help="Print the graph as a mermaid diagram.")] = False,
+) -> None:
+    """Draw the graph defined in PIPELINE.py (nodes, edges, budgets)."""
+    cli = _orchestration_cli()
+    raise typer.Exit(cli.graph_show(path=pipeline, graph_name=graph, mermaid=mermaid))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from loomc import __version__
+
+        sys.stdout.write(f"loomc {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Durable, budgeted agent loops: see every run, every step, every cost."""

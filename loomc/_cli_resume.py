@@ -1,0 +1,168 @@
+"""``loomc resume RUN_ID --run``: import the run's function and resume the run here.
+
+A run records its function as ``module:qualname`` and, in its metadata, the file it was
+defined in. The module is imported from the working directory; a function defined in a
+script run as ``__main__`` is loaded from that script's file (under another module
+name, so its ``if __name__ == "__main__":`` block does not run).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from loomc._errors import LoomcError
+from loomc._types import RunInfo, RunStatus
+
+__all__ = ["load_loop", "resume_here"]
+
+#: The module name a ``__main__`` script is loaded under.
+SCRIPT_MODULE = "__loomc_main__"
+
+
+def _load_script(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, path)
+    if spec is None or spec.loader is None:
+        raise LoomcError(f"cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[SCRIPT_MODULE] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(SCRIPT_MODULE, None)
+        raise LoomcError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
+    # States of classes defined in the script were stored as "__main__:Name":
+    # bring them back as those classes, not as dicts.
+    from loomc import _codec
+
+    for value in list(vars(module).values()):
+        if isinstance(value, type) and value.__module__ == SCRIPT_MODULE:
+            _codec._seen_types[f"__main__:{value.__qualname__}"] = value
+    return module
+
+
+def load_loop(info: RunInfo, cwd: Path) -> Any:
+    """The ``@loop`` that started ``info``, imported from ``cwd`` (or its script file).
+
+    Raises:
+        LoomcError: the name is not importable, the import fails, or it is not a loop.
+    """
+    from loomc._runner import AsyncLoopRunner, LoopRunner
+
+    module_name, sep, qualname = info.name.partition(":")
+    if not sep or not module_name or not qualname:
+        raise LoomcError(
+            f"run {info.id} was started by {info.name!r}, which does not name an importable function "
+            "(module:qualname); resume it from Python with fn.resume(...)"
+        )
+    if "<locals>" in qualname:
+        raise LoomcError(
+            f"run {info.id} was started by {info.name}, a loop defined inside a function; "
+            f"it cannot be imported: call .resume({info.id!r}) on that loop from Python"
+        )
+    file = info.meta.get("file") if isinstance(info.meta.get("file"), str) else None
+    if str(cwd) not in sys.path:
+        sys.path.insert(0, str(cwd))
+    if module_name == "__main__":
+        if not file:
+            raise LoomcError(
+                f"run {info.id} was started from a script run as __main__ whose file is not recorded; "
+                f"resume it from Python with {qualname}.resume({info.id!r})"
+            )
+        path = Path(file)
+        if not path.is_file():
+            raise LoomcError(f"run {info.id} was started by the script {file}, which no longer exists")
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        module = _load_script(path)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            where = f" (it was defined in {file})" if file else ""
+            raise LoomcError(
+                f"cannot import {module_name} from {cwd}: {exc}; run this command in the directory "
+                f"the run was started from{where}"
+            ) from exc
+        except Exception as exc:
+            raise LoomcError(f"importing {module_name} failed: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise LoomcError(
+                f"{module_name} has no {qualname} (renamed?); the run was started by {info.name}"
+            ) from None
+    if not isinstance(obj, (LoopRunner, AsyncLoopRunner)):
+        raise LoomcError(f"{info.name} is a {type(obj).__name__}, not a @loop; cannot resume run {info.id} with it")
+    return obj
+
+
+def _checkpoint_path(checkpoint: Any) -> Path | None:
+    """The database file a ``checkpoint=`` argument writes to (``None``: not a file)."""
+    from loomc._store import default_db_path
+
+    if checkpoint is None or checkpoint == "sqlite":
+        return default_db_path()
+    if checkpoint == "memory":
+        return None
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return Path(checkpoint)
+    path = getattr(checkpoint, "path", None)
+    return Path(path) if path is not None else None
+
+
+def resume_here(store: Any, info: RunInfo) -> int:
+    """Resume ``info`` in this process with live progress; the exit code (0: completed)."""
+    from loomc._cli_follow import Follower
+    from loomc._runner import AsyncLoopRunner
+
+    if info.parent_run_id:
+        raise LoomcError(
+            f"run {info.id} is nested in run {info.parent_run_id}; resume the root run (it resumes its nested runs)"
+        )
+    if info.kind == "graph":
+        raise LoomcError(f"run {info.id} is a graph run; resume it with `loomc graph run PIPELINE.py --resume {info.id}`")
+    if info.status is RunStatus.RUNNING:
+        raise LoomcError(
+            f"run {info.id} is running in live process {info.owner}; follow it with `loomc watch {info.id}`, "
+            "or stop that process first"
+        )
+    db_path = Path(store.path).resolve()
+    # A loop declared with the default checkpoint writes to the database being read.
+    os.environ["LOOMC_DB"] = str(db_path)
+    runner = load_loop(info, Path.cwd())
+    target = _checkpoint_path(runner.spec.checkpoint)
+    if target is None or target.resolve() != db_path:
+        raise LoomcError(
+            f"{info.name} writes its checkpoints to {target or runner.spec.checkpoint!r}, not {db_path}; "
+            f"pass --db {target}" if target else f"{info.name} does not checkpoint to a database file"
+        )
+    follower = Follower(store, info.id)
+    stop = threading.Event()
+    watcher = threading.Thread(target=follower.run_until, args=(stop, 0.2), name="loomc-follow", daemon=True)
+    # Steps of a script loaded as __main__ carry another module name: same qualname, same run.
+    force = info.name.startswith("__main__:")
+    watcher.start()
+    try:
+        if isinstance(runner, AsyncLoopRunner):
+            import anyio
+
+            result = anyio.run(lambda: runner.resume_run(info.id, force=force))
+        else:
+            result = runner.resume_run(info.id, force=force)
+    finally:
+        stop.set()
+        watcher.join()
+        follower.poll()
+        follower.close()
+    if result.error is not None and result.status is RunStatus.FAILED:
+        sys.stderr.write(f"loomc: run {info.id} failed: {type(result.error).__name__}: {result.error}\n")
+    return 0 if result.status is RunStatus.COMPLETED else 1
