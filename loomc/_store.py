@@ -239,11 +239,29 @@ class SQLiteStore:
                 "or set LOOMC_DB / checkpoint= to a writable path"
             ) from exc
         try:
-            self._prepare(conn)
+            self._prepare_when_free(conn)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _prepare_when_free(self, conn: sqlite3.Connection) -> None:
+        """``_prepare``, retried while another process holds a lock it needs (e.g. both create the file)."""
+        deadline = time.monotonic() + _sql.BUSY_TIMEOUT_S
+        delay = 0.001
+        while True:
+            try:
+                self._prepare(conn)
+                return
+            except StoreError as exc:
+                cause = exc.__cause__
+                busy = isinstance(cause, sqlite3.OperationalError) and ("locked" in str(cause) or "busy" in str(cause))
+                if not busy or time.monotonic() > deadline:
+                    raise
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         path = self.path
