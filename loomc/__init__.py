@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 # module first, then bind the name to the decorator.
 from loomc.loop import AsyncLoopRunner, LoopRunner, loop  # isort: skip
 from loomc import circuit_breaker as _circuit_breaker_module  # isort: skip
+from loomc._astore import AsyncCheckpointStore, AsyncSQLiteStore
 from loomc._budget import Budget
 from loomc._context import Reservation, RunView, charge, current_run, reserve
 from loomc._detectors import BestScore, Escalate, JudgeDetector, LastGood, judge, predicate, score_plateau
@@ -42,7 +43,9 @@ __version__ = "0.4.0"
 __all__ = [
     "AmbiguousRunId",
     "AnthropicAdapter",
+    "AsyncCheckpointStore",
     "AsyncLoopRunner",
+    "AsyncSQLiteStore",
     "BestScore",
     "BreakerState",
     "Budget",

@@ -188,12 +188,14 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             _codec._seen_types[state_type] = type(req.state)  # noqa: SLF001 - same type as the caller's
         state = _codec.decode(rp.start_blob, state_type)
         history = list(rp.history)
-        if info.status is RunStatus.COMPLETED:
+        # A finished child of a re-run parent step returns its outcome without running again
+        # (a stalled one too: continuing it would not be what the original run did).
+        if info.status is RunStatus.COMPLETED or (nested and info.status is RunStatus.STALLED):
             if nested and parent is not None and carried:
                 parent.charge(carried, enforce=False)
             best = best_step(history)
             return RunResult(
-                run_id, RunStatus.COMPLETED, state, info.steps, info.cost_usd,
+                run_id, info.status, state, info.steps, info.cost_usd,
                 best.state if best else None, best.score if best else None, info.stop_reason, None, history,
             )
         yield StoreOp(store, "acquire", (run_id, owner, req.budget.to_dict() if req.budget is not None else None))
@@ -327,7 +329,9 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
 
             if stop is not None:
                 if stop.status is RunStatus.BUDGET_EXHAUSTED:
-                    return result(stop.status, stop.reason, error if isinstance(error, BudgetExhausted) else _budget_error(stop, run_id, state))
+                    # a child's BudgetExhausted (an enclosing cap) is re-issued for this run
+                    own = isinstance(error, BudgetExhausted) and error.run_id in (None, run_id)
+                    return result(stop.status, stop.reason, error if own else _budget_error(stop, run_id, state))
                 return result(stop.status, stop.reason, error)
     finally:
         mark_active(run_id, False)

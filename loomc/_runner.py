@@ -230,11 +230,16 @@ class AsyncLoopRunner(_BaseRunner[S]):
         return await self._drive(self._request(None, run_id, True, budget, force))
 
     async def _drive(self, req: RunRequest) -> RunResult:
-        from loomc._astore import async_twin
+        import anyio.to_thread
+
+        from loomc._astore import AsyncSQLiteStore, async_twin
 
         parent = _parent_ledger.get()
         nested = parent is not None and parent.context is not None and parent.context.in_step
-        store = None if nested else self.store()
+        # resolving the database path touches the file system: not on the event loop
+        store = None if nested else await anyio.to_thread.run_sync(self.store)
+        if isinstance(store, AsyncSQLiteStore):
+            store = store.sync  # the protocol names sync stores; the driver picks their async twin
         gen = run_protocol(self.spec, req, parent, store)
         return await _drive_async(gen, self._fn, async_twin)
 
