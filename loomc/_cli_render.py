@@ -67,10 +67,10 @@ def duration(seconds: float | None) -> str:
         return f"{s:.2f}s"
     if s < 60:
         return f"{s:.1f}s"
-    if s < 3600:
-        m, sec = divmod(int(s), 60)
+    if s < 3600 - 0.5:
+        m, sec = divmod(round(s), 60)
         return f"{m}m{sec:02d}s"
-    h, rest = divmod(int(s), 3600)
+    h, rest = divmod(round(s), 3600)
     return f"{h}h{rest // 60:02d}m"
 
 
@@ -214,7 +214,7 @@ class Col:
 STEP_COLS = (Col("STEP", True), Col("COST", True), Col("CUMUL", True), Col("SCORE", True), Col("ERROR"), Col(""))
 RUN_COLS = (Col("ID"), Col("STATUS"), Col("STEPS", True), Col("COST", True), Col("CREATED"), Col("NAME"))
 #: Fixed widths for rows printed one by one (``watch``), when the widths cannot be measured first.
-STREAM_WIDTHS = (4, 9, 9, 6, 0, 0)
+STREAM_WIDTHS = (4, 7, 7, 5, 0, 0)
 
 
 def _line(cells: Sequence[str], cols: Sequence[Col], widths: Sequence[int]) -> str:

@@ -477,7 +477,12 @@ def graph_run(
     cli = _orchestration_cli()
     raise typer.Exit(
         cli.graph_run(
-            path=pipeline, graph_name=graph, input_json=input_json, input_file=input_file, resume=resume_id, db=db
+            path=str(pipeline),
+            graph_name=graph,
+            input_json=input_json,
+            input_file=str(input_file) if input_file is not None else None,
+            resume=resume_id,
+            db=str(db) if db is not None else None,
         )
     )
 
@@ -493,7 +498,7 @@ def graph_show(
 ) -> None:
     """Draw the graph defined in PIPELINE.py (nodes, edges, budgets)."""
     cli = _orchestration_cli()
-    raise typer.Exit(cli.graph_show(path=pipeline, graph_name=graph, mermaid=mermaid))
+    raise typer.Exit(cli.graph_show(path=str(pipeline), graph_name=graph, mermaid=mermaid))
 
 
 def _version(value: bool) -> None:
