@@ -66,9 +66,7 @@ class Follower:
         self.kid_infos = kids
         if not self.out.tty:
             for k in changed:
-                self.out.line(
-                    f"  nested {k.id} {k.name}: {k.status.value} ({k.steps} steps, {r.money(k.cost_usd)})"
-                )
+                self.out.line(f"  nested {k.id} {k.name}: {k.status.value} ({k.steps} steps, {r.money(k.cost_usd)})")
             self.out.flush()
         elif self._live is not None:
             self._live.update(self._view())
@@ -109,10 +107,7 @@ class Follower:
             parts.append(
                 self.out.rich_table(
                     (r.Col("NESTED"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True), r.Col("NAME")),
-                    [
-                        [k.id, self.out.status(k.status), str(k.steps), r.money(k.cost_usd), k.name]
-                        for k in self.kid_infos[-10:]
-                    ],
+                    [[k.id, self.out.status(k.status), str(k.steps), r.money(k.cost_usd), k.name] for k in self.kid_infos[-10:]],
                 )
             )
         return Group(*parts)

@@ -186,8 +186,13 @@ def read_steps(store: Any, run_id: str, after: int = -1) -> list[StepRecord]:
     rows = store._read(_sql.SELECT_STEP_META, (run_id,))
     return [
         StepRecord(
-            row[0], None, cost_usd=row[1], score=row[2], timestamp=datetime.fromisoformat(row[3]),
-            error=row[4], event=row[5],
+            row[0],
+            None,
+            cost_usd=row[1],
+            score=row[2],
+            timestamp=datetime.fromisoformat(row[3]),
+            error=row[4],
+            event=row[5],
         )
         for row in rows
         if row[0] > after
@@ -273,7 +278,11 @@ class Output:
                 self._console = Console(highlight=False)
             else:
                 self._console = Console(
-                    highlight=False, no_color=True, color_system=None, width=100_000, soft_wrap=True,
+                    highlight=False,
+                    no_color=True,
+                    color_system=None,
+                    width=100_000,
+                    soft_wrap=True,
                     force_terminal=False,
                 )
         return self._console
@@ -313,7 +322,9 @@ class Output:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=title, title_justify="left")
         for col in cols:
             table.add_column(
-                col.header, justify="right" if col.right else "left", no_wrap=True,
+                col.header,
+                justify="right" if col.right else "left",
+                no_wrap=True,
                 style="dim" if col.header in ("CREATED",) else ("bold" if not col.header else None),
                 overflow="ellipsis",
             )

@@ -87,8 +87,7 @@ def load_loop(info: RunInfo, cwd: Path) -> Any:
         except ImportError as exc:
             where = f" (it was defined in {file})" if file else ""
             raise LoomcError(
-                f"cannot import {module_name} from {cwd}: {exc}; run this command in the directory "
-                f"the run was started from{where}"
+                f"cannot import {module_name} from {cwd}: {exc}; run this command in the directory the run was started from{where}"
             ) from exc
         except Exception as exc:
             raise LoomcError(f"importing {module_name} failed: {type(exc).__name__}: {exc}") from exc
@@ -97,9 +96,7 @@ def load_loop(info: RunInfo, cwd: Path) -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise LoomcError(
-                f"{module_name} has no {qualname} (renamed?); the run was started by {info.name}"
-            ) from None
+            raise LoomcError(f"{module_name} has no {qualname} (renamed?); the run was started by {info.name}") from None
     if not isinstance(obj, (LoopRunner, AsyncLoopRunner)):
         raise LoomcError(f"{info.name} is a {type(obj).__name__}, not a @loop; cannot resume run {info.id} with it")
     return obj
@@ -125,15 +122,12 @@ def resume_here(store: Any, info: RunInfo) -> int:
     from loomc._runner import AsyncLoopRunner
 
     if info.parent_run_id:
-        raise LoomcError(
-            f"run {info.id} is nested in run {info.parent_run_id}; resume the root run (it resumes its nested runs)"
-        )
+        raise LoomcError(f"run {info.id} is nested in run {info.parent_run_id}; resume the root run (it resumes its nested runs)")
     if info.kind == "graph":
         raise LoomcError(f"run {info.id} is a graph run; resume it with `loomc graph run PIPELINE.py --resume {info.id}`")
     if info.status is RunStatus.RUNNING:
         raise LoomcError(
-            f"run {info.id} is running in live process {info.owner}; follow it with `loomc watch {info.id}`, "
-            "or stop that process first"
+            f"run {info.id} is running in live process {info.owner}; follow it with `loomc watch {info.id}`, or stop that process first"
         )
     db_path = Path(store.path).resolve()
     # A loop declared with the default checkpoint writes to the database being read.
@@ -142,8 +136,9 @@ def resume_here(store: Any, info: RunInfo) -> int:
     target = _checkpoint_path(runner.spec.checkpoint)
     if target is None or target.resolve() != db_path:
         raise LoomcError(
-            f"{info.name} writes its checkpoints to {target or runner.spec.checkpoint!r}, not {db_path}; "
-            f"pass --db {target}" if target else f"{info.name} does not checkpoint to a database file"
+            f"{info.name} writes its checkpoints to {target or runner.spec.checkpoint!r}, not {db_path}; pass --db {target}"
+            if target
+            else f"{info.name} does not checkpoint to a database file"
         )
     follower = Follower(store, info.id)
     stop = threading.Event()

@@ -132,9 +132,7 @@ def runs(
         what = f"{status.value} " if status else ""
         sys.stderr.write(f"loomc: no {what}runs in {store.path}\n")
         return
-    rows = [
-        [i.id, out.status(i.status), str(i.steps), r.money(i.cost_usd), r.when(i.created_at), i.name] for i in found
-    ]
+    rows = [[i.id, out.status(i.status), str(i.steps), r.money(i.cost_usd), r.when(i.created_at), i.name] for i in found]
     out.table(r.RUN_COLS, rows)
     if out.tty and limit and len(found) == limit:
         out.console.print(f"[dim]newest {limit} shown; --limit N for more, --all for nested runs[/dim]")
@@ -261,10 +259,7 @@ def show(
         out.line(f"nested runs: {len(kids)} (loomc show {info.id} --tree)")
         out.table(
             (r.Col("ID"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True), r.Col("STEP", True), r.Col("NAME")),
-            [
-                [k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd), str(k.parent_step), k.name]
-                for k in kids
-            ],
+            [[k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd), str(k.parent_step), k.name] for k in kids],
         )
 
 
@@ -299,9 +294,7 @@ def _import_hint(info: RunInfo) -> tuple[str, str]:
 @app.command()
 def resume(
     run_id: RunIdArg,
-    run: Annotated[
-        bool, typer.Option("--run", help="Import the run's function (from the working directory) and resume it now.")
-    ] = False,
+    run: Annotated[bool, typer.Option("--run", help="Import the run's function (from the working directory) and resume it now.")] = False,
     db: DbOpt = None,
 ) -> None:
     """How to resume a run, and what is left of its budget; --run resumes it here, with live progress."""
@@ -395,11 +388,18 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
     steps, cumul = [], 0.0
     for s in store._read(_sql.SELECT_STEPS_FULL, (info.id,)):
         cumul += s[2]
-        steps.append({
-            "step": s[0], "cost_usd": s[2], "cumul_usd": cumul, "score": s[3], "error": s[5],
-            "events": [e.strip() for e in (s[6] or "").split(";") if e.strip()], "timestamp": s[4],
-            "state": decode(s[1], "json"),
-        })
+        steps.append(
+            {
+                "step": s[0],
+                "cost_usd": s[2],
+                "cumul_usd": cumul,
+                "score": s[3],
+                "error": s[5],
+                "events": [e.strip() for e in (s[6] or "").split(";") if e.strip()],
+                "timestamp": s[4],
+                "state": decode(s[1], "json"),
+            }
+        )
     d["steps_detail"] = steps
     d["children"] = [_export_node(store, k, depth + 1) for k in kids] if depth < 50 else []
     return d
@@ -511,8 +511,6 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root_options(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Durable, budgeted agent loops: see every run, every step, every cost."""

@@ -124,8 +124,10 @@ def build(db: str) -> dict[str, Any]:
         return leaf.run(state).state  # type: ignore[no-any-return]
 
     @loop(
-        checkpoint=db, budget=Budget(usd=1.0, iterations=5),
-        converge_on=predicate(lambda h: len(h) >= 2), name="subjects:parent",
+        checkpoint=db,
+        budget=Budget(usd=1.0, iterations=5),
+        converge_on=predicate(lambda h: len(h) >= 2),
+        name="subjects:parent",
     )
     def parent(state: int) -> int:
         loomc.charge(0.1)

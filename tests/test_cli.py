@@ -22,15 +22,14 @@ MONEY = re.compile(r"^\$\d+\.\d{4}$")
 ANSI = re.compile(r"\x1b\[")
 
 
-def loomc(*args: str, db: Path | str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None,
-          timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def loomc(
+    *args: str, db: Path | str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m loomc ARGS`` (stdout and stderr are pipes, so output is plain)."""
     argv = [sys.executable, "-m", "loomc", *args]
     if db is not None:
         argv += ["--db", str(db)]
-    return subprocess.run(
-        argv, capture_output=True, text=True, cwd=cwd, env=env if env is not None else dict(os.environ), timeout=timeout
-    )
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env if env is not None else dict(os.environ), timeout=timeout)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str, code: int = 1) -> str:
@@ -139,8 +138,11 @@ def test_show_step_table_with_markers_and_header(world: dict[str, Any]) -> None:
     proc = loomc("show", rid[:5], db=world["db"])
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    head = dict(line.split(None, 1) if " " in line else (line, "") for line in out.split("\n\n")[0].splitlines()
-                if not line.startswith(("wall", "iterations")))
+    head = dict(
+        line.split(None, 1) if " " in line else (line, "")
+        for line in out.split("\n\n")[0].splitlines()
+        if not line.startswith(("wall", "iterations"))
+    )
     assert head["run"] == rid
     assert head["name"] == "subjects:refine"
     assert head["status"] == "completed"
@@ -280,7 +282,9 @@ def test_watch_streams_steps_as_they_commit(tmp_path: Path) -> None:
         run_id = SQLiteStore(db, create=False).list_runs()[0].id
         watcher = subprocess.Popen(
             [sys.executable, "-m", "loomc", "watch", run_id[:6], "--interval", "0.05", "--db", str(db)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert watcher.stdout is not None
         assert watcher.stderr is not None
@@ -346,9 +350,7 @@ def test_resume_run_imports_a_module_from_the_working_directory(tmp_path: Path) 
     (tmp_path / "agentmod.py").write_text(subjects.SCRIPT)
     db = tmp_path / "mod.db"
     env = {**os.environ, "LOOMC_DB": str(db), "STEPS": "30", "STEP_SLEEP": "0.05"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import agentmod; agentmod.work.run(agentmod.Draft())"], cwd=tmp_path, env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-c", "import agentmod; agentmod.work.run(agentmod.Draft())"], cwd=tmp_path, env=env)
     try:
         subjects.wait_for_steps(db, 2)
     finally:
@@ -377,8 +379,7 @@ def test_resume_run_refuses_what_it_cannot_import(world: dict[str, Any]) -> None
     nested = world["store"].children(ids["parent"])[0].id
     assert_user_error(loomc("resume", nested, "--run", db=world["db"]), "resume the root run")
     # subjects:* names a module that does not exist
-    assert_user_error(loomc("resume", ids["capped"], "--run", db=world["db"], cwd=world["folder"]),
-                      "cannot import subjects")
+    assert_user_error(loomc("resume", ids["capped"], "--run", db=world["db"], cwd=world["folder"]), "cannot import subjects")
 
 
 # ---------------------------------------------------------------------------------
