@@ -15,15 +15,15 @@ from typing import Any
 
 from loomc import _codec
 from loomc._budget import Budget
-from loomc._context import Ledger, RunView
+from loomc._context import Ledger, RunView, _parent_ledger
 from loomc._errors import BudgetExhausted, SpecMismatch, StateError
 from loomc._lease import owner_token
-from loomc._policy import Policy, Stop, Usage, after_step, best_step, check_budget
+from loomc._policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
 from loomc._sql import StepRow, now_iso
 from loomc._store import NewRun, ResumePoint, StateLoader, mark_active
 from loomc._types import RunInfo, RunResult, RunStatus, StepRecord
 
-__all__ = ["CallOp", "RunContext", "RunRequest", "RunSpec", "StoreOp", "WallClockExceeded", "run_protocol"]
+__all__ = ["CallOp", "RunContext", "RunRequest", "RunSpec", "SleepOp", "StoreOp", "WallClockExceeded", "run_protocol"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,13 @@ class CallOp:
     deadline: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class SleepOp:
+    """Wait ``seconds`` before the step's next attempt (a retry's backoff)."""
+
+    seconds: float
+
+
 class WallClockExceeded(Exception):  # noqa: N818 - internal signal, never reaches users
     """Thrown into the protocol when an async step is cancelled at its deadline."""
 
@@ -62,6 +69,7 @@ class RunSpec:
     durability: str | None
     kind: str = "loop"
     meta: dict[str, Any] = field(default_factory=dict)
+    retry: Any = None  # loomc._retry.Retry | None
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ class RunContext:
         self.iterations = 0
         self.ledger: Ledger | None = None
         self.meta: dict[str, Any] = {}
+        self.meta_dirty = False  # set by components (circuit breakers) that changed ``meta``
+        self.notes: list[str] = []  # retries, breaker transitions: joined into the step's event
 
     def begin_step(self, step_n: int) -> None:
         """A new step starts: nested loops it starts are numbered from 0 again."""
@@ -213,6 +223,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     t0 = time.monotonic()
     wall_cap = budget.wall_clock_seconds
     ctx = RunContext(run_id, spec.name, store, parent_run_id, budget)
+    ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
     ledger = Ledger(
         run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
         deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
@@ -244,6 +255,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 return result(stop.status, stop.reason, _budget_error(stop, run_id, state))
 
             ctx.begin_step(step_n)
+            ctx.notes = []
             spent_before = ledger.spent
             started = time.monotonic()
             start_from = next_from
@@ -251,9 +263,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             budget_stop: Stop | None = None
             new_state: Any = state
             try:
-                room = ledger.headroom(started, include_self=True)
-                deadline = started + room.wall_s if room.wall_s is not None else None
-                new_state = yield CallOp(state, ledger, deadline)
+                new_state = yield from _attempts(spec.retry, ctx, ledger, state, spent_before, max_step_cost)
             except WallClockExceeded:
                 error = BudgetExhausted("wall_clock", wall_base + (time.monotonic() - t0), wall_cap or 0.0, run_id=run_id)
                 budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, "budget: wall_clock", "wall_clock",
@@ -300,17 +310,28 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             if budget_stop is not None:
                 verdict_event, verdict_next, stop = None, start_from, budget_stop
             else:
-                verdict = after_step(spec.policy, history, start_from=start_from, attempt_start=attempt_start)
+                token = _parent_ledger.set(ledger)  # a judge's own LLM call is charged to this run
+                try:
+                    verdict = after_step(spec.policy, history, start_from=start_from, attempt_start=attempt_start)
+                except BudgetExhausted as exc:  # the judge's call did not fit: keep the step, stop the run
+                    verdict = Verdict(None, step_n, Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}", exc.limit,
+                                                         exc.used, exc.cap, exc.owner if exc.owner != run_id else None))
+                finally:
+                    _parent_ledger.reset(token)
                 verdict_event, verdict_next, stop = verdict.event, verdict.next_from, verdict.stop
-            record.event = verdict_event
+                cost = record.cost_usd = round(ledger.spent - spent_before, 12)
+            record.event = "; ".join([*ctx.notes, verdict_event] if verdict_event else ctx.notes) or None
             max_step_cost = max(max_step_cost, cost)
             status = stop.status if stop is not None else RunStatus.RUNNING
             wall = wall_base + (ended - t0)
             row = StepRow(
-                step_n, blob, cost, score, now_iso(), record.error, verdict_event, verdict_next, ended - started,
+                step_n, blob, cost, score, now_iso(), record.error, record.event, verdict_next, ended - started,
                 ledger.spent, iterations, wall, max_step_cost, status.value, stop.reason if stop else None,
             )
             yield StoreOp(store, "commit_step", (run_id, row))
+            if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume
+                ctx.meta_dirty = False
+                yield StoreOp(store, "set_meta", (run_id, dict(ctx.meta)))
 
             # What the next step starts from, and which states to keep in memory.
             if error is None and score is not None and (best is None or score > best.score):  # type: ignore[operator]
@@ -335,6 +356,38 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 return result(stop.status, stop.reason, error)
     finally:
         mark_active(run_id, False)
+
+
+def _attempts(
+    retry: Any, ctx: RunContext, ledger: Ledger, state: Any, spent_before: float, max_step_cost: float,
+) -> Generator[Any, Any, Any]:
+    """The step's call, retried on transient errors while ``retry`` and the budget allow.
+
+    Returns the new state, or raises the last attempt's error. Every retry (or the reason
+    one was not made) is noted for the step's ``event``.
+    """
+    failed = 0
+    while True:
+        started = time.monotonic()
+        room = ledger.headroom(started, include_self=True)
+        deadline = started + room.wall_s if room.wall_s is not None else None
+        try:
+            return (yield CallOp(state, ledger, deadline))
+        except (WallClockExceeded, BudgetExhausted):
+            raise
+        except Exception as exc:
+            if retry is None:
+                raise
+            failed += 1
+            room = ledger.headroom(time.monotonic(), include_self=True)
+            estimate = max(max_step_cost, (ledger.spent - spent_before) / failed)
+            decision = retry.decide(exc, failed, usd_left=room.usd, step_estimate=estimate, wall_left=room.wall_s)
+            if decision.note:
+                ctx.notes.append(decision.note)
+            if decision.delay is None:
+                raise
+        yield SleepOp(decision.delay)
+        ctx.begin_step(ctx.step_n)  # nested loops of the new attempt resume the earlier attempt's
 
 
 def _valid_id(run_id: str) -> bool:

@@ -18,9 +18,10 @@ from typing import Any, Generic, TypeVar, overload
 
 from loomc._budget import Budget
 from loomc._context import _parent_ledger
-from loomc._engine import CallOp, RunRequest, RunSpec, StoreOp, WallClockExceeded, run_protocol
+from loomc._engine import CallOp, RunRequest, RunSpec, SleepOp, StoreOp, WallClockExceeded, run_protocol
 from loomc._errors import BudgetExhausted, StallError
 from loomc._policy import Policy
+from loomc._retry import Retry, as_retry
 from loomc._store import open_store
 from loomc._types import RunResult, RunStatus
 
@@ -29,7 +30,10 @@ __all__ = ["AsyncLoopRunner", "LoopRunner", "loop"]
 S = TypeVar("S")
 
 
-def _spec(fn: Callable[..., Any], policy: Policy, scorer: Any, cost_fn: Any, checkpoint: Any, durability: Any, name: str | None) -> RunSpec:
+def _spec(
+    fn: Callable[..., Any], policy: Policy, scorer: Any, cost_fn: Any, checkpoint: Any, durability: Any, name: str | None,
+    retry: Retry | None = None,
+) -> RunSpec:
     qualname = name or f"{fn.__module__}:{fn.__qualname__}"
     meta: dict[str, Any] = {}
     code = getattr(fn, "__code__", None)
@@ -44,6 +48,7 @@ def _spec(fn: Callable[..., Any], policy: Policy, scorer: Any, cost_fn: Any, che
         checkpoint=checkpoint,
         durability=durability,
         meta=meta,
+        retry=retry,
     )
 
 
@@ -196,6 +201,8 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
         send, throw = None, None
         if type(op) is StoreOp:
             send = getattr(op.store, op.method)(*op.args)
+        elif type(op) is SleepOp:
+            time.sleep(op.seconds)
         else:
             assert type(op) is CallOp
             token = _parent_ledger.set(op.ledger)
@@ -288,6 +295,11 @@ async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], 
                         send = await method(*op.args)
                 except BaseException as exc:  # noqa: BLE001 - raised inside the protocol, so its cleanup runs now
                     throw = exc
+            elif type(op) is SleepOp:
+                try:
+                    await anyio.sleep(op.seconds)
+                except BaseException as exc:  # noqa: BLE001 - a cancelled backoff ends the run like a cancelled step
+                    throw = exc
             else:
                 assert type(op) is CallOp
                 token = _parent_ledger.set(op.ledger)
@@ -321,6 +333,7 @@ def loop(
     on_stall: Any = ...,
     durability: str | None = ...,
     name: str | None = ...,
+    retry: Retry | int | bool | None = ...,
 ) -> Callable[[Callable[..., Any]], Any]: ...
 
 
@@ -337,6 +350,7 @@ def loop(
     on_stall: Any = None,
     durability: str | None = None,
     name: str | None = None,
+    retry: Retry | int | bool | None = None,
 ) -> Any:
     """Turn a function doing ONE iteration (``state -> state``, sync or async) into a durable loop.
 
@@ -353,6 +367,8 @@ def loop(
         on_stall: ``Escalate(after=n)``.
         durability: ``"power"`` (default) or ``"process"``; see ``SQLiteStore``.
         name: the stored run name (default ``module:qualname``).
+        retry: retry transient errors inside a step (SDK rate limits, overload, timeouts):
+            ``True``, a number of attempts, or ``Retry(...)``; off by default.
 
     Returns:
         A :class:`LoopRunner`, or an :class:`AsyncLoopRunner` for an ``async def``.
@@ -364,11 +380,12 @@ def loop(
     if cost_fn is not None and not callable(cost_fn):
         raise TypeError(f"cost_fn={cost_fn!r}: expected a callable state -> float")
     policy = Policy.build(budget, converge_on, backtrack, on_stall)
+    retry_policy = as_retry(retry)
 
     def decorate(func: Callable[..., Any]) -> Any:
         if not callable(func):
             raise TypeError(f"@loop expects a function, got {func!r}")
-        spec = _spec(func, policy, scorer, cost_fn, checkpoint, durability, name)
+        spec = _spec(func, policy, scorer, cost_fn, checkpoint, durability, name, retry_policy)
         if inspect.iscoroutinefunction(func):
             return AsyncLoopRunner(func, spec)
         return LoopRunner(func, spec)
