@@ -271,8 +271,9 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             except BudgetExhausted as exc:
                 error = exc
                 if any(exc.owner == led.run_id for led in ledger.chain()):
-                    budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}", exc.limit, exc.used, exc.cap,
-                                       exc.owner if exc.owner != run_id else None)
+                    outer = exc.owner if exc.owner != run_id else None
+                    budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}" + (
+                        f" (enclosing run {outer})" if outer else ""), exc.limit, exc.used, exc.cap, outer)
             except Exception as exc:  # noqa: BLE001 - recorded with the step, re-raised by __call__
                 error = exc
             except BaseException as exc:
