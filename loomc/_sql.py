@@ -121,7 +121,9 @@ def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) ->
     where: list[str] = []
     args: list[Any] = []
     if roots_only:
-        where.append("parent_run_id IS NULL")
+        # "+" keeps SQLite from picking runs_children (an equality match on NULL) and
+        # sorting every root run; walking runs_created newest first stops at LIMIT.
+        where.append("+parent_run_id IS NULL")
     if status is not None and status != RunStatus.CRASHED.value:
         where.append("status = ?")
         args.append(status)
