@@ -158,8 +158,8 @@ class SemanticDelta(Detector):
             if todo:
                 vectors = self._embed([texts[j] for j in todo])
                 self.embedded += len(todo)
-                for j, vec in zip(todo, vectors, strict=True):
-                    found[j] = vec
+                for j, fresh in zip(todo, vectors, strict=True):
+                    found[j] = fresh
             with self._lock:
                 for j, i in enumerate(missing):
                     vec = found[j]
