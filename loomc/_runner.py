@@ -112,12 +112,18 @@ class _SigTerm:
         self.prev: Any = None
         self.active = False
 
+    # While the main thread is inside a store call, a SIGTERM is held (so a commit is never
+    # cut short) and delivered where the run can record it: instead of the next step.
+    defer = False
+    pending = False
+
     def __enter__(self) -> None:
         if threading.current_thread() is threading.main_thread():
             try:
                 if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
                     self.prev = signal.signal(signal.SIGTERM, _raise_interrupt)
                     self.active = True
+                    _SigTerm.pending = False
             except ValueError:  # pragma: no cover - not the main interpreter
                 pass
 
@@ -127,6 +133,9 @@ class _SigTerm:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    if _SigTerm.defer:
+        _SigTerm.pending = True
+        return
     raise KeyboardInterrupt("SIGTERM")
 
 
@@ -193,25 +202,46 @@ class _nullctx:  # noqa: N801
 def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -> RunResult:
     send: Any = None
     throw: BaseException | None = None
-    while True:
-        try:
-            op = gen.throw(throw) if throw is not None else gen.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        send, throw = None, None
-        if type(op) is StoreOp:
-            send = getattr(op.store, op.method)(*op.args)
-        elif type(op) is SleepOp:
-            time.sleep(op.seconds)
-        else:
-            assert type(op) is CallOp
-            token = _parent_ledger.set(op.ledger)
+    main = threading.current_thread() is threading.main_thread()
+    outer = _SigTerm.defer
+    if main:
+        _SigTerm.defer = True  # outside the user's step a SIGTERM waits for the next step
+    try:
+        while True:
             try:
-                send = fn(op.state)
-            except BaseException as exc:  # noqa: BLE001 - handed to the protocol, which decides
-                throw = exc
-            finally:
-                _parent_ledger.reset(token)
+                op = gen.throw(throw) if throw is not None else gen.send(send)
+            except StopIteration as stop:
+                if main and _SigTerm.pending and not outer:
+                    _SigTerm.pending = False
+                    raise KeyboardInterrupt("SIGTERM") from None
+                return stop.value  # type: ignore[no-any-return]
+            send, throw = None, None
+            if type(op) is StoreOp:
+                try:
+                    send = getattr(op.store, op.method)(*op.args)
+                except BaseException as exc:  # noqa: BLE001 - raised inside the protocol, so its cleanup runs now
+                    throw = exc
+            elif main and _SigTerm.pending:
+                _SigTerm.pending = False
+                throw = KeyboardInterrupt("SIGTERM")  # held outside the step: it interrupts this one
+            elif type(op) is SleepOp:
+                time.sleep(op.seconds)
+            else:
+                assert type(op) is CallOp
+                token = _parent_ledger.set(op.ledger)
+                if main:
+                    _SigTerm.defer = False
+                try:
+                    send = fn(op.state)
+                except BaseException as exc:  # noqa: BLE001 - handed to the protocol, which decides
+                    throw = exc
+                finally:
+                    if main:
+                        _SigTerm.defer = True
+                    _parent_ledger.reset(token)
+    finally:
+        if main:
+            _SigTerm.defer = outer
 
 
 class AsyncLoopRunner(_BaseRunner[S]):

@@ -196,6 +196,7 @@ class SQLiteStore:
         self.durability: Durability = durability
         self.create = create
         self._conn: sqlite3.Connection | None = None
+        self._ident: tuple[int, int] | None = None
         self._lock = threading.RLock()
 
     # -- connection ---------------------------------------------------------------
@@ -240,6 +241,7 @@ class SQLiteStore:
             ) from exc
         try:
             self._prepare_when_free(conn)
+            self._ident = _file_ident(path)
         except BaseException:
             conn.close()
             raise
@@ -314,19 +316,36 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = None
 
+    def check_file(self) -> None:
+        """Raise :class:`StoreError` if the open database file was deleted or replaced under us.
+
+        SQLite keeps writing to a deleted file's inode, so without this check a loop would
+        go on "committing" steps that vanish when the process exits.
+        """
+        if self._ident is not None and _file_ident(self.path) != self._ident:
+            self.close()
+            raise StoreError(
+                f"the database {self.path} was deleted or replaced while this process was writing to it; "
+                "its runs are gone with it. Restore the file from a backup, or start the run again "
+                "(a new database is created on the next run)"
+            )
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             conn = self.conn
+            self.check_file()
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise self._wrap(exc) from exc
             try:
                 yield conn
-            except BaseException:
+            except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._wrap(exc) from exc
                 raise
             try:
                 conn.execute("COMMIT")
@@ -517,6 +536,15 @@ class SQLiteStore:
     def children(self, run_id: str) -> list[RunInfo]:
         """Direct child runs, in the order their parent started them."""
         return [_sql.run_info(r) for r in self._read(_sql.SELECT_CHILDREN, (run_id,))]
+
+
+def _file_ident(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, or ``None`` when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 class StateLoader:

@@ -78,7 +78,8 @@ def test_four_processes_four_threads_one_file(tmp_path: Path) -> None:
     outs = [p.communicate(timeout=90) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
-        assert "locked" not in err and "busy" not in err, err
+        assert "locked" not in err, err
+        assert "busy" not in err, err
         data = json.loads(out)
         assert data["errors"] == []
         assert len(data["results"]) == THREADS
