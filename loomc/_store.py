@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from loomc import _sql
 from loomc._codec import decode, encode
 from loomc._errors import AmbiguousRunId, RunLocked, RunNotFound, SchemaTooNew, StoreError
-from loomc._lease import is_alive, owner_token
+from loomc._lease import owner_token
 from loomc._types import RunInfo, RunStatus, StepRecord
 
 __all__ = [
@@ -381,15 +381,8 @@ class SQLiteStore:
     def begin_run(self, new: NewRun) -> str:
         """Create a run from ``new``, owned by ``new.owner``; returns its id."""
         run_id = new.run_id or new_run_id()
-        now = _sql.now_iso()
-        args = (
-            run_id, new.spec_hash, RunStatus.RUNNING.value, now, now, new.name, new.kind,
-            new.parent_run_id, new.parent_step, new.call_index, new.root_run_id, new.state_type,
-            new.input_blob, json.dumps(new.budget) if new.budget is not None else None, new.owner,
-            time.time(), json.dumps(new.meta) if new.meta else None, 1 if new.owner else 0, new.cost_usd,
-        )
         with self._tx() as conn:
-            conn.execute(_sql.INSERT_RUN, args)
+            conn.execute(_sql.INSERT_RUN, _sql.begin_run_args(new, run_id, time.time()))
         return run_id
 
     def get_run(self, run_id: str) -> RunInfo | None:
@@ -406,26 +399,16 @@ class SQLiteStore:
         """
         if not run_id:
             raise RunNotFound(run_id, where=str(self.path))
-        rows = self._read(_sql.SELECT_PREFIX, (run_id, run_id + "\U0010ffff"))
-        ids = [r[0] for r in rows]
-        if run_id in ids:
-            return run_id
-        if len(ids) == 1:
-            return str(ids[0])
-        if ids:
-            raise AmbiguousRunId(run_id, ids)
+        found = _sql.match_prefix(run_id, [r[0] for r in self._read(_sql.SELECT_PREFIX, _sql.prefix_args(run_id))])
+        if found is not None:
+            return found
         raise RunNotFound(run_id, _nearest(run_id, [r[0] for r in self._read(_sql.SELECT_ALL_IDS)]), str(self.path))
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
         """Runs newest first (all of them by default, as in loomc 0.3.0)."""
         st = status.value if isinstance(status, RunStatus) else status
         sql, args = _sql.list_runs_sql(status=st, roots_only=roots_only, limit=limit)
-        runs = [_sql.run_info(r) for r in self._read(sql, args)]
-        if st is not None:
-            runs = [r for r in runs if r.status.value == st]
-            if limit is not None:
-                runs = runs[:limit]
-        return runs
+        return _sql.filter_listed([_sql.run_info(r) for r in self._read(sql, args)], st, limit)
 
     def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
         """Set a run's status."""
@@ -436,17 +419,8 @@ class SQLiteStore:
         """Take the run's lease for ``owner`` (raises :class:`RunLocked` if a live process holds it)."""
         with self._tx() as conn:
             row = conn.execute(_sql.SELECT_LEASE, (run_id,)).fetchone()
-            if row is None:
-                raise RunNotFound(run_id, where=str(self.path))
-            status, held_by, heartbeat = row
-            if status == RunStatus.RUNNING.value and held_by and held_by != owner and is_alive(held_by, heartbeat):
-                raise RunLocked(run_id, held_by)
-            if status == RunStatus.RUNNING.value and held_by == owner and owner == owner_token() and _in_process(run_id):
-                raise RunLocked(run_id, held_by)
-            conn.execute(
-                _sql.ACQUIRE,
-                (owner, time.time(), _sql.now_iso(), json.dumps(budget) if budget is not None else None, run_id),
-            )
+            _sql.check_lease(run_id, row, owner, owner_token(), _in_process(run_id), str(self.path))
+            conn.execute(_sql.ACQUIRE, _sql.acquire_args(run_id, owner, budget, time.time()))
 
     def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
         """Write one step and the run's totals in one transaction."""
@@ -457,7 +431,7 @@ class SQLiteStore:
     def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
         """Record how an attempt ended."""
         with self._tx() as conn:
-            conn.execute(_sql.FINISH, (status.value, stop_reason, wall_s, _sql.now_iso(), time.time(), run_id))
+            conn.execute(_sql.FINISH, _sql.finish_args(run_id, status, stop_reason, wall_s, time.time()))
 
     def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
         """Replace the run's free-form metadata (JSON)."""
@@ -475,29 +449,13 @@ class SQLiteStore:
         info = self.get_run(run_id)
         if info is None:
             raise RunNotFound(run_id, where=str(self.path))
-        ts = record.timestamp.isoformat()
-        total = info.cost_usd + record.cost_usd
-        row = _sql.StepRow(
-            record.step_n, encode(record.state), record.cost_usd, record.score, ts, record.error,
-            record.event, record.step_n, 0.0, total, max(info.steps, record.step_n + 1), info.wall_s,
-            max(info.max_step_cost, record.cost_usd), RunStatus.RUNNING.value if info.status is RunStatus.CRASHED else info.status.value,
-            info.stop_reason,
-        )
-        self.commit_step(run_id, row)
+        self.commit_step(run_id, _sql.legacy_step_row(info, record, encode(record.state)))
 
     def load_steps(self, run_id: str) -> list[StepRecord]:
         """Every step of the run, states included, in order."""
-        from datetime import datetime
-
         type_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         ref = type_rows[0][0] if type_rows else "json"
-        return [
-            StepRecord(
-                step_n=r[0], state=decode(r[1], ref), cost_usd=r[2], score=r[3],
-                timestamp=datetime.fromisoformat(r[4]), error=r[5], event=r[6],
-            )
-            for r in self._read(_sql.SELECT_STEPS_FULL, (run_id,))
-        ]
+        return [_sql.step_record(r, ref) for r in self._read(_sql.SELECT_STEPS_FULL, (run_id,))]
 
     def load_state(self, run_id: str, step_n: int) -> Any:
         """The state a step committed (``step_n == -1``: the run's input)."""
@@ -519,8 +477,7 @@ class SQLiteStore:
         history = [
             _history_record(r, StateLoader(self, run_id, r[0])) for r in self._read(_sql.SELECT_STEP_META, (run_id,))
         ]
-        if next_from is None:
-            next_from = history[-1].step_n if history else -1
+        next_from = _sql.start_point(next_from, history[-1].step_n if history else None)
         if next_from < 0:
             blob = input_blob
         else:
