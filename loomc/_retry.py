@@ -146,7 +146,8 @@ class Retry:
 
         state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # waits read attempt_number only
         state.attempt_number = retry_number
-        delay = float(wait_exponential_jitter(self.initial, self.max_delay, self.exp_base, self.jitter)(state))
+        wait = wait_exponential_jitter(multiplier=self.initial, max=self.max_delay, exp_base=self.exp_base, jitter=self.jitter)
+        delay = float(wait(state))
         hint = _retry_after(exc) if exc is not None else None
         if hint is not None and hint > delay:
             delay = min(hint, self.max_delay)
