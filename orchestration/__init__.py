@@ -7,6 +7,6 @@ where it stopped.
 
 from __future__ import annotations
 
-from orchestration._graph import Graph, GraphResult, NodeInfo, ProgressHook
+from orchestration._graph import Graph, GraphResult, NodeInfo, ProgressEvent, ProgressHook
 
-__all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressHook"]
+__all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]

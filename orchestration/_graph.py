@@ -33,14 +33,26 @@ from loomc._runner import AsyncLoopRunner, LoopRunner, _nullctx, _SigTerm, loop
 from loomc._store import NewRun, mark_active, open_store
 from loomc._types import RunInfo, RunResult, RunStatus
 
-__all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressHook"]
+__all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]
 
 #: Node statuses besides the run statuses: never started, and not run because an upstream failed.
 PENDING = "pending"
 SKIPPED = "skipped"
 
-#: ``hook(node_name, status, run_id)`` is called as nodes start and finish (for live progress).
-ProgressHook = Callable[[str, str, "str | None"], None]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A graph run started (``node`` is ``None``), or one of its nodes started or finished."""
+
+    graph_run_id: str
+    node: str | None
+    status: str
+    run_id: str | None = None
+
+
+#: ``hook(event)`` is called as the graph and its nodes start and finish (for live progress).
+ProgressHook = Callable[[ProgressEvent], None]
 
 _HANDOFF = (RunStatus.COMPLETED.value, RunStatus.BUDGET_EXHAUSTED.value)
 
@@ -282,9 +294,11 @@ class Graph:
     @property
     def structure_hash(self) -> str:
         """A hash of the graph's name, nodes, their loops and edges (resume refuses a change)."""
+        # The loop's qualname, not its module: a file run as a script (``__main__``) and
+        # imported by ``loomc graph run`` (``pipeline``) is the same graph.
         shape = {
             "name": self.name,
-            "nodes": [[n.name, n.runner.spec.name, list(n.after)] for n in self._nodes.values()],
+            "nodes": [[n.name, n.runner.spec.name.rpartition(":")[2], list(n.after)] for n in self._nodes.values()],
         }
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -336,7 +350,9 @@ class Graph:
     ) -> GraphResult:
         """Async :meth:`run` (anyio: asyncio or trio)."""
         self._check_not_empty()
-        return await _Execution(self, store if store is not None else self.store(), on_progress).start(input)
+        ex = _Execution(self, store if store is not None else self.store(), on_progress)
+        async with ex.astore:
+            return await ex.start(input)
 
     def resume(
         self,
@@ -358,7 +374,7 @@ class Graph:
             budget: new graph limits (the only way to get more).
             force: continue even though the graph's structure changed since the run.
             store: the store to read (default: the graph's ``checkpoint``).
-            on_progress: ``hook(node, status, run_id)`` as nodes start and finish.
+            on_progress: ``hook(ProgressEvent)`` as the graph and its nodes start and finish.
 
         Raises:
             SpecMismatch: the structure (nodes, loops, edges) changed and ``force`` is false.
@@ -383,7 +399,8 @@ class Graph:
         if budget is not None and not isinstance(budget, Budget):
             raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
         ex = _Execution(self, store if store is not None else self.store(), on_progress)
-        return await ex.resume(run_id, budget, force)
+        async with ex.astore:
+            return await ex.resume(run_id, budget, force)
 
     def _check_not_empty(self) -> None:
         if not self._nodes:
@@ -504,6 +521,7 @@ class _Execution:
         limiter = anyio.CapacityLimiter(g.max_concurrency) if g.max_concurrency else None
         mark_active(run_id, True)
         try:
+            self._emit(None, RunStatus.RUNNING.value, run_id)
             await self._sync_cost()
             finished = False
 
@@ -581,10 +599,10 @@ class _Execution:
             return False
         return not (room.usd is not None and room.usd <= EPS)
 
-    def _emit(self, name: str, status: str, run_id: str | None) -> None:
+    def _emit(self, name: str | None, status: str, run_id: str | None) -> None:
         if self.hook is not None:
             try:
-                self.hook(name, status, run_id)
+                self.hook(ProgressEvent(self.run_id, name, status, run_id))
             except Exception:  # noqa: BLE001, S110 - a display must never break the run
                 pass
 
@@ -685,9 +703,3 @@ class _Execution:
             return True
         return bool(result.stop_reason and f"enclosing run {self.run_id}" in result.stop_reason)
 
-
-def describe_status(info: NodeInfo) -> str:
-    """A short human label for a node's outcome."""
-    if info.status == RunStatus.BUDGET_EXHAUSTED.value:
-        return "budget_exhausted (handed on its last state)"
-    return info.status

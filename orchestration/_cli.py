@@ -1,0 +1,300 @@
+"""``loomc graph run`` and ``loomc graph show``: run a pipeline file's graph with live progress.
+
+The ``loomc`` command (typer) calls :func:`graph_run` and :func:`graph_show`; both return
+the exit code and print errors as one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from loomc._errors import LoomcError
+from loomc._store import open_store
+from loomc._types import RunInfo, RunStatus
+from orchestration._graph import PENDING, Graph, GraphResult, ProgressEvent
+
+__all__ = ["graph_run", "graph_show", "load_graph"]
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line on stderr."""
+
+
+def _fail(msg: str) -> int:
+    print(f"loomc: {msg}", file=sys.stderr)
+    return 1
+
+
+def money(usd: float | None) -> str:
+    """``$0.1500``: costs print with four decimals."""
+    value = float(usd or 0.0)
+    return f"${0.0 if abs(value) < 5e-5 else value:.4f}"
+
+
+# ---------------------------------------------------------------------------------
+# Loading a pipeline file
+
+
+def _import_file(path: str) -> ModuleType:
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"no pipeline file at {path}; pass the path of a .py file that defines a Graph")
+    name = file.stem if file.stem.isidentifier() else "loomc_pipeline"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise CliError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(file.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SystemExit as exc:
+        raise CliError(f"{path} exited while being imported (code {exc.code}); guard its script part with "
+                       "`if __name__ == \"__main__\":`") from exc
+    except Exception as exc:
+        if previous is not None:
+            sys.modules[name] = previous
+        else:
+            sys.modules.pop(name, None)
+        raise CliError(f"cannot import {path}: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def load_graph(path: str, graph_name: str | None = None) -> Graph:
+    """Import ``path`` and return its :class:`Graph` (the one named ``graph_name`` if several)."""
+    module = _import_file(path)
+    found: dict[int, tuple[str, Graph]] = {}
+    for var, value in vars(module).items():
+        if isinstance(value, Graph) and id(value) not in found:
+            found[id(value)] = (var, value)
+    graphs = list(found.values())
+    if graph_name is not None:
+        for var, g in graphs:
+            if graph_name in (g.name, var):
+                return g
+        names = ", ".join(g.name for _, g in graphs) or "none"
+        raise CliError(f"no graph named {graph_name!r} in {path} (graphs: {names})")
+    if not graphs:
+        raise CliError(f"{path} defines no Graph at module level; create one with orchestration.Graph(...)")
+    if len(graphs) > 1:
+        names = ", ".join(g.name for _, g in graphs)
+        raise CliError(f"{path} defines several graphs ({names}); pick one with --graph NAME")
+    return graphs[0][1]
+
+
+def _read_input(input_json: str | None, input_file: str | None) -> Any:
+    if input_json is not None and input_file is not None:
+        raise CliError("give either --input or --input-file, not both")
+    if input_file is not None:
+        try:
+            text = Path(input_file).read_text()
+        except OSError as exc:
+            raise CliError(f"cannot read --input-file {input_file}: {exc.strerror or exc}") from exc
+        source = f"--input-file {input_file}"
+    elif input_json is not None:
+        text, source = input_json, "--input"
+    else:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+
+
+def _store_for(graph: Graph, db: str | None) -> Any:
+    if db:
+        return open_store(db)
+    if os.environ.get("LOOMC_DB"):
+        return open_store(os.environ["LOOMC_DB"])
+    return graph.store()
+
+
+# ---------------------------------------------------------------------------------
+# Live progress
+
+
+class _Progress:
+    """Node statuses from the run's events, steps and costs polled from the store."""
+
+    def __init__(self, graph: Graph, store: Any, path: str) -> None:
+        self.graph = graph
+        self.store = store
+        self.path = path
+        self.run_id: str | None = None
+        self.status: dict[str, str] = dict.fromkeys(graph.nodes, PENDING)
+        self.runs: dict[str, RunInfo] = {}
+        self.lock = threading.Lock()
+        self.tty = sys.stdout.isatty()
+
+    def hook(self, event: ProgressEvent) -> None:
+        with self.lock:
+            self.run_id = event.graph_run_id
+            if event.node is None:
+                if not self.tty:
+                    print(f"graph {self.graph.name}: run {event.graph_run_id}", flush=True)
+                return
+            self.status[event.node] = event.status
+        if not self.tty:
+            suffix = f" (run {event.run_id})" if event.run_id else ""
+            print(f"  {event.node}: {event.status}{suffix}", flush=True)
+
+    def poll(self) -> None:
+        run_id = self.run_id
+        if run_id is None:
+            return
+        index = {}
+        info = self.store.get_run(run_id)
+        if info is not None:
+            index = {int(n["index"]): n["name"] for n in info.meta.get("nodes", [])}
+        for child in self.store.children(run_id):
+            name = index.get(child.call_index) if child.call_index is not None else None
+            if name is not None:
+                self.runs[name] = child
+
+    def table(self, result: GraphResult | None = None) -> Any:
+        from rich.table import Table
+
+        budget = self.graph.budget
+        total = result.cost_usd if result is not None else sum(r.cost_usd for r in self.runs.values())
+        cap = f" of {money(budget.usd)}" if budget.usd is not None else ""
+        title = f"graph {self.graph.name}" + (f"  run {self.run_id}" if self.run_id else "")
+        table = Table(title=title, caption=f"total {money(total)}{cap}", title_justify="left")
+        for col in ("NODE", "STATUS", "STEPS", "COST", "RUN"):
+            table.add_column(col, justify="right" if col in ("STEPS", "COST") else "left")
+        for name in self.graph.nodes:
+            if result is not None:
+                n = result.nodes[name]
+                status, steps, cost, rid = n.status, n.steps, n.cost_usd, n.run_id
+                if n.reused:
+                    status += " (done before)"
+            else:
+                run = self.runs.get(name)
+                status = self.status[name]
+                if run is not None and status == RunStatus.RUNNING.value:
+                    status = run.status.value
+                steps, cost, rid = (run.steps, run.cost_usd, run.id) if run else (0, 0.0, None)
+            table.add_row(name, status, str(steps), money(cost), rid or "-")
+        return table
+
+
+def _summary_text(progress: _Progress, result: GraphResult) -> str:
+    rows = [("NODE", "STATUS", "STEPS", "COST", "RUN")]
+    for name in progress.graph.nodes:
+        n = result.nodes[name]
+        status = n.status + (" (done before)" if n.reused else "")
+        rows.append((name, status, str(n.steps), money(n.cost_usd), n.run_id or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+# ---------------------------------------------------------------------------------
+# Commands
+
+
+def graph_run(
+    path: str,
+    graph_name: str | None = None,
+    input_json: str | None = None,
+    input_file: str | None = None,
+    resume: str | None = None,
+    db: str | None = None,
+    *,
+    force: bool = False,
+) -> int:
+    """``loomc graph run PATH``: run (or ``--resume``) the file's graph with live progress.
+
+    Returns:
+        0 when the graph completed, 1 otherwise (errors: one line on stderr), 130 when
+        interrupted.
+    """
+    try:
+        graph = load_graph(path, graph_name)
+        graph_input = _read_input(input_json, input_file) if resume is None else None
+        if resume is not None and (input_json is not None or input_file is not None):
+            raise CliError("--resume continues with the run's own input; drop --input/--input-file")
+        store = _store_for(graph, db)
+        progress = _Progress(graph, store, path)
+        result = _run_live(graph, store, progress, graph_input, resume, force)
+    except KeyboardInterrupt:
+        rid = progress.run_id if "progress" in locals() else None
+        hint = f"; resume with: loomc graph run {path} --resume {rid}" if rid else ""
+        print(f"loomc: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (CliError, LoomcError, ValueError, TypeError, OSError) as exc:
+        return _fail(str(exc) or type(exc).__name__)
+    _print_end(path, progress, result)
+    if result.status is RunStatus.COMPLETED:
+        return 0
+    return _fail(f"graph run {result.run_id} ended {result.status.value}: {result.stop_reason or ''}".rstrip(": "))
+
+
+def _run_live(graph: Graph, store: Any, progress: _Progress, graph_input: Any, resume: str | None, force: bool) -> GraphResult:
+    def go() -> GraphResult:
+        if resume is not None:
+            return graph.resume(resume, force=force, store=store, on_progress=progress.hook)
+        return graph.run(graph_input, store=store, on_progress=progress.hook)
+
+    if not progress.tty:
+        return go()
+    from rich.console import Console
+    from rich.live import Live
+
+    stop = threading.Event()
+    with Live(progress.table(), console=Console(), refresh_per_second=4, transient=True) as live:
+
+        def refresh() -> None:
+            while not stop.wait(0.25):
+                try:
+                    progress.poll()
+                    live.update(progress.table())
+                except Exception:  # noqa: BLE001, S112 - the display never breaks the run
+                    continue
+
+        t = threading.Thread(target=refresh, name="loomc-graph-progress", daemon=True)
+        t.start()
+        try:
+            return go()
+        finally:
+            stop.set()
+            t.join(timeout=2)
+
+
+def _print_end(path: str, progress: _Progress, result: GraphResult) -> None:
+    progress.run_id = result.run_id
+    budget = progress.graph.budget
+    cap = f" of {money(budget.usd)}" if budget.usd is not None else ""
+    head = f"graph {progress.graph.name}: run {result.run_id} {result.status.value}, cost {money(result.cost_usd)}{cap}"
+    if result.stop_reason:
+        head += f" ({result.stop_reason})"
+    if progress.tty:
+        from rich.console import Console
+
+        console = Console()
+        console.print(progress.table(result))
+        console.print(head, markup=False, highlight=False)
+    else:
+        print(_summary_text(progress, result))
+        print(head)
+    print(f"run id: {result.run_id}")
+    print(f"resume: loomc graph run {path} --resume {result.run_id}")
+    print(f"tree:   loomc show {result.run_id} --tree")
+
+
+def graph_show(path: str, graph_name: str | None = None, mermaid: bool = False) -> int:
+    """``loomc graph show PATH``: draw the file's graph as text, or as mermaid with ``--mermaid``."""
+    try:
+        graph = load_graph(path, graph_name)
+    except (CliError, LoomcError, ValueError, TypeError, OSError) as exc:
+        return _fail(str(exc))
+    print(graph.to_mermaid() if mermaid else graph.to_text())
+    return 0
