@@ -97,9 +97,11 @@ def test_sdk_rate_limit_and_overload_are_transient(api: FakeAPI) -> None:
     for status in (429, 529, 500):
         assert is_transient(sdk_error(api, status)), status
     assert not is_transient(sdk_error(api, 400))
-    with anthropic.Anthropic(api_key="t", base_url="http://127.0.0.1:9", max_retries=0) as dead:
-        with pytest.raises(anthropic.APIConnectionError) as caught:
-            dead.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=HI)
+    with (
+        anthropic.Anthropic(api_key="t", base_url="http://127.0.0.1:9", max_retries=0) as dead,
+        pytest.raises(anthropic.APIConnectionError) as caught,
+    ):
+        dead.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=HI)
     assert is_transient(caught.value)
     assert is_transient(TimeoutError())
     assert not is_transient(RuntimeError())
