@@ -459,3 +459,116 @@ def test_sigkill_while_a_child_runs_then_resume_pays_once(tmp_path: Path, mode: 
     resumed_worker_steps = [n for p, kind, rid, n in lines if p == second_pid and rid == killed["id"]]
     assert resumed_worker_steps == list(range(committed_before, 4))  # from its own checkpoint on
     assert step_costs(str(db), resumed["run_id"]) == pytest.approx([0.045, 0.045, 0.045])
+
+
+def test_a_cap_in_the_middle_of_the_tree_holds_its_subtree(db: str) -> None:
+    """A cap on a middle run (not the root) bounds what its own children spend."""
+
+    @loop(checkpoint=db, budget=Budget(iterations=10), name="leaf")
+    def leaf(state: dict[str, int]) -> dict[str, int]:
+        loomc.charge(0.01 * (state["n"] + 1))
+        return {"n": state["n"] + 1}
+
+    @loop(checkpoint=db, budget=Budget(usd=0.05, iterations=5), name="mid")
+    def mid(state: dict[str, int]) -> dict[str, int]:
+        leaf.run({"n": 0})
+        return {"m": state["m"] + 1}
+
+    @loop(checkpoint=db, budget=Budget(usd=10.0, iterations=1), name="root")
+    def root(state: dict[str, int]) -> dict[str, int]:
+        mid.run({"m": 0})
+        return state
+
+    result = root.run({"r": 0})
+    runs = {r["name"]: r for r in runs_table(db)}
+    assert runs["mid"]["status"] == "budget_exhausted"
+    assert runs["mid"]["cost_usd"] == pytest.approx(0.03)  # $0.01 + $0.02; the $0.03 charge was refused
+    assert runs["leaf"]["stop_reason"] == f"budget: usd (enclosing run {runs['mid']['id']})"
+    assert result.status is RunStatus.BUDGET_EXHAUSTED  # its one iteration; the root itself was never short
+    assert result.stop_reason == "budget: iterations"
+    assert result.cost_usd == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_an_ancestors_wall_clock_cancels_an_async_child_mid_step(db: str, backend: str) -> None:
+    """The root's deadline cancels its async child mid-step: the child keeps its committed steps, the
+    root records the cancelled step (an iteration) and ends budget_exhausted; resume starts a new step."""
+    ran: list[int] = []
+
+    @loop(checkpoint=db, budget=Budget(iterations=20), converge_on=upto("n", 6), name="kid")
+    async def kid(state: dict[str, int]) -> dict[str, int]:
+        ran.append(state["n"])
+        await anyio.sleep(0.1)
+        return {"n": state["n"] + 1}
+
+    @loop(checkpoint=db, budget=Budget(wall_clock="350ms"), converge_on=upto("n", 6), name="root")
+    async def root(state: dict[str, int]) -> dict[str, int]:
+        return await kid({"n": 0})
+
+    t0 = time.monotonic()
+    first = anyio.run(root.run, {"n": 0}, backend=backend)
+    assert time.monotonic() - t0 < 1.5
+    assert first.status is RunStatus.BUDGET_EXHAUSTED
+    assert first.stop_reason == "budget: wall_clock"
+    assert first.state == {"n": 0}
+    (kid_row,) = (r for r in runs_table(db) if r["name"] == "kid")
+    assert kid_row["status"] == "interrupted"  # cancelled from outside its own scope
+    assert 2 <= kid_row["steps"] <= 4
+    with sqlite3.connect(db) as c:
+        (err,) = c.execute("SELECT error FROM steps WHERE run_id=?", (first.run_id,)).fetchone()
+    assert "wall_clock" in err
+
+    final = anyio.run(lambda: root.resume(first.run_id, budget=Budget(wall_clock="10s")), backend=backend)
+    assert final == {"n": 6}
+    kids = [r for r in runs_table(db) if r["name"] == "kid"]
+    assert [(k["parent_step"], k["status"]) for k in kids] == [(0, "interrupted"), (1, "completed")]
+
+
+def test_a_stalled_child_of_a_rerun_step_is_not_run_again(db: str) -> None:
+    """A child that stalled before the parent was interrupted raises its StallError again on the re-run."""
+    from loomc import Escalate, StallError
+
+    calls: list[int] = []
+    armed = [True]
+
+    @loop(checkpoint=db, budget=Budget(iterations=20), scorer=lambda s: 1.0, on_stall=Escalate(after=2), name="stuck")
+    def stuck(state: dict[str, int]) -> dict[str, int]:
+        calls.append(state["n"])
+        loomc.charge(0.01)
+        return {"n": state["n"] + 1}
+
+    @loop(checkpoint=db, budget=Budget(iterations=1), name="boss")
+    def boss(state: dict[str, Any]) -> dict[str, Any]:
+        try:
+            stuck({"n": 0})
+        except StallError as exc:
+            outcome = f"stalled at {exc.state}"
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+        return {"outcome": outcome}
+
+    with pytest.raises(KeyboardInterrupt):
+        boss({})
+    assert len(calls) == 3
+    boss_id = next(r["id"] for r in runs_table(db) if r["name"] == "boss")
+    result = boss.resume_run(boss_id)
+    assert result.state == {"outcome": "stalled at {'n': 3}"}
+    assert len(calls) == 3  # not run again
+    assert result.cost_usd == pytest.approx(0.03)
+
+
+def test_the_planner_worker_example_runs_and_adds_up(tmp_path: Path) -> None:
+    """``examples/planner_worker.py`` runs offline; the workers' costs sum to the planner's total."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "planner_worker.py"
+    db = tmp_path / "pw.db"
+    out = subprocess.run([sys.executable, str(example), "--db", str(db)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "completed" in out.stdout
+    runs = runs_table(str(db))
+    planner = next(r for r in runs if r["name"] == "planner")
+    workers = [r for r in runs if r["name"] == "worker"]
+    assert len(workers) == 4
+    assert {w["parent_run_id"] for w in workers} == {planner["id"]}
+    assert planner["cost_usd"] == pytest.approx(sum(w["cost_usd"] for w in workers))
+    assert planner["cost_usd"] <= 0.20
