@@ -356,3 +356,37 @@ async def test_async_sqlite_store_matches_the_sync_store(tmp_path: Path, anyio_b
         assert info.status is RunStatus.FAILED
         assert info.wall_s == 3.0
     await sync.close()
+
+
+async def test_nested_async_runs_resume_after_an_outer_cancel(db: str) -> None:
+    """Cancel a parent while its async child runs; resuming the parent resumes the child, paying once."""
+    ran: list[int] = []
+
+    @loop(checkpoint=db, budget=Budget(usd=1.0), converge_on=predicate(lambda h: h[-1].state["n"] >= 5), name="kid")
+    async def kid(state: dict[str, int]) -> dict[str, int]:
+        ran.append(state["n"])
+        await anyio.sleep(0.05)
+        loomc.charge(0.01)
+        return {"n": state["n"] + 1}
+
+    @loop(checkpoint=db, budget=Budget(usd=1.0, iterations=5), converge_on=predicate(lambda h: h[-1].state["k"] >= 2), name="boss")
+    async def boss(state: dict[str, int]) -> dict[str, int]:
+        await kid({"n": 0})
+        loomc.charge(0.005)
+        return {"k": state["k"] + 1}
+
+    with anyio.move_on_after(0.4):  # the first kid takes ~0.25 s; the second is cut short
+        await boss.run({"k": 0})
+    runs = await off(lambda: SQLiteStore(db).list_runs())
+    by = {(r.name, r.parent_step): r for r in runs}
+    assert by[("boss", None)].status is RunStatus.INTERRUPTED
+    assert by[("kid", 0)].status is RunStatus.COMPLETED
+    assert by[("kid", 1)].status is RunStatus.INTERRUPTED
+    done = by[("kid", 1)].steps
+    assert 1 <= done < 5
+    ran.clear()
+    result = await boss.resume_run(by[("boss", None)].id)
+    assert result.status is RunStatus.COMPLETED
+    assert result.cost_usd == pytest.approx(2 * (0.05 + 0.005))
+    assert ran == list(range(done, 5))  # the second kid continued from its own checkpoint
+    assert len(await off(lambda: SQLiteStore(db).list_runs())) == 3
