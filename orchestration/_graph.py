@@ -350,7 +350,7 @@ class Graph:
     ) -> GraphResult:
         """Async :meth:`run` (anyio: asyncio or trio)."""
         self._check_not_empty()
-        ex = _Execution(self, store if store is not None else self.store(), on_progress)
+        ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         async with ex.astore:
             return await ex.start(input)
 
@@ -398,7 +398,7 @@ class Graph:
         self._check_not_empty()
         if budget is not None and not isinstance(budget, Budget):
             raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
-        ex = _Execution(self, store if store is not None else self.store(), on_progress)
+        ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         async with ex.astore:
             return await ex.resume(run_id, budget, force)
 
