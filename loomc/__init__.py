@@ -30,6 +30,7 @@ from loomc._errors import (
     StateError,
     StoreError,
 )
+from loomc._retry import Retry
 from loomc._semantic import SemanticDelta, semantic_delta
 from loomc._store import CheckpointStore, MemoryStore, SQLiteStore
 from loomc._types import RunInfo, RunResult, RunStatus, StepRecord
@@ -61,6 +62,7 @@ __all__ = [
     "MemoryStore",
     "OpenAIAdapter",
     "Reservation",
+    "Retry",
     "RunInfo",
     "RunLocked",
     "RunNotFound",
