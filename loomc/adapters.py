@@ -196,11 +196,14 @@ def _wrap_method(adapter: _Adapter, resource: Any, name: str, stream_proxy: Call
             if acct is None:
                 return await orig(*args, **kwargs)
             injected = prepare(kwargs) if prepare is not None and kwargs.get("stream") else False
+            token = _accounted.set(True)  # an SDK helper calling back into a wrapped method is not charged twice
             try:
                 resp = await orig(*args, **kwargs)
             except BaseException:
                 acct.release()
                 raise
+            finally:
+                _accounted.reset(token)
             if kwargs.get("stream"):
                 return stream_proxy(resp, acct, injected, kwargs)
             acct.settle_usage(getattr(resp, "usage", None))
@@ -214,11 +217,14 @@ def _wrap_method(adapter: _Adapter, resource: Any, name: str, stream_proxy: Call
             if acct is None:
                 return orig(*args, **kwargs)
             injected = prepare(kwargs) if prepare is not None and kwargs.get("stream") else False
+            token = _accounted.set(True)
             try:
                 resp = orig(*args, **kwargs)
             except BaseException:
                 acct.release()
                 raise
+            finally:
+                _accounted.reset(token)
             if kwargs.get("stream"):
                 return stream_proxy(resp, acct, injected, kwargs)
             acct.settle_usage(getattr(resp, "usage", None))
