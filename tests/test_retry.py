@@ -275,3 +275,27 @@ def test_async_loop_retries_openai_rate_limit(api: FakeAPI, tmp_path: Path, back
     assert result.history[0].event is not None
     assert result.history[0].event.startswith("retry 1 in 0.01s after RateLimitError")
     assert result.cost_usd == pytest.approx((100 * 2 + 10 * 8) / 1e6)
+
+
+def test_retry_resumes_the_nested_loops_of_the_failed_attempt(api: FakeAPI, claude: anthropic.Anthropic,
+                                                             tmp_path: Path) -> None:
+    """A child loop that completed in the failed attempt is resumed (not run again) by the retry."""
+    db = str(tmp_path / "nested.db")
+    child_steps = {"n": 0}
+
+    @loop(budget=Budget(iterations=1), checkpoint=db)
+    def child(state: dict[str, Any]) -> dict[str, Any]:
+        child_steps["n"] += 1
+        return {"outline": "ok"}
+
+    @loop(budget=Budget(usd=1.0, iterations=1), checkpoint=db, retry=FAST)
+    def parent(state: dict[str, Any]) -> dict[str, Any]:
+        outline = child.run({}).state["outline"]
+        msg = claude.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=HI)
+        return {"outline": outline, "text": msg.content[0].text}
+
+    api.fail(429)
+    result = parent.run({})
+    assert result.state == {"outline": "ok", "text": "YES"}
+    assert child_steps["n"] == 1
+    assert len(api.requests) == 2
