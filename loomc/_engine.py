@@ -198,6 +198,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             _codec._seen_types[state_type] = type(req.state)  # noqa: SLF001 - same type as the caller's
         state = _codec.decode(rp.start_blob, state_type)
         history = list(rp.history)
+        if history and history[-1].step_n == rp.next_from and history[-1].error is None:
+            history[-1].state = state  # already decoded: detectors need not read it back
         # A finished child of a re-run parent step returns its outcome without running again
         # (a stalled one too: continuing it would not be what the original run did).
         if info.status is RunStatus.COMPLETED or (nested and info.status is RunStatus.STALLED):
@@ -344,8 +346,10 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                     (yield StoreOp(store, "load_state", (run_id, verdict_next)))
                 )
             next_from = verdict_next
-            if len(history) >= 2:
-                prev = history[-2]
+            # keep the last two states in memory (detectors compare them; an async run
+            # must not read older ones back from SQLite on its event loop)
+            if len(history) >= 3:
+                prev = history[-3]
                 prev.drop_state(StateLoader(store, run_id, prev.step_n))
             step_n += 1
 
