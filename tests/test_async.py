@@ -390,3 +390,25 @@ async def test_nested_async_runs_resume_after_an_outer_cancel(db: str) -> None:
     assert result.cost_usd == pytest.approx(2 * (0.05 + 0.005))
     assert ran == list(range(done, 5))  # the second kid continued from its own checkpoint
     assert len(await off(lambda: SQLiteStore(db).list_runs())) == 3
+
+
+async def test_detectors_comparing_the_last_two_states_never_read_sqlite_on_the_loop(db: str) -> None:
+    """A detector reading history[-1] and history[-2] works from memory, after a resume too."""
+    compared: list[tuple[int, int]] = []
+
+    def settled(history: list[Any]) -> bool:
+        if len(history) < 2:
+            return False
+        compared.append((history[-2].state["n"], history[-1].state["n"]))
+        return bool(history[-1].state["n"] >= 6)
+
+    @loop(checkpoint=db, budget=Budget(iterations=3), converge_on=predicate(settled), name="pairs")
+    async def step(state: dict[str, int]) -> dict[str, int]:
+        await anyio.sleep(0)
+        return {"n": state["n"] + 1}
+
+    first = await step.run({"n": 0})
+    assert first.status is RunStatus.BUDGET_EXHAUSTED
+    final = await step.resume(first.run_id, budget=Budget(iterations=10))
+    assert final == {"n": 6}
+    assert compared == [(0 + k, 1 + k) for k in range(1, 6)]
