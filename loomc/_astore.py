@@ -87,7 +87,13 @@ def _current_loop() -> Any:
     """The running asyncio event loop (the object a connection belongs to)."""
     import asyncio
 
-    return asyncio.get_running_loop()
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise StoreError(
+            "AsyncSQLiteStore runs on asyncio only (aiosqlite); under trio or outside an event loop use "
+            "SQLiteStore — async loops drive it from worker threads by themselves"
+        ) from None
 
 
 class AsyncSQLiteStore:
@@ -121,6 +127,7 @@ class AsyncSQLiteStore:
         self.sync = sync if sync is not None else SQLiteStore(path, durability=durability, create=create)
         self._conn: aiosqlite.Connection | None = None
         self._lock: anyio.Lock | None = None
+        self._batch: _Batch | None = None  # steps waiting for the next group commit
         self._loop: Any = None
         self._users = 0
 
@@ -281,10 +288,56 @@ class AsyncSQLiteStore:
             await conn.execute(_sql.ACQUIRE, _sql.acquire_args(run_id, owner, budget, time.time()))
 
     async def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
-        """Write one step and the run's totals in one transaction."""
-        async with self._tx() as conn:
-            await conn.execute(_sql.INSERT_STEP, row.step_args(run_id))
-            await conn.execute(_sql.UPDATE_TOTALS, row.totals_args(run_id, time.time()))
+        """Write one step and the run's totals in one transaction; returns once it is committed.
+
+        Steps that tasks of this event loop commit while a transaction is under way are
+        committed together in the next one (a group commit: one trip to the database
+        thread and one fsync for all of them).
+        """
+        import anyio
+
+        conn, lock = await self._connect()
+        batch = self._batch
+        if batch is None or batch.taken:
+            batch = self._batch = _Batch()
+        batch.rows.append((run_id, row))
+        with anyio.CancelScope(shield=True):
+            async with lock:
+                if not batch.taken:
+                    batch.taken = True
+                    if self._batch is batch:
+                        self._batch = None
+                    try:
+                        await conn._execute(self._commit_rows, conn, batch.rows)  # type: ignore[no-untyped-call]
+                    except BaseException as exc:
+                        batch.error = exc
+                        raise
+                    return
+        if batch.error is not None:
+            err = batch.error
+            if isinstance(err, StoreError):
+                raise StoreError(str(err)) from err
+            raise err
+
+    def _commit_rows(self, conn: aiosqlite.Connection, rows: list[tuple[str, _sql.StepRow]]) -> None:
+        # Runs in aiosqlite's thread: one BEGIN ... COMMIT for every step of the batch.
+        import sqlite3
+
+        db = conn._conn  # the sqlite3 connection aiosqlite drives
+        self.sync.check_file()
+        beat = time.time()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for run_id, row in rows:
+                db.execute(_sql.INSERT_STEP, row.step_args(run_id))
+                db.execute(_sql.UPDATE_TOTALS, row.totals_args(run_id, beat))
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise self.sync._wrap(exc) from exc
+            raise
 
     async def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
         """Record how an attempt ended."""
@@ -359,6 +412,17 @@ def _is_db_error(exc: BaseException) -> bool:
     import sqlite3
 
     return isinstance(exc, sqlite3.Error)
+
+
+class _Batch:
+    """Steps committed together by :meth:`AsyncSQLiteStore.commit_step`."""
+
+    __slots__ = ("error", "rows", "taken")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, _sql.StepRow]] = []
+        self.taken = False
+        self.error: BaseException | None = None
 
 
 class ThreadedStore:

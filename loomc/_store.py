@@ -753,6 +753,8 @@ def open_store(checkpoint: Any, durability: Durability | None = None) -> Any:
     elif isinstance(checkpoint, (str, os.PathLike)):
         path = Path(checkpoint)
     else:
+        if isinstance(getattr(checkpoint, "sync", None), SQLiteStore):
+            checkpoint = checkpoint.sync  # an AsyncSQLiteStore: the engine names its file by the sync store
         if durability is not None and isinstance(checkpoint, SQLiteStore) and checkpoint.durability != durability:
             return replace_durability(checkpoint, durability)
         return checkpoint

@@ -412,3 +412,26 @@ async def test_detectors_comparing_the_last_two_states_never_read_sqlite_on_the_
     final = await step.resume(first.run_id, budget=Budget(iterations=10))
     assert final == {"n": 6}
     assert compared == [(0 + k, 1 + k) for k in range(1, 6)]
+
+
+async def test_an_async_sqlite_store_as_checkpoint_serves_sync_and_async_loops(tmp_path: Path, anyio_backend: str) -> None:
+    """``checkpoint=AsyncSQLiteStore(path)`` works for async loops and, through its file, for sync ones."""
+    path = tmp_path / "given.db"
+    store = AsyncSQLiteStore(path, durability="process")
+
+    @loop(checkpoint=store, budget=Budget(iterations=2), name="a")
+    async def a(state: dict[str, int]) -> dict[str, int]:
+        return {"n": state["n"] + 1}
+
+    @loop(checkpoint=store, budget=Budget(iterations=2), name="s")
+    def s(state: dict[str, int]) -> dict[str, int]:
+        return {"n": state["n"] + 1}
+
+    assert (await a.run({"n": 0})).state == {"n": 2}
+    assert (await anyio.to_thread.run_sync(s.run, {"n": 0})).state == {"n": 2}
+    if anyio_backend == "asyncio":
+        async with store:
+            assert sorted(r.name for r in await store.list_runs()) == ["a", "s"]
+    else:
+        with pytest.raises(loomc.StoreError, match="asyncio only"):
+            await store.list_runs()
