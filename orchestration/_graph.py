@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import math
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,7 +30,7 @@ from loomc._engine import RunContext
 from loomc._errors import SpecMismatch
 from loomc._lease import owner_token
 from loomc._policy import EPS
-from loomc._runner import AsyncLoopRunner, LoopRunner, _nullctx, _SigTerm, loop
+from loomc._runner import AsyncLoopRunner, LoopRunner, loop
 from loomc._store import NewRun, mark_active, open_store
 from loomc._types import RunInfo, RunResult, RunStatus
 
@@ -346,11 +347,12 @@ class Graph:
         return self._sync(functools.partial(self.arun, input, store=store, on_progress=on_progress))
 
     async def arun(
-        self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None
+        self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None, _signals: bool = False
     ) -> GraphResult:
         """Async :meth:`run` (anyio: asyncio or trio)."""
         self._check_not_empty()
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
+        ex.handle_signals = _signals
         async with ex.astore:
             return await ex.start(input)
 
@@ -393,12 +395,14 @@ class Graph:
         force: bool = False,
         store: Any = None,
         on_progress: ProgressHook | None = None,
+        _signals: bool = False,
     ) -> GraphResult:
         """Async :meth:`resume`."""
         self._check_not_empty()
         if budget is not None and not isinstance(budget, Budget):
             raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
+        ex.handle_signals = _signals
         async with ex.astore:
             return await ex.resume(run_id, budget, force)
 
@@ -407,10 +411,9 @@ class Graph:
             raise ValueError(f"graph {self.name!r} has no nodes; add some with graph.add(fn)")
 
     @staticmethod
-    def _sync(fn: Callable[[], Awaitable[GraphResult]]) -> GraphResult:
-        guard = _SigTerm() if threading.current_thread() is threading.main_thread() else _nullctx()
-        with guard:
-            return anyio.run(fn)
+    def _sync(fn: Callable[..., Awaitable[GraphResult]]) -> GraphResult:
+        # On the main thread, SIGINT/SIGTERM stop the nodes cleanly (runs marked interrupted).
+        return anyio.run(functools.partial(fn, _signals=threading.current_thread() is threading.main_thread()))
 
 
 class _Execution:
@@ -432,6 +435,8 @@ class _Execution:
         self.db_cost = 0.0
         self.orphan_cost = 0.0
         self.cost_lock = anyio.Lock()
+        self.handle_signals = False
+        self.signalled: int | None = None
         self.run_id = ""
         self.ledger = Ledger("")
         self.slots: dict[str, _Slot] = {}
@@ -534,11 +539,15 @@ class _Execution:
 
             async with anyio.create_task_group() as outer:
                 outer.start_soon(watch)
+                if self.handle_signals:
+                    outer.start_soon(self._on_signal, outer.cancel_scope)
                 async with anyio.create_task_group() as tg:
                     for name in g._nodes:
                         tg.start_soon(self._node, name, index[name], graph_input, existing.get(name), limiter)
                 finished = True
                 outer.cancel_scope.cancel()
+            if self.signalled is not None:
+                raise KeyboardInterrupt(signal.Signals(self.signalled).name)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 wall = wall_base + (time.monotonic() - t0)
@@ -553,6 +562,15 @@ class _Execution:
         mark_active(run_id, False)
         nodes = {name: self.infos[name] for name in g._nodes}
         return GraphResult(run_id, status, dict(self.outputs), self._total(), nodes, reason)
+
+    async def _on_signal(self, scope: anyio.CancelScope) -> None:
+        """SIGINT/SIGTERM while ``run``/``resume`` drive the graph: stop every node, then interrupt."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.signalled = int(signum)
+                self._abort()
+                scope.cancel()
+                return
 
     def _abort(self) -> None:
         """Cancelled: stop sync nodes (running in threads) at their next step boundary."""
@@ -659,7 +677,8 @@ class _Execution:
             return self._finish(NodeInfo(name, PENDING, stop_reason="graph budget ran out before it started"))
         if self.aborted:
             return None
-        self._emit(name, RunStatus.RUNNING.value if not reused else RunStatus.COMPLETED.value, prior.id if prior else None)
+        if not reused:
+            self._emit(name, RunStatus.RUNNING.value, prior.id if prior else None)
         meta = {"node": name, "graph": self.graph.name}
         slot = self.slots[name]
         token = _parent_ledger.set(slot)
@@ -668,7 +687,10 @@ class _Execution:
                 result: RunResult = await node.runner._run_child(state, call_index=idx, meta=meta)
             else:
                 call = functools.partial(node.runner._run_child, state, call_index=idx, meta=meta)
-                result = await anyio.to_thread.run_sync(call)
+                # A thread cannot be cancelled: on cancellation the node stops at its next step
+                # boundary (see _abort) and its result is still recorded.
+                with anyio.CancelScope(shield=True):
+                    result = await anyio.to_thread.run_sync(call)
         except Exception as exc:  # noqa: BLE001 - a node that cannot run fails alone
             self._finish(NodeInfo(name, RunStatus.FAILED.value, prior.id if prior else None,
                                   stop_reason=f"{type(exc).__name__}: {exc}", error=exc))

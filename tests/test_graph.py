@@ -342,6 +342,27 @@ def test_graph_budget_stops_new_nodes_and_resume_with_more_finishes(db: str) -> 
     assert calls["tail"] == 1
 
 
+def test_graph_wall_clock_stops_the_running_node_and_starts_no_more(db: str) -> None:
+    """The graph's wall clock caps its nodes: the running one stops, later ones are not started."""
+
+    @loop(budget=Budget(iterations=50))
+    def slow(s: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.1)
+        return {"n": s["n"] + 1}
+
+    g = Graph("timed", checkpoint=db, budget=Budget(wall_clock="0.35s"))
+    g.add(slow)
+    g.add(lambda s: s, name="later", after=slow)
+    t0 = time.monotonic()
+    result = g.run({"n": 0})
+    assert time.monotonic() - t0 < 1.5
+    assert result.status is RunStatus.BUDGET_EXHAUSTED
+    assert "wall_clock" in (result.stop_reason or "")
+    assert result.nodes["slow"].status == "budget_exhausted"
+    assert 2 <= result.nodes["slow"].steps <= 5
+    assert result.nodes["later"].status == "pending"
+
+
 # -- failures and resume -----------------------------------------------------------
 
 

@@ -140,6 +140,41 @@ def test_sigkill_mid_node_then_resume_runs_only_what_is_left(tmp_path: Path) -> 
     assert [s.state for s in store.load_steps(kids_after["final"].id)] == [{"v": 4, "ok": True}]
 
 
+def test_sigterm_interrupts_every_node_cleanly_and_resume_finishes(tmp_path: Path) -> None:
+    """SIGTERM during `graph run`: exit 130, the graph and the running node are `interrupted`; resume completes."""
+    pipeline = tmp_path / "pipeline.py"
+    pipeline.write_text(PIPELINE)
+    side = tmp_path / "steps.log"
+    db = tmp_path / "graph.db"
+    env = {**os.environ, "LOOMC_DB": str(db), "GRAPH_SIDE_FILE": str(side), "DRAFT_SLEEP": "0.4"}
+    proc = _cli(pipeline, '{"topic": "tides"}', None, env)
+    try:
+        _wait_for(side, "draft:1")
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted; resume with: loomc graph run" in err
+    store = SQLiteStore(db)
+    (graph_info,) = store.list_runs(roots_only=True)
+    assert graph_info.status is RunStatus.INTERRUPTED
+    kids = {k.meta["node"]: k for k in store.children(graph_info.id)}
+    assert kids["draft"].status is RunStatus.INTERRUPTED
+    assert kids["draft"].steps == 2  # the step in flight finished and was kept; no new one started
+    store.close()
+    env["DRAFT_SLEEP"] = "0"
+    resumed = _cli(pipeline, None, graph_info.id, env)
+    out, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0, err
+    assert "completed" in out
+    lines = Counter(side.read_text().splitlines())
+    assert lines == Counter({"research": 1, "fact_check": 1, "draft:0": 1, "draft:1": 1, "draft:2": 1, "draft:3": 1,
+                             "final": 1})
+
+
 # -- in-process command tests (fast) -----------------------------------------------
 
 
