@@ -572,3 +572,24 @@ def test_the_planner_worker_example_runs_and_adds_up(tmp_path: Path) -> None:
     assert {w["parent_run_id"] for w in workers} == {planner["id"]}
     assert planner["cost_usd"] == pytest.approx(sum(w["cost_usd"] for w in workers))
     assert planner["cost_usd"] <= 0.20
+
+
+def test_event_loops_started_by_sync_steps_are_not_kept_alive(db: str) -> None:
+    """Each anyio.run inside a sync step gets its own async store, released with its event loop."""
+    import gc
+
+    from loomc import _astore
+
+    @loop(checkpoint=db, budget=Budget(iterations=1), name="inner")
+    async def inner(state: dict[str, int]) -> dict[str, int]:
+        return state
+
+    @loop(checkpoint=db, budget=Budget(iterations=5), name="outer")
+    def outer(state: dict[str, int]) -> dict[str, int]:
+        anyio.run(inner.run, state)
+        return state
+
+    outer.run({"x": 0})
+    gc.collect()
+    assert len(_astore._per_loop) == 0
+    assert len([r for r in runs_table(db) if r["name"] == "inner"]) == 5
