@@ -225,7 +225,10 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
                 _SigTerm.pending = False
                 throw = KeyboardInterrupt("SIGTERM")  # held outside the step: it interrupts this one
             elif type(op) is SleepOp:
-                time.sleep(op.seconds)
+                try:
+                    time.sleep(op.seconds)
+                except BaseException as exc:  # noqa: BLE001 - an interrupted backoff ends the run like an interrupted step
+                    throw = exc
             else:
                 assert type(op) is CallOp
                 token = _parent_ledger.set(op.ledger)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -299,3 +300,30 @@ def test_retry_resumes_the_nested_loops_of_the_failed_attempt(api: FakeAPI, clau
     assert result.state == {"outline": "ok", "text": "YES"}
     assert child_steps["n"] == 1
     assert len(api.requests) == 2
+
+
+def test_ctrl_c_during_a_backoff_marks_the_run_interrupted(tmp_path: Path) -> None:
+    """A KeyboardInterrupt while waiting to retry ends the run as interrupted (resumable), not as running."""
+    import signal
+    import threading
+
+    db = str(tmp_path / "int.db")
+
+    @loop(budget=Budget(iterations=3), checkpoint=db, retry=Retry(attempts=3, initial=5.0, jitter=0))
+    def step(state: dict[str, Any]) -> dict[str, Any]:
+        raise ConnectionError("reset by peer")
+
+    main = threading.get_ident()
+    timer = threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        step.run({})
+    timer.join()
+    assert time.monotonic() - started < 4.0
+    store = SQLiteStore(db)
+    try:
+        (run,) = store.list_runs()
+    finally:
+        store.close()
+    assert run.status is RunStatus.INTERRUPTED
