@@ -200,8 +200,9 @@ class AsyncSQLiteStore:
 
             with anyio.CancelScope(shield=True):
                 await conn.close()
-        # Let go of the event loop, so the per-loop cache entry goes when the loop does.
-        self._loop = self._lock = None
+        if self._users == 0 and self._conn is None:  # nobody reopened it meanwhile
+            # let go of the event loop, so the per-loop cache entry goes when the loop does
+            self._loop = self._lock = None
 
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         conn, lock = await self._connect()
