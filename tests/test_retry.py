@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -166,6 +168,10 @@ def test_429_then_success_is_retried_and_shown(api: FakeAPI, claude: anthropic.A
     assert rows[0].error is None
     assert rows[0].event is not None
     assert rows[0].event.startswith("retry 1 in 0.01s after RateLimitError: ")
+    shown = subprocess.run([sys.executable, "-m", "loomc", "show", result.run_id, "--db", db, "--json"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "retry 1 in 0.01s after RateLimitError" in shown.stdout
 
 
 def test_overloaded_twice_then_success(api: FakeAPI, claude: anthropic.Anthropic, tmp_path: Path) -> None:
