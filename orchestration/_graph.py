@@ -31,7 +31,7 @@ from loomc._errors import SpecMismatch
 from loomc._lease import owner_token
 from loomc._policy import EPS
 from loomc._runner import AsyncLoopRunner, LoopRunner, loop
-from loomc._store import NewRun, mark_active, open_store
+from loomc._store import MemoryStore, NewRun, mark_active, open_store
 from loomc._types import RunInfo, RunResult, RunStatus
 
 __all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]
@@ -198,6 +198,7 @@ class Graph:
         self._dag: nx.DiGraph = nx.DiGraph()
         self._nodes: dict[str, _Node] = {}
         self._names_by_obj: dict[int, str] = {}
+        self._memory: MemoryStore | None = None
 
     def __repr__(self) -> str:
         return f"<Graph {self.name!r}: {len(self._nodes)} nodes>"
@@ -339,7 +340,11 @@ class Graph:
 
     # -- running --------------------------------------------------------------------
     def store(self) -> Any:
-        """The store the graph writes to (opened on first use)."""
+        """The store the graph writes to (opened on first use; one memory store per graph)."""
+        if isinstance(self.checkpoint, str) and self.checkpoint == "memory":
+            if self._memory is None:
+                self._memory = MemoryStore()
+            return self._memory
         return open_store(self.checkpoint)
 
     def run(self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None) -> GraphResult:

@@ -562,4 +562,7 @@ def test_graph_on_a_memory_store(tmp_path: Path) -> None:
     g.add(lambda s: s * 10, name="mul", after="inc")
     result = g.run(1)
     assert result.outputs == {"inc": 2, "mul": 20}
+    again = g.resume(result.run_id)  # the graph keeps its memory store
+    assert again.outputs == result.outputs
+    assert all(n.reused for n in again.nodes.values())
     assert not list(tmp_path.iterdir()) or all(p.name != "checkpoints.db" for p in tmp_path.iterdir())
