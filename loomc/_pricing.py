@@ -28,6 +28,7 @@ __all__ = [
     "PRICES_CHECKED",
     "Price",
     "anthropic_cost",
+    "base_name",
     "lookup",
     "openai_cost",
 ]
@@ -179,18 +180,25 @@ _SUFFIXES = (
 )
 
 
+def base_name(model: str) -> str:
+    """``model`` without its snapshot date, ``-latest`` or ``[1m]`` suffix, lowercased."""
+    name = model.strip().lower()
+    for _ in range(2):
+        for pat in _SUFFIXES:
+            name = pat.sub("", name)
+    return name
+
+
 def lookup(provider: str, model: str) -> tuple[Price, bool]:
     """The price of ``model`` and whether it is known (dated snapshots map to their alias).
 
     An unknown model warns once per process and gets the provider's ceiling price.
     """
     table = _TABLES[provider]
-    name = model.strip().lower()
-    for _ in range(2):
-        if name in table:
-            return table[name], True
-        for pat in _SUFFIXES:
-            name = pat.sub("", name)
+    exact = model.strip().lower()
+    if exact in table:
+        return table[exact], True
+    name = base_name(model)
     if name in table:
         return table[name], True
     if (provider, model) not in _warned:

@@ -24,7 +24,7 @@ from typing import Any
 
 from loomc._context import Reservation, reserve
 from loomc._detectors import JudgeDetector
-from loomc._pricing import Price, anthropic_cost, lookup, openai_cost
+from loomc._pricing import Price, anthropic_cost, base_name, lookup, openai_cost
 
 __all__ = ["AnthropicAdapter", "OpenAIAdapter", "Price"]
 
@@ -130,7 +130,7 @@ class _Adapter:
     # -- pricing ----------------------------------------------------------------
     def price_for(self, model: Any) -> Price:
         """The price of a call to ``model`` (this adapter's own price for its own model)."""
-        if not isinstance(model, str) or model == self.model:
+        if not isinstance(model, str) or model == self.model or base_name(model) == base_name(self.model):
             return self.pricing
         return lookup(self.provider, model)[0]
 

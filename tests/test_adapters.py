@@ -435,3 +435,13 @@ def test_wrap_rejects_other_objects() -> None:
         AnthropicAdapter().wrap(object())
     with pytest.raises(TypeError, match=r"openai\.OpenAI"):
         OpenAIAdapter().wrap(object())
+
+
+def test_pricing_override_covers_the_models_dated_snapshot(api: FakeAPI) -> None:
+    """A response naming the dated snapshot of the adapter's model is priced with the override, no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ad = AnthropicAdapter("claude-house", pricing={"input": 1.0, "output": 2.0})
+        resp = type("R", (), {"model": "claude-house-20260101",
+                              "usage": type("U", (), {"input_tokens": M, "output_tokens": M})()})()
+        assert ad.cost_from_response(resp) == pytest.approx(3.0)
