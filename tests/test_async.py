@@ -435,3 +435,28 @@ async def test_an_async_sqlite_store_as_checkpoint_serves_sync_and_async_loops(t
     else:
         with pytest.raises(loomc.StoreError, match="asyncio only"):
             await store.list_runs()
+
+
+async def test_runs_starting_while_the_last_one_closes_the_connection(db: str) -> None:
+    """Staggered short runs share, close and reopen the loop's connection; every step commits."""
+    log: list[tuple[str, int, float, float]] = []
+    loops = [counter_loop(db, f"s{i:02d}", 1, 0.0, log) for i in range(30)]
+
+    async def staggered(i: int) -> None:
+        await anyio.sleep(0.002 * (i % 7))
+        result = await loops[i].run({"n": 0})
+        assert result.status is RunStatus.COMPLETED
+
+    async with anyio.create_task_group() as tg:
+        for i in range(30):
+            tg.start_soon(staggered, i)
+    assert await off(committed, db) == [(f"s{i:02d}", 0) for i in range(30)]
+    assert await _threads_gone()
+
+
+async def _threads_gone() -> bool:
+    for _ in range(200):
+        if not aiosqlite_threads():
+            return True
+        await anyio.sleep(0.01)
+    return False
