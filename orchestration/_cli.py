@@ -174,7 +174,7 @@ class _Progress:
         for name in self.graph.nodes:
             if result is not None:
                 n = result.nodes[name]
-                status, steps, cost, rid = n.status, n.steps, n.cost_usd, n.run_id
+                status, steps, cost, rid = str(n.status), n.steps, n.cost_usd, n.run_id
                 if n.reused:
                     status += " (done before)"
             else:
@@ -191,7 +191,7 @@ def _summary_text(progress: _Progress, result: GraphResult) -> str:
     rows = [("NODE", "STATUS", "STEPS", "COST", "RUN")]
     for name in progress.graph.nodes:
         n = result.nodes[name]
-        status = n.status + (" (done before)" if n.reused else "")
+        status = str(n.status) + (" (done before)" if n.reused else "")
         rows.append((name, status, str(n.steps), money(n.cost_usd), n.run_id or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

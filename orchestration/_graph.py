@@ -62,20 +62,24 @@ _HANDOFF = (RunStatus.COMPLETED.value, RunStatus.BUDGET_EXHAUSTED.value)
 class NodeInfo:
     """How one node of a graph run ended.
 
-    ``status`` is a run status value (``completed``, ``budget_exhausted``, ``failed``,
-    ``stalled``, ``interrupted``) or ``pending`` (not started: the graph's budget ran
-    out) or ``skipped`` (an upstream node failed). ``reused`` is true when the node had
+    ``status`` is the node run's :class:`RunStatus` (``completed``, ``budget_exhausted``,
+    ``failed``, ``stalled``, ``interrupted``), or the string ``"pending"`` (not started: the
+    graph's budget ran out) or ``"skipped"`` (an upstream node failed). ``reused`` is true when the node had
     completed in an earlier attempt and its output came from the store.
     """
 
     name: str
-    status: str
+    status: RunStatus | str
     run_id: str | None = None
     steps: int = 0
     cost_usd: float = 0.0
     stop_reason: str | None = None
     error: BaseException | None = field(default=None, repr=False, compare=False)
     reused: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, RunStatus) and self.status in RunStatus._value2member_map_:
+            object.__setattr__(self, "status", RunStatus(self.status))
 
 
 @dataclass
@@ -596,15 +600,19 @@ class _Execution:
                 self.db_cost = total
 
     def _verdict(self) -> tuple[RunStatus, str | None]:
-        by = {s: [n for n, i in self.infos.items() if i.status == s] for s in {i.status for i in self.infos.values()}}
-        if by.get(RunStatus.FAILED.value):
-            first = self.infos[by[RunStatus.FAILED.value][0]]
+        order = [n for n in self.graph.nodes if n in self.infos]
+
+        def named(status: str) -> list[str]:
+            return [n for n in order if self.infos[n].status == status]
+
+        if failed := named(RunStatus.FAILED.value):
+            first = self.infos[failed[0]]
             detail = f" ({first.stop_reason})" if first.stop_reason else ""
             return RunStatus.FAILED, f"failed: node {first.name!r}{detail}"
-        if by.get(RunStatus.STALLED.value):
-            return RunStatus.STALLED, f"stalled: node {by[RunStatus.STALLED.value][0]!r}"
-        if self.exhausted or by.get(PENDING):
-            pending = by.get(PENDING, [])
+        if stalled := named(RunStatus.STALLED.value):
+            return RunStatus.STALLED, f"stalled: node {stalled[0]!r}"
+        pending = named(PENDING)
+        if self.exhausted or pending:
             tail = f"; not started: {', '.join(pending)}" if pending else ""
             return RunStatus.BUDGET_EXHAUSTED, f"budget: graph {self._limit_hit()}{tail}"
         return RunStatus.COMPLETED, None
@@ -631,7 +639,7 @@ class _Execution:
 
     def _finish(self, info: NodeInfo) -> None:
         self.infos[info.name] = info
-        self._emit(info.name, info.status, info.run_id)
+        self._emit(info.name, str(info.status), info.run_id)
         self.done[info.name].set()
 
     # -- one node -------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
 import loomc
-from loomc import Budget, RunStatus, SpecMismatch, SQLiteStore, loop, predicate
+from loomc import Budget, Escalate, RunStatus, SpecMismatch, SQLiteStore, loop, predicate
 from orchestration import Graph, GraphResult, ProgressEvent
 
 EPS = 1e-9
@@ -393,10 +393,31 @@ def test_a_failed_node_skips_its_descendants_only(db: str) -> None:
         "a": "completed", "b": "failed", "c": "skipped", "d": "completed", "e": "completed",
     }
     assert isinstance(result.nodes["b"].error, RuntimeError)
+    assert result.nodes["a"].status is RunStatus.COMPLETED
+    assert result.nodes["b"].status is RunStatus.FAILED
     assert "c" not in ran
     assert sorted(ran) == ["a", "b", "d", "e"]
     assert result.nodes["c"].run_id is None  # never started: no run row
     assert len([r for r in runs_table(db) if r["parent_run_id"] == result.run_id]) == 4
+
+
+def test_a_stalled_node_stops_its_branch(db: str) -> None:
+    """A node that stalls (Escalate) keeps its state, skips its descendants, and the graph ends stalled."""
+
+    @loop(budget=Budget(iterations=20), scorer=lambda s: 0.5, on_stall=Escalate(after=2))
+    def stuck(s: dict[str, Any]) -> dict[str, Any]:
+        return {"n": s.get("n", 0) + 1}
+
+    g = Graph("stall", checkpoint=db)
+    g.add(stuck)
+    g.add(lambda s: s, name="next", after=stuck)
+    g.add(lambda s: "ok", name="side")
+    result = g.run({})
+    assert result.status is RunStatus.STALLED
+    assert result.nodes["stuck"].status is RunStatus.STALLED
+    assert result.outputs["stuck"]["n"] == result.nodes["stuck"].steps
+    assert result.nodes["next"].status == "skipped"
+    assert result.outputs["side"] == "ok"
 
 
 def test_resume_reruns_only_what_did_not_finish(db: str) -> None:
