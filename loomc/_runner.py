@@ -316,11 +316,11 @@ async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], 
                 return stop.value  # type: ignore[no-any-return]
             send, throw = None, None
             if type(op) is StoreOp:
-                astore = opened.get(id(op.store))
-                if astore is None:
-                    astore = opened[id(op.store)] = await stores.enter_async_context(twin(op.store))
-                method = getattr(astore, op.method)
                 try:
+                    astore = opened.get(id(op.store))
+                    if astore is None:
+                        astore = opened[id(op.store)] = await stores.enter_async_context(twin(op.store))
+                    method = getattr(astore, op.method)
                     if op.shield:
                         with anyio.CancelScope(shield=True):
                             send = await method(*op.args)

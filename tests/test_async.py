@@ -460,3 +460,17 @@ async def _threads_gone() -> bool:
             return True
         await anyio.sleep(0.01)
     return False
+
+
+async def test_an_unusable_database_is_a_store_error(tmp_path: Path) -> None:
+    """A database that cannot be opened fails the async run with a StoreError naming the path."""
+    not_a_db = tmp_path / "notes.db"
+    await off(not_a_db.write_bytes, b"this is not a database, just some text" * 100)
+
+    @loop(checkpoint=str(not_a_db), budget=Budget(iterations=1), name="nowhere")
+    async def step(state: dict[str, int]) -> dict[str, int]:
+        return state
+
+    with pytest.raises(loomc.StoreError, match=r"notes\.db"):
+        await step.run({"n": 0})
+    assert await _threads_gone()
