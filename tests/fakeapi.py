@@ -171,6 +171,8 @@ def _error_body(path: str, status: int) -> dict[str, Any]:
 def _handler(api: FakeAPI, lock: threading.Lock) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        wbufsize = 1 << 16  # one write per response: no Nagle / delayed-ACK stalls on loopback
+        disable_nagle_algorithm = True
 
         def log_message(self, *args: Any) -> None:
             pass
