@@ -44,6 +44,7 @@ class Ledger:
         self.deadline = deadline  # time.monotonic() value at which the run's wall clock runs out
         self.context = context
         self.total_iterations = 0
+        self.holds: set[Reservation] = set()  # open reservations made on this ledger
 
     @property
     def total_cost_usd(self) -> float:
@@ -105,7 +106,17 @@ class Ledger:
                 raise err
             for led in self.chain():
                 led.reserved = round(led.reserved + usd, 12)
-        return Reservation(self, usd)
+            hold = Reservation(self, usd)
+            self.holds.add(hold)
+        return hold
+
+    def settle_open(self) -> float:
+        """Settle the holds a step left open at their full amount (never under-count); their total."""
+        with _lock:
+            holds = list(self.holds)
+        for hold in holds:
+            hold.settle(hold.usd)
+        return sum(h.usd for h in holds)
 
 
 class Reservation:
@@ -122,12 +133,14 @@ class Reservation:
 
     def settle(self, actual: float) -> None:
         """Replace the reservation by the real cost (recorded even if it exceeds the hold)."""
-        if self.settled is not None:
-            return
-        self.settled = actual
-        if self.ledger is None:
-            return
+        actual = _check_amount(actual)
         with _lock:
+            if self.settled is not None:
+                return
+            self.settled = actual
+            if self.ledger is None:
+                return
+            self.ledger.holds.discard(self)
             for led in self.ledger.chain():
                 led.reserved = round(led.reserved - self.usd, 12)
                 led.spent = round(led.spent + actual, 12)

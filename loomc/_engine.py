@@ -285,6 +285,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 raise
             finally:
                 ctx.in_step = False
+                ledger.settle_open()  # a hold the step never settled counts in full
 
             score: float | None = None
             if error is None:

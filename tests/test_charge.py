@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loomc
-from loomc import Budget, BudgetExhausted, Reservation, RunStatus, loop
+from loomc import Budget, BudgetExhausted, Reservation, RunStatus, SQLiteStore, loop
 from loomc._context import Ledger, _lock
 from loomc._policy import EPS
 
@@ -264,3 +264,33 @@ def test_current_run_tells_id_step_and_remaining_budget(db: str) -> None:
     assert all(v.parent_run_id is None for v in views)
     assert all(3500 < v.wall_clock_remaining <= 3600 for v in views)
     assert views[0].name == "viewer"
+
+
+def test_a_hold_left_open_by_a_step_counts_in_full_and_frees_the_cap(db: str) -> None:
+    """A reservation a step never settles is recorded at its full amount when the step ends."""
+    seen: list[float] = []
+
+    @loop(checkpoint=db, budget=Budget(usd=1.0, iterations=3), name="leaky")
+    def leaky(state: dict[str, int]) -> dict[str, int]:
+        view = loomc.current_run()
+        assert view is not None
+        seen.append(round(view.usd_remaining, 6))
+        loomc.reserve(0.25)  # never settled
+        return {"n": state["n"] + 1}
+
+    result = leaky.run({"n": 0})
+    assert seen == [1.0, 0.75, 0.5]  # no hold outlives its step
+    assert result.cost_usd == pytest.approx(0.75)
+    assert [s.cost_usd for s in SQLiteStore(db).load_steps(result.run_id)] == pytest.approx([0.25] * 3)
+
+
+def test_settle_checks_the_amount_and_counts_once_across_threads() -> None:
+    """settle() refuses a bad amount; racing settles of one hold record it once."""
+    led = Ledger("r", usd_cap=1.0)
+    hold = led.reserve(0.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        hold.settle(-1.0)
+    in_threads(8, lambda i: hold.settle(0.25))
+    assert led.spent == 0.25
+    assert led.reserved == 0.0
+    assert led.holds == set()
