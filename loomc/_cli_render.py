@@ -22,6 +22,7 @@ __all__ = [
     "Col",
     "Output",
     "budget_lines",
+    "left_lines",
     "duration",
     "markers",
     "money",
@@ -123,17 +124,35 @@ def budget_lines(info: RunInfo) -> list[tuple[str, str]]:
     return out
 
 
+def left_lines(info: RunInfo) -> list[tuple[str, str]]:
+    """``(limit, "left of cap (used)")`` for usd, iterations and wall clock (``loomc resume``)."""
+    b = info.budget or {}
+    out = []
+    for key, label, used, fmt in (
+        ("usd", "usd", info.cost_usd, money),
+        ("iterations", "iterations", float(info.steps), lambda v: f"{int(v)}"),
+        ("wall_clock", "wall clock", info.wall_s, duration),
+    ):
+        cap = b.get(key)
+        if cap is None:
+            out.append((label, f"no limit ({fmt(used)} used)"))
+        else:
+            left = max(0.0, float(cap) - used)
+            out.append((label, f"{fmt(left)} left of {fmt(float(cap))} ({fmt(used)} used)"))
+    return out
+
+
 def budget_dict(info: RunInfo) -> dict[str, dict[str, float | None]]:
     """Each budget limit as ``{"limit", "used", "left"}`` (``None`` = no limit)."""
     b = info.budget or {}
     out: dict[str, dict[str, float | None]] = {}
     for key, used in (("usd", info.cost_usd), ("iterations", float(info.steps)), ("wall_clock", info.wall_s)):
         cap = b.get(key)
-        out[key] = {
-            "limit": cap,
-            "used": int(used) if key == "iterations" else used,
-            "left": None if cap is None else (max(0, int(cap) - int(used)) if key == "iterations" else max(0.0, float(cap) - used)),
-        }
+        if key == "iterations":
+            out[key] = {"limit": cap, "used": int(used), "left": None if cap is None else max(0, int(cap) - int(used))}
+        else:
+            left = None if cap is None else round(max(0.0, float(cap) - used), 9)
+            out[key] = {"limit": cap, "used": round(used, 9), "left": left}
     return out
 
 

@@ -159,12 +159,32 @@ def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo]) -> Any:
 
     label = Text()
     label.append(info.id, style="bold")
-    label.append(f"  {info.kind} {info.name}  ")
+    node = info.meta.get("node")
+    label.append(f"  {info.kind} {node} ({info.name})  " if info.kind == "node" and node else f"  {info.kind} {info.name}  ")
     label.append_text(Text(info.status.value, style=r.STATUS_STYLE.get(info.status, "") if out.tty else ""))
     label.append(f"  steps {info.steps}  own {r.money(r.own_cost(info, kids))}  total {r.money(info.cost_usd)}")
-    if info.parent_step is not None:
+    if info.parent_step is not None and info.kind != "node":
         label.append(f"  (parent step {info.parent_step})", style="dim")
     return label
+
+
+def _node_rows(info: RunInfo, kids: list[RunInfo]) -> list[tuple[str, Any, str, str, str, list[str], RunInfo | None]]:
+    """A graph's nodes in declaration order, with their runs (``pending`` for a node not started)."""
+    from loomc import _cli_render as r
+
+    by_node = {k.meta.get("node"): k for k in kids if k.kind == "node"}
+    declared = [n for n in info.meta.get("nodes", []) if isinstance(n, dict) and "name" in n]
+    rows: list[tuple[str, Any, str, str, str, list[str], RunInfo | None]] = []
+    for n in declared:
+        k = by_node.pop(n["name"], None)
+        after = [str(a) for a in n.get("after", [])]
+        if k is None:
+            rows.append((str(n["name"]), "pending", "0", r.money(0), "-", after, None))
+        else:
+            rows.append((str(n["name"]), k.status, str(k.steps), r.money(k.cost_usd), k.id, after, k))
+    for name, k in by_node.items():  # nodes the stored graph no longer declares
+        rows.append((str(name or k.name), k.status, str(k.steps), r.money(k.cost_usd), k.id, [], k))
+    return rows
 
 
 def _add_tree(out: Any, store: SQLiteStore, node: Any, info: RunInfo, depth: int) -> None:
@@ -197,7 +217,9 @@ def _header(info: RunInfo, out: Any) -> list[tuple[str, Any]]:
         pairs.append(("stopped", "its process died (resume it to continue from the last step)"))
     elif info.status is RunStatus.RUNNING and info.owner:
         pairs.append(("owner", info.owner))
-    pairs.extend(r.budget_lines(info))
+    pairs.extend(
+        (label, text) for label, text in r.budget_lines(info) if not (info.kind == "graph" and label == "iterations" and "no limit" in text)
+    )
     pairs.append(("created", r.when(info.created_at) + " UTC"))
     if info.parent_run_id:
         pairs.append(("parent", f"{info.parent_run_id} (step {info.parent_step})"))
@@ -230,6 +252,18 @@ def show(
             steps.append(r.step_dict(rec, cumul))
         data["step_rows"] = steps
         data["children"] = [r.run_dict(k) for k in kids]
+        if info.kind == "graph":
+            data["nodes"] = [
+                {
+                    "node": name,
+                    "status": st if isinstance(st, str) else st.value,
+                    "run_id": k.id if k else None,
+                    "steps": k.steps if k else 0,
+                    "cost_usd": k.cost_usd if k else 0.0,
+                    "after": after,
+                }
+                for name, st, _, _, _, after, k in _node_rows(info, kids)
+            ]
         sys.stdout.write(r.dumps(data) + "\n")
         return
     if tree:
@@ -238,11 +272,14 @@ def show(
     out.kv(_header(info, out))
     kids = store.children(info.id)
     recs = r.read_steps(store, info.id)
-    if info.kind == "graph" and kids:
+    if info.kind == "graph":
         out.line()
         out.table(
-            (r.Col("NODE"), r.Col("RUN"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True)),
-            [[k.name, k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd)] for k in kids],
+            (r.Col("NODE"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True), r.Col("RUN"), r.Col("AFTER")),
+            [
+                [name, out.status(st) if k else st, steps, cost, rid, ",".join(after) or "-"]
+                for name, st, steps, cost, rid, after, k in _node_rows(info, kids)
+            ],
         )
     if recs or info.kind != "graph":
         out.line()
@@ -314,8 +351,7 @@ def resume(
     pairs.append(("status", out.status(info.status)))
     if info.stop_reason:
         pairs.append(("stopped", info.stop_reason))
-    for label, text in r.budget_lines(info):
-        pairs.append((f"{label} left" if "no limit" not in text else label, text))
+    pairs.extend(r.left_lines(info))
     out.kv(pairs)
     out.line()
     rid = info.id

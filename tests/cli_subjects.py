@@ -137,7 +137,26 @@ def build(db: str) -> dict[str, Any]:
     def quick(state: dict[str, Any]) -> dict[str, Any]:
         return {"n": state["n"] + 1}
 
+    from orchestration import Graph
+
+    @loop(checkpoint=db, budget=Budget(iterations=2), name="subjects:gather")
+    def gather(state: dict[str, Any]) -> dict[str, Any]:
+        loomc.charge(0.02)
+        return {**state, "notes": state.get("notes", 0) + 1}
+
+    def summarise(state: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("rate limit")
+
+    def publish(state: dict[str, Any]) -> dict[str, Any]:
+        return state
+
+    graph = Graph("subjects-report", budget=Budget(usd=1.0), checkpoint=db)
+    graph.add(gather)
+    graph.add(summarise, after=gather)
+    graph.add(publish, after=summarise)
+
     out: dict[str, Any] = {}
+    out["graph"] = graph.run({"topic": "tides"})
     out["refine"] = refine.run({"n": 0, "score": 0.0})
     out["capped"] = capped.run({"n": 0})
     out["parent"] = parent.run(0)

@@ -84,7 +84,8 @@ def test_runs_lists_root_runs_newest_first(world: dict[str, Any]) -> None:
     ids = world["ids"]
     listed = [r.split()[0] for r in rows]
     # Newest first: the crash ran last, the refine loop first; nested runs are not listed.
-    assert listed == [ids["crashed"], ids["twin2"], ids["twin1"], ids["parent"], ids["capped"], ids["refine"]]
+    expected = ["crashed", "twin2", "twin1", "parent", "capped", "refine", "graph"]
+    assert listed == [ids[k] for k in expected]
     by_id = {r.split()[0]: r.split() for r in rows}
     store = world["store"]
     for rid, cells in by_id.items():
@@ -104,7 +105,7 @@ def test_runs_all_status_limit_and_json(world: dict[str, Any]) -> None:
     store, ids = world["store"], world["ids"]
     every = loomc("runs", "--all", "--limit", "0", db=world["db"])
     _, rows = table(every.stdout, "ID")
-    assert len(rows) == len(store.list_runs()) == 6 + 2 + 4
+    assert len(rows) == len(store.list_runs()) == 7 + 2 + 4 + 2  # roots, children, leaves, graph nodes
     assert {r.split()[0] for r in rows} >= {c.id for c in store.children(ids["parent"])}
 
     crashed = loomc("runs", "--status", "crashed", db=world["db"])
@@ -121,6 +122,9 @@ def test_runs_all_status_limit_and_json(world: dict[str, Any]) -> None:
     assert refine["cost_usd"] == pytest.approx(0.30)
     assert refine["budget"]["iterations"] == {"limit": 12, "used": 7, "left": 5}
     assert refine["name"] == "subjects:refine"
+
+    failed = json.loads(loomc("runs", "--status", "failed", "--json", db=world["db"]).stdout)
+    assert [(d["id"], d["kind"]) for d in failed] == [(ids["graph"], "graph")]
 
     empty = loomc("runs", "--status", "stalled", db=world["db"])
     assert empty.returncode == 0
@@ -216,6 +220,36 @@ def test_show_tree_draws_nested_runs_with_own_and_total_cost(world: dict[str, An
     assert tree["children"][0]["children"][0]["cost_usd"] == pytest.approx(0.001)
 
 
+def test_show_graph_lists_every_node_and_tree_names_them(world: dict[str, Any]) -> None:
+    """A graph run shows one row per node (pending ones included); --tree labels node runs by node."""
+    gid = world["ids"]["graph"]
+    proc = loomc("show", gid, db=world["db"])
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^kind\s+graph$", proc.stdout, re.M)
+    assert re.search(r"^stopped\s+.*summarise.*RuntimeError: rate limit", proc.stdout, re.M)
+    header, rows = table(proc.stdout, "NODE")
+    assert header.split() == ["NODE", "STATUS", "STEPS", "COST", "RUN", "AFTER"]
+    cells = {r.split()[0]: r.split() for r in rows}
+    assert list(cells) == ["gather", "summarise", "publish"]
+    assert cells["gather"][1:4] == ["budget_exhausted", "2", "$0.0400"]
+    assert cells["summarise"][1] == "failed"
+    assert cells["summarise"][5] == "gather"
+    assert cells["publish"][1:5] == ["pending", "0", "$0.0000", "-"]
+
+    tree = loomc("show", gid[:6], "--tree", db=world["db"]).stdout.splitlines()
+    assert tree[0].startswith(f"{gid}  graph subjects-report  failed")
+    assert "total $0.0400" in tree[0]
+    assert any("node gather (subjects:gather)  budget_exhausted  steps 2" in line for line in tree[1:])
+    assert len(tree) == 3
+
+    data = json.loads(loomc("show", gid, "--json", db=world["db"]).stdout)
+    assert [(n["node"], n["status"], n["after"]) for n in data["nodes"]] == [
+        ("gather", "budget_exhausted", []),
+        ("summarise", "failed", ["gather"]),
+        ("publish", "pending", ["summarise"]),
+    ]
+
+
 def test_show_crashed_run_says_so(world: dict[str, Any]) -> None:
     """A run whose process was SIGKILLed shows as crashed, with how to continue."""
     proc = loomc("show", world["ids"]["crashed"], db=world["db"])
@@ -234,8 +268,9 @@ def test_resume_prints_snippet_budget_left_and_function(world: dict[str, Any]) -
     ids = world["ids"]
     out = loomc("resume", ids["capped"], db=world["db"]).stdout
     assert re.search(r"^function\s+subjects:capped$", out, re.M)
-    assert re.search(r"^usd left\s+\$0\.4500 of \$0\.5000 \(\$0\.0500 left\)$", out, re.M)
-    assert re.search(r"^iterations left\s+3 of 3 \(0 left\)$", out, re.M)
+    assert re.search(r"^usd\s+\$0\.0500 left of \$0\.5000 \(\$0\.4500 used\)$", out, re.M)
+    assert re.search(r"^iterations\s+0 left of 3 \(3 used\)$", out, re.M)
+    assert re.search(r"^wall clock\s+no limit \(\S+ used\)$", out, re.M)
     assert f"capped.resume({ids['capped']!r})" in out
     assert "budget=Budget(" in out
     assert f"loomc resume {ids['capped']} --run" in out
