@@ -465,11 +465,14 @@ class AnthropicAdapter(_Adapter):
         client: Any,
         prompt: str = "Reply YES if the task is complete, NO otherwise. One word only.",
         text_fn: Callable[[Any], str] | None = None,
+        *,
+        max_tokens: int = 8,
     ) -> JudgeDetector:
         """A detector that asks this model whether the latest state is done (a reply starting with Y).
 
         The judge's own call is reserved and charged to the run like any wrapped call.
-        ``client`` must be a sync client.
+        ``client`` must be a sync client; ``max_tokens`` bounds the reply (raise it for
+        models that think before they answer).
         """
         messages = getattr(client, "messages", None)
         create = getattr(messages, "create", None)
@@ -479,7 +482,7 @@ class AnthropicAdapter(_Adapter):
         def ask_judge(state: Any) -> bool:
             text = text_fn(state) if text_fn else str(state)
             kwargs: dict[str, Any] = {
-                "model": self.model, "max_tokens": 8,
+                "model": self.model, "max_tokens": max_tokens,
                 "messages": [{"role": "user", "content": f"{prompt}\n\n---\n{text}"}],
             }
             response = self.accounted(kwargs, lambda: client.messages.create(**kwargs))
@@ -593,8 +596,13 @@ class OpenAIAdapter(_Adapter):
         client: Any,
         prompt: str = "Reply YES if the task is complete, NO otherwise. One word only.",
         text_fn: Callable[[Any], str] | None = None,
+        *,
+        max_tokens: int = 8,
     ) -> JudgeDetector:
-        """A detector that asks this model whether the latest state is done; its call is charged to the run."""
+        """A detector that asks this model whether the latest state is done; its call is charged to the run.
+
+        The reply is bounded by ``max_completion_tokens=max_tokens`` (raise it for reasoning models).
+        """
         completions = getattr(getattr(client, "chat", None), "completions", None)
         create = getattr(completions, "create", None)
         if create is not None and _is_async(completions, create):
@@ -603,7 +611,7 @@ class OpenAIAdapter(_Adapter):
         def ask_judge(state: Any) -> bool:
             text = text_fn(state) if text_fn else str(state)
             kwargs: dict[str, Any] = {
-                "model": self.model, "max_tokens": 8,
+                "model": self.model, "max_completion_tokens": max_tokens,
                 "messages": [{"role": "user", "content": f"{prompt}\n\n---\n{text}"}],
             }
             response = self.accounted(kwargs, lambda: client.chat.completions.create(**kwargs))

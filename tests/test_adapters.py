@@ -409,6 +409,7 @@ def test_judge_that_cannot_afford_its_call_stops_the_run(api: FakeAPI, tmp_path:
     api.text = "NO"
     assert verdicts.should_stop([loomc.StepRecord(0, {"x": 1})]) is False
     assert api.paths() == ["/v1/chat/completions"]
+    assert api.requests[0][1]["max_completion_tokens"] == 8
 
 
 def test_judge_refuses_async_clients(api: FakeAPI) -> None:
