@@ -446,3 +446,18 @@ def test_pricing_override_covers_the_models_dated_snapshot(api: FakeAPI) -> None
         resp = type("R", (), {"model": "claude-house-20260101",
                               "usage": type("U", (), {"input_tokens": M, "output_tokens": M})()})()
         assert ad.cost_from_response(resp) == pytest.approx(3.0)
+
+
+def test_openai_stream_without_usage_is_charged_its_full_reservation(api: FakeAPI, tmp_path: Path) -> None:
+    """A chat stream that ends before its usage chunk is charged the whole hold (input estimate + max output)."""
+    api.cut_stream = True
+    ad, client = gpt(api)
+    kwargs: dict[str, Any] = {"model": "gpt-4.1", "messages": HI, "max_completion_tokens": 500}
+    hold = ad.max_cost(kwargs, ad.pricing)
+
+    def body(state: Any) -> None:
+        list(client.chat.completions.create(**kwargs, stream=True))
+
+    result = one_step(body, db=tmp_path / "ocut.db")
+    assert result.cost_usd == pytest.approx(hold)
+    assert hold > gpt41_cost(api.usage)
