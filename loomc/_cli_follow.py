@@ -94,7 +94,7 @@ class Follower:
         head.append(f"run {info.id} ", style="bold")
         head.append(f"{info.name}  ")
         head.append(info.status.value, style=r.STATUS_STYLE.get(info.status, ""))
-        head.append("  " + "   ".join(f"{k} {v}" for k, v in r.budget_lines(info)), style="dim")
+        head.append("\n" + "   ".join(f"{k} {v}" for k, v in r.budget_lines(info)), style="dim")
         parts: list[Any] = [head]
         rows = self.rows[-LIVE_ROWS:]
         if len(self.rows) > LIVE_ROWS:

@@ -102,8 +102,8 @@ def markers(event: str | None) -> str:
 
 def own_cost(info: RunInfo, children: Sequence[RunInfo]) -> float:
     """What the run spent itself: its total minus its direct children's totals."""
-    own = info.cost_usd - sum(c.cost_usd for c in children)
-    return own if own > 5e-9 else 0.0
+    own = round(info.cost_usd - sum(c.cost_usd for c in children), 9)
+    return own if own > 0 else 0.0
 
 
 def budget_lines(info: RunInfo) -> list[tuple[str, str]]:
@@ -183,7 +183,7 @@ def step_dict(rec: StepRecord, cumul: float) -> dict[str, Any]:
     return {
         "step": rec.step_n,
         "cost_usd": rec.cost_usd,
-        "cumul_usd": cumul,
+        "cumul_usd": round(cumul, 9),
         "score": rec.score,
         "error": rec.error,
         "events": [e.strip() for e in (rec.event or "").split(";") if e.strip()],

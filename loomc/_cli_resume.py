@@ -118,6 +118,7 @@ def _checkpoint_path(checkpoint: Any) -> Path | None:
 
 def resume_here(store: Any, info: RunInfo) -> int:
     """Resume ``info`` in this process with live progress; the exit code (0: completed)."""
+    from loomc import _cli_render as r
     from loomc._cli_follow import Follower
     from loomc._runner import AsyncLoopRunner
 
@@ -141,6 +142,7 @@ def resume_here(store: Any, info: RunInfo) -> int:
             else f"{info.name} does not checkpoint to a database file"
         )
     follower = Follower(store, info.id)
+    follower.out.line(f"resuming {info.id} ({info.name}) after {info.steps} committed steps; {r.money(info.cost_usd)} spent so far")
     stop = threading.Event()
     watcher = threading.Thread(target=follower.run_until, args=(stop, 0.2), name="loomc-follow", daemon=True)
     # Steps of a script loaded as __main__ carry another module name: same qualname, same run.

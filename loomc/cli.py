@@ -250,7 +250,7 @@ def show(
         for rec in r.read_steps(store, info.id):
             cumul += rec.cost_usd
             steps.append(r.step_dict(rec, cumul))
-        data["step_rows"] = steps
+        data["history"] = steps
         data["children"] = [r.run_dict(k) for k in kids]
         if info.kind == "graph":
             data["nodes"] = [
@@ -351,6 +351,8 @@ def resume(
     pairs.append(("status", out.status(info.status)))
     if info.stop_reason:
         pairs.append(("stopped", info.stop_reason))
+    elif info.status is RunStatus.CRASHED:
+        pairs.append(("stopped", "its process died; resuming continues from the last committed step"))
     pairs.extend(r.left_lines(info))
     out.kv(pairs)
     out.line()
@@ -428,7 +430,7 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
             {
                 "step": s[0],
                 "cost_usd": s[2],
-                "cumul_usd": cumul,
+                "cumul_usd": round(cumul, 9),
                 "score": s[3],
                 "error": s[5],
                 "events": [e.strip() for e in (s[6] or "").split(";") if e.strip()],
@@ -436,7 +438,7 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
                 "state": decode(s[1], "json"),
             }
         )
-    d["steps_detail"] = steps
+    d["history"] = steps
     d["children"] = [_export_node(store, k, depth + 1) for k in kids] if depth < 50 else []
     return d
 

@@ -177,11 +177,11 @@ def test_show_json_and_nested_rows(world: dict[str, Any]) -> None:
     data = json.loads(loomc("show", ids["refine"], "--json", db=world["db"]).stdout)
     assert data["id"] == ids["refine"]
     assert data["stop_reason"] == "converged"
-    assert [s["step"] for s in data["step_rows"]] == list(range(7))
-    assert data["step_rows"][2]["error"] == "RuntimeError: rate limit"
-    assert data["step_rows"][3]["events"] == ["backtrack to step 1"]
-    assert data["step_rows"][6]["events"] == ["converged"]
-    assert data["step_rows"][6]["cumul_usd"] == pytest.approx(0.30)
+    assert [s["step"] for s in data["history"]] == list(range(7))
+    assert data["history"][2]["error"] == "RuntimeError: rate limit"
+    assert data["history"][3]["events"] == ["backtrack to step 1"]
+    assert data["history"][6]["events"] == ["converged"]
+    assert data["history"][6]["cumul_usd"] == pytest.approx(0.30)
     assert data["children"] == []
 
     proc = loomc("show", ids["parent"], db=world["db"])
@@ -290,22 +290,22 @@ def test_export_whole_subtree_with_states(world: dict[str, Any]) -> None:
     run = data["run"]
     assert run["id"] == ids["parent"]
     assert run["input"] == 0
-    assert [s["state"] for s in run["steps_detail"]] == [2, 4]  # each parent step runs a child to +2
+    assert [s["state"] for s in run["history"]] == [2, 4]  # each parent step runs a child to +2
     assert len(run["children"]) == 2
     first, second = run["children"]
     assert (first["input"], second["input"]) == (0, 2)
-    assert [s["state"] for s in first["steps_detail"]] == [1, 2]
+    assert [s["state"] for s in first["history"]] == [1, 2]
     assert [len(c["children"]) for c in run["children"]] == [2, 2]
-    assert first["children"][0]["steps_detail"][0]["state"] == 1
+    assert first["children"][0]["history"][0]["state"] == 1
 
     refine = json.loads(loomc("export", ids["refine"], db=world["db"]).stdout)["run"]
-    states = [s["state"] for s in refine["steps_detail"]]
+    states = [s["state"] for s in refine["history"]]
     assert states[0] == {"n": 1, "score": 0.2}
-    assert refine["steps_detail"][2]["error"] == "RuntimeError: rate limit"
+    assert refine["history"][2]["error"] == "RuntimeError: rate limit"
 
     crashed = json.loads(loomc("export", ids["crashed"], db=world["db"]).stdout)["run"]
     assert crashed["state_type"] == "__main__:Draft"
-    assert crashed["steps_detail"][0]["state"] == {"n": 1, "text": "x"}
+    assert crashed["history"][0]["state"] == {"n": 1, "text": "x"}
 
 
 def test_watch_streams_steps_as_they_commit(tmp_path: Path) -> None:
