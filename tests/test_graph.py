@@ -13,6 +13,8 @@ from typing import Any
 import anyio
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import loomc
 from loomc import Budget, Escalate, RunStatus, SpecMismatch, SQLiteStore, loop, predicate
@@ -587,3 +589,33 @@ def test_graph_on_a_memory_store(tmp_path: Path) -> None:
     assert again.outputs == result.outputs
     assert all(n.reused for n in again.nodes.values())
     assert not list(tmp_path.iterdir()) or all(p.name != "checkpoints.db" for p in tmp_path.iterdir())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    charges=st.lists(st.lists(st.sampled_from([0.05, 0.1, 0.15, 0.2]), min_size=1, max_size=6), min_size=2, max_size=5),
+    cap=st.sampled_from([0.3, 0.5, 0.8, 1.2]),
+    concurrency=st.sampled_from([None, 2]),
+)
+def test_property_concurrent_nodes_never_cross_the_graph_cap(
+    charges: list[list[float]], cap: float, concurrency: int | None
+) -> None:
+    """Whatever the nodes charge, side by side, the graph's total never crosses its cap and equals the nodes' sum."""
+    g = Graph("prop", checkpoint="memory", budget=Budget(usd=cap), max_concurrency=concurrency)
+    for i, plan in enumerate(charges):
+
+        def step(s: dict[str, Any], plan: list[float] = plan) -> dict[str, Any]:
+            for usd in plan:
+                loomc.charge(usd)
+            return {"n": s["n"] + 1}
+
+        step.__name__ = step.__qualname__ = f"p{i}"
+        g.add(loop(budget=Budget(iterations=3))(step), inputs=lambda up, gi: {"n": 0})
+    result = g.run(None)
+    assert result.cost_usd <= cap + EPS
+    assert sum(n.cost_usd for n in result.nodes.values()) == pytest.approx(result.cost_usd)
+    want = sum(sum(p) * 3 for p in charges)
+    if want <= cap + EPS:
+        assert result.status is RunStatus.COMPLETED
+    else:
+        assert result.status is RunStatus.BUDGET_EXHAUSTED
