@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,3 +23,19 @@ def _isolated_default_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def db(tmp_path: Path) -> str:
     """A fresh SQLite database path in a temporary directory."""
     return str(tmp_path / "loomc.db")
+
+
+@pytest.fixture
+def no_blocking() -> Iterator[Any]:
+    """Fail the test on any blocking call (SQLite, files, sleep) made on an asyncio event loop.
+
+    Opt in with ``pytestmark = pytest.mark.usefixtures("no_blocking")``. Reads of ``/proc``
+    (lease liveness) are memory-backed, not disk I/O, and are allowed.
+    """
+    from blockbuster import blockbuster_ctx
+
+    with blockbuster_ctx() as bb:
+        for name in ("io.BufferedReader.read", "io.FileIO.read", "os.stat", "os.path.exists"):
+            if name in bb.functions:
+                bb.functions[name].can_block_in("loomc/_lease.py", {"_start_time", "is_alive"})
+        yield bb

@@ -6,13 +6,11 @@ import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from blockbuster import BlockBuster, blockbuster_ctx
 
 import loomc
 from loomc import AsyncCheckpointStore, Budget, BudgetExhausted, MemoryStore, RunStatus, SQLiteStore, loop, predicate
@@ -20,24 +18,13 @@ from loomc._astore import AsyncSQLiteStore, ThreadedStore, async_twin
 from loomc._store import NewRun
 from loomc._types import StepRecord
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Every async test runs on asyncio and on trio."""
     return str(request.param)
-
-
-@pytest.fixture(autouse=True)
-def blockbuster() -> Iterator[BlockBuster]:
-    """Fail any test that makes a blocking call (SQLite, files, sleep) on an asyncio event loop."""
-    with blockbuster_ctx() as bb:
-        # Reading /proc (lease liveness) is memory-backed, not disk I/O.
-        for name in ("io.BufferedReader.read", "io.FileIO.read", "os.stat", "os.path.exists"):
-            if name in bb.functions:
-                bb.functions[name].can_block_in("loomc/_lease.py", {"_start_time", "is_alive"})
-        yield bb
 
 
 def counter_loop(db: str, name: str, steps: int, sleep: float, log: list[tuple[str, int, float, float]]) -> Any:
@@ -93,7 +80,7 @@ async def test_two_loops_on_one_database_overlap(db: str) -> None:
         assert max(sa, sb) < min(ea, eb), f"step {n} of a and b did not overlap"
     order = [name for name, *_ in sorted(log, key=lambda r: r[2])]
     assert order != sorted(order)  # interleaved, not a then b
-    assert total < 0.85, f"two 0.5 s loops took {total:.2f}s: they ran one after the other"
+    assert total < 0.9, f"two 0.5 s loops took {total:.2f}s: they ran one after the other"
     assert await off(committed, db) == [("a", n) for n in range(5)] + [("b", n) for n in range(5)]
 
 
@@ -216,12 +203,16 @@ async def test_resume_with_a_larger_wall_clock_continues_from_the_checkpoint(db:
 async def test_an_outer_cancel_marks_the_run_interrupted_and_leaves_the_store_usable(db: str) -> None:
     """Cancelling the caller mid-step records ``interrupted``; the next run on the store works."""
 
+    caller = anyio.CancelScope()
+
     @loop(checkpoint=db, budget=Budget(iterations=10), name="cancelled")
     async def step(state: dict[str, int]) -> dict[str, int]:
-        await anyio.sleep(0.05 if state["n"] < 2 else 30)
+        if state["n"] == 2:
+            caller.cancel()  # the caller gives up while step 2 runs
+        await anyio.sleep(0.01 if state["n"] < 2 else 30)
         return {"n": state["n"] + 1}
 
-    with anyio.move_on_after(0.4):
+    with caller:
         await step.run({"n": 0})
     (info,) = await off(lambda: SQLiteStore(db).list_runs())
     assert info.status is RunStatus.INTERRUPTED
@@ -361,11 +352,14 @@ async def test_async_sqlite_store_matches_the_sync_store(tmp_path: Path, anyio_b
 async def test_nested_async_runs_resume_after_an_outer_cancel(db: str) -> None:
     """Cancel a parent while its async child runs; resuming the parent resumes the child, paying once."""
     ran: list[int] = []
+    outer = anyio.CancelScope()
 
     @loop(checkpoint=db, budget=Budget(usd=1.0), converge_on=predicate(lambda h: h[-1].state["n"] >= 5), name="kid")
     async def kid(state: dict[str, int]) -> dict[str, int]:
         ran.append(state["n"])
-        await anyio.sleep(0.05)
+        if len(ran) == 8:  # the second kid's third step: two of its steps are committed
+            outer.cancel()
+        await anyio.sleep(0.01)
         loomc.charge(0.01)
         return {"n": state["n"] + 1}
 
@@ -375,7 +369,7 @@ async def test_nested_async_runs_resume_after_an_outer_cancel(db: str) -> None:
         loomc.charge(0.005)
         return {"k": state["k"] + 1}
 
-    with anyio.move_on_after(0.4):  # the first kid takes ~0.25 s; the second is cut short
+    with outer:
         await boss.run({"k": 0})
     runs = await off(lambda: SQLiteStore(db).list_runs())
     by = {(r.name, r.parent_step): r for r in runs}
@@ -383,7 +377,7 @@ async def test_nested_async_runs_resume_after_an_outer_cancel(db: str) -> None:
     assert by[("kid", 0)].status is RunStatus.COMPLETED
     assert by[("kid", 1)].status is RunStatus.INTERRUPTED
     done = by[("kid", 1)].steps
-    assert 1 <= done < 5
+    assert done == 2
     ran.clear()
     result = await boss.resume_run(by[("boss", None)].id)
     assert result.status is RunStatus.COMPLETED

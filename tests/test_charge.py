@@ -20,6 +20,7 @@ from loomc import Budget, BudgetExhausted, Reservation, RunStatus, SQLiteStore, 
 from loomc._context import Ledger, _lock
 from loomc._policy import EPS
 
+pytestmark = pytest.mark.usefixtures("no_blocking")
 
 def in_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
     """Run ``fn(i)`` in ``n`` threads started together, each with a copy of the current context."""

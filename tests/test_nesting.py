@@ -20,6 +20,7 @@ import pytest
 import loomc
 from loomc import Budget, BudgetExhausted, RunStatus, SQLiteStore, loop, predicate
 
+pytestmark = pytest.mark.usefixtures("no_blocking")
 
 def runs_table(db: str) -> list[dict[str, Any]]:
     """Every run of the database, oldest first, as dicts."""
@@ -513,7 +514,7 @@ def test_an_ancestors_wall_clock_cancels_an_async_child_mid_step(db: str, backen
     assert first.state == {"n": 0}
     (kid_row,) = (r for r in runs_table(db) if r["name"] == "kid")
     assert kid_row["status"] == "interrupted"  # cancelled from outside its own scope
-    assert 2 <= kid_row["steps"] <= 4
+    assert 1 <= kid_row["steps"] <= 4
     with sqlite3.connect(db) as c:
         (err,) = c.execute("SELECT error FROM steps WHERE run_id=?", (first.run_id,)).fetchone()
     assert "wall_clock" in err
