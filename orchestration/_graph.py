@@ -480,7 +480,7 @@ class _Execution:
         if not force and info.spec_hash != g.structure_hash:
             raise SpecMismatch(
                 f"graph {g.name!r} changed since run {run_id} started (its nodes, their loops or edges differ); "
-                "resume it with the graph as it was, or pass force=True (--force) to continue with this one"
+                "resume it with the graph as it was, or call graph.resume(run_id, force=True) to continue with this one"
             )
         await self.astore.acquire(run_id, self.owner, budget.to_dict() if budget is not None else None)
         limits = budget if budget is not None else Budget.from_dict(info.budget)
