@@ -62,15 +62,13 @@ PIPELINE = textwrap.dedent(
     """
 )
 
-# graph_run(path, graph_name, input_json, input_file, resume, db), driven as `loomc graph run` would.
-RUNNER = (
-    "import sys; from orchestration._cli import graph_run; a = sys.argv[1:]; "
-    "sys.exit(graph_run(a[0], None, a[1] or None, None, a[2] or None, None))"
-)
-
-
 def _cli(pipeline: Path, input_json: str | None, resume: str | None, env: dict[str, str]) -> subprocess.Popen[str]:
-    args = [sys.executable, "-c", RUNNER, str(pipeline), input_json or "", resume or ""]
+    """The real command: ``loomc graph run PIPELINE [--input JSON] [--resume ID]``."""
+    args = [sys.executable, "-m", "loomc", "graph", "run", str(pipeline)]
+    if input_json is not None:
+        args += ["--input", input_json]
+    if resume is not None:
+        args += ["--resume", resume]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -138,6 +136,15 @@ def test_sigkill_mid_node_then_resume_runs_only_what_is_left(tmp_path: Path) -> 
     assert info.cost_usd == pytest.approx(0.09)
     assert sum(k.cost_usd for k in kids_after.values()) == pytest.approx(info.cost_usd)
     assert [s.state for s in store.load_steps(kids_after["final"].id)] == [{"v": 4, "ok": True}]
+
+    # `loomc runs` lists the graph as one root; `loomc show --tree` draws it with its nodes.
+    runs = subprocess.run([sys.executable, "-m", "loomc", "runs", "--db", str(db)], capture_output=True, text=True,
+                          timeout=30, check=True).stdout
+    assert graph_info.id in runs
+    assert not any(k.id in runs for k in kids_after.values())
+    tree = subprocess.run([sys.executable, "-m", "loomc", "show", graph_info.id, "--tree", "--db", str(db)],
+                          capture_output=True, text=True, timeout=30, check=True).stdout
+    assert all(k.id in tree for k in kids_after.values())
 
 
 def test_sigterm_interrupts_every_node_cleanly_and_resume_finishes(tmp_path: Path) -> None:
