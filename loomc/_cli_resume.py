@@ -116,8 +116,14 @@ def _checkpoint_path(checkpoint: Any) -> Path | None:
     return Path(path) if path is not None else None
 
 
-def resume_here(store: Any, info: RunInfo) -> int:
-    """Resume ``info`` in this process with live progress; the exit code (0: completed)."""
+def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
+    """Resume ``info`` in this process with live progress; the exit code (0: completed).
+
+    Args:
+        store: the database being read (the run's function must checkpoint to it).
+        info: the run to resume (a root loop run).
+        budget: new limits (a ``Budget``), or ``None`` to keep the run's own.
+    """
     from loomc import _cli_render as r
     from loomc._cli_follow import Follower
     from loomc._runner import AsyncLoopRunner
@@ -152,9 +158,9 @@ def resume_here(store: Any, info: RunInfo) -> int:
         if isinstance(runner, AsyncLoopRunner):
             import anyio
 
-            result = anyio.run(lambda: runner.resume_run(info.id, force=force))
+            result = anyio.run(lambda: runner.resume_run(info.id, budget=budget, force=force))
         else:
-            result = runner.resume_run(info.id, force=force)
+            result = runner.resume_run(info.id, budget=budget, force=force)
     finally:
         stop.set()
         watcher.join()
@@ -162,4 +168,9 @@ def resume_here(store: Any, info: RunInfo) -> int:
         follower.close()
     if result.error is not None and result.status is RunStatus.FAILED:
         sys.stderr.write(f"loomc: run {info.id} failed: {type(result.error).__name__}: {result.error}\n")
+    elif result.status is RunStatus.BUDGET_EXHAUSTED:
+        sys.stderr.write(
+            f"loomc: run {info.id} stopped ({result.stop_reason}); give it more with "
+            f"`loomc resume {info.id} --run --usd/--iterations/--wall-clock ...`\n"
+        )
     return 0 if result.status is RunStatus.COMPLETED else 1

@@ -332,17 +332,39 @@ def _import_hint(info: RunInfo) -> tuple[str, str]:
 def resume(
     run_id: RunIdArg,
     run: Annotated[bool, typer.Option("--run", help="Import the run's function (from the working directory) and resume it now.")] = False,
+    usd: Annotated[
+        float | None,
+        typer.Option("--usd", help="With --run: a new USD limit (the only way to get more).", show_default=False),
+    ] = None,
+    iterations: Annotated[
+        int | None,
+        typer.Option("--iterations", help="With --run: a new iteration limit.", show_default=False),
+    ] = None,
+    wall_clock: Annotated[
+        str | None,
+        typer.Option("--wall-clock", help="With --run: a new wall-clock limit (30s, 10m, 1h30m).", show_default=False),
+    ] = None,
     db: DbOpt = None,
 ) -> None:
     """How to resume a run, and what is left of its budget; --run resumes it here, with live progress."""
     from loomc import _cli_render as r
 
+    new_limits = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
+    if new_limits and not run:
+        raise typer.BadParameter("new limits apply to a resume: add --run", param_hint="--usd/--iterations/--wall-clock")
     store = _open(db)
     info = _run(store, run_id)
     if run:
+        from loomc._budget import Budget
         from loomc._cli_resume import resume_here
 
-        raise typer.Exit(resume_here(store, info))
+        budget = None
+        if new_limits:
+            try:
+                budget = Budget.from_dict({**(info.budget or {}), **new_limits})
+            except (TypeError, ValueError) as exc:
+                raise typer.BadParameter(str(exc), param_hint="--usd/--iterations/--wall-clock") from exc
+        raise typer.Exit(resume_here(store, info, budget))
     out = r.Output()
     pairs: list[tuple[str, Any]] = [("run", info.id), ("function", info.name or "-")]
     file = info.meta.get("file")
@@ -382,6 +404,8 @@ def resume(
     out.line(f"    state = {fn}.resume({rid!r}, budget=Budget(usd=..., iterations=..., wall_clock=...))")
     out.line("or from here (imports the function from the working directory):")
     out.line(f"    loomc resume {rid} --run")
+    if info.status is RunStatus.BUDGET_EXHAUSTED:
+        out.line(f"    loomc resume {rid} --run --usd ... --iterations ... --wall-clock ...")
 
 
 # ---------------------------------------------------------------------------------

@@ -408,6 +408,34 @@ def test_resume_run_imports_a_module_from_the_working_directory(tmp_path: Path) 
     assert subjects.committed_steps(db, info.id) == list(range(5))
 
 
+def test_resume_run_with_new_limits_continues_a_budget_exhausted_run(tmp_path: Path) -> None:
+    """A run stopped by its iteration cap resumes only with a larger cap, given on the command line."""
+    db = tmp_path / "cap.db"
+    proc = subjects.start_script(tmp_path, db, steps=100, sleep=0.0)
+    assert proc.wait(timeout=30) == 0
+    store = SQLiteStore(db, create=False)
+    info = store.list_runs()[0]
+    assert (info.status, info.steps) == (RunStatus.BUDGET_EXHAUSTED, 40)
+    env = {**os.environ, "STEPS": "43", "STEP_SLEEP": "0"}
+    hint = loomc("resume", info.id, db=db)
+    assert f"loomc resume {info.id} --run --usd ... --iterations ..." in hint.stdout
+
+    same = loomc("resume", info.id, "--run", db=db, cwd=tmp_path, env=env)
+    assert same.returncode == 1
+    assert "give it more" in same.stderr
+    assert "Traceback" not in same.stderr
+    assert store.get_run(info.id).steps == 40  # type: ignore[union-attr]
+
+    assert loomc("resume", info.id, "--iterations", "45", db=db).returncode == 2  # limits need --run
+    more = loomc("resume", info.id, "--run", "--iterations", "45", db=db, cwd=tmp_path, env=env)
+    assert more.returncode == 0, more.stderr
+    after = store.get_run(info.id)
+    assert after is not None
+    assert (after.status, after.steps) == (RunStatus.COMPLETED, 43)
+    assert after.budget["iterations"] == 45
+    assert after.budget["usd"] == 1.0  # limits not given keep their value
+
+
 def test_resume_run_refuses_what_it_cannot_import(world: dict[str, Any]) -> None:
     """Loops defined inside a function, or nested runs, are refused with what to do instead."""
     ids = world["ids"]
