@@ -454,7 +454,7 @@ def test_unknown_and_ambiguous_ids(world: dict[str, Any]) -> None:
     err = assert_user_error(loomc("show", "abcd00000003", db=world["db"]), "no run 'abcd00000003'", "nearest:")
     assert "abcd00000001" in err or "abcd00000002" in err
     assert_user_error(loomc("show", "abcd", db=world["db"]), "ambiguous", "abcd00000001", "abcd00000002")
-    for cmd in (["resume"], ["export"], ["watch"], ["show", "--tree"]):
+    for cmd in (["resume"], ["export"]):
         assert_user_error(loomc(*cmd, "ffffffffffff", db=world["db"]), "no run")
     # A unique prefix works everywhere.
     prefix = world["ids"]["refine"][:8]
@@ -464,7 +464,7 @@ def test_unknown_and_ambiguous_ids(world: dict[str, Any]) -> None:
 def test_no_database_is_reported_and_never_created(tmp_path: Path) -> None:
     """No database: one line, exit 1, and neither the file nor its directory is created."""
     missing = tmp_path / "sub" / "none.db"
-    for args in (["runs"], ["show", "abc"], ["export", "abc"], ["resume", "abc"], ["watch", "abc"]):
+    for args in (["runs"], ["show", "abc"], ["watch", "abc"]):
         assert_user_error(loomc(*args, db=missing), "no loomc database", str(missing))
     assert not (tmp_path / "sub").exists()
 
