@@ -36,6 +36,7 @@ class Follower:
         self.info: RunInfo | None = None
         self._live: Any = None
         self._started = False
+        self._header_printed = False
 
     # -- polling ------------------------------------------------------------------
     def poll(self) -> bool:
@@ -55,6 +56,9 @@ class Follower:
             self.rows.append(cells)
             self.last_step = rec.step_n
             if not self.out.tty:
+                if not self._header_printed:
+                    self.out.line(r.stream_header())
+                    self._header_printed = True
                 self.out.line(r.stream_row(cells))
         changed = []
         for k in kids:
@@ -66,7 +70,9 @@ class Follower:
         self.kid_infos = kids
         if not self.out.tty:
             for k in changed:
-                self.out.line(f"  nested {k.id} {k.name}: {k.status.value} ({k.steps} steps, {r.money(k.cost_usd)})")
+                node = k.meta.get("node")
+                what = f"node {node} ({k.id})" if k.kind == "node" and node else f"nested {k.id} {k.name}"
+                self.out.line(f"  {what}: {k.status.value} ({k.steps} steps, {r.money(k.cost_usd)})")
             self.out.flush()
         elif self._live is not None:
             self._live.update(self._view())
@@ -81,7 +87,6 @@ class Follower:
             self._live.start()
         else:
             self.out.line(f"run {info.id} ({info.name}): {info.status.value}")
-            self.out.line(r.stream_header())
             self.out.flush()
 
     def _view(self) -> Any:
