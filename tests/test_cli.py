@@ -349,6 +349,10 @@ def test_watch_ends_at_once_on_a_finished_or_crashed_run(world: dict[str, Any]) 
     proc = loomc("watch", ids["crashed"], db=world["db"], timeout=10)
     assert proc.returncode == 0
     assert proc.stdout.splitlines()[-1].startswith(f"run {ids['crashed']} crashed")
+    graph = loomc("watch", ids["graph"], db=world["db"], timeout=10).stdout.splitlines()
+    assert any(re.match(r"^  node gather \(\w{12}\): budget_exhausted \(2 steps, \$0\.0400\)$", line) for line in graph)
+    assert any(re.match(r"^  node summarise \(\w{12}\): failed", line) for line in graph)
+    assert graph[-1].startswith(f"run {ids['graph']} failed: ")
     done = loomc("watch", ids["refine"], db=world["db"], timeout=10)
     assert done.stdout.splitlines()[-1] == f"run {ids['refine']} completed: converged (7 steps, $0.3000)"
 
