@@ -32,6 +32,36 @@ def loomc(
     return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env if env is not None else dict(os.environ), timeout=timeout)
 
 
+def on_terminal(*args: str, db: Path) -> str:
+    """Run ``loomc ARGS`` with stdout on a pseudo-terminal; its output with ANSI codes kept."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "140", "LINES": "50", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "loomc", *args, "--db", str(db)], stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=20) == 0
+    assert proc.stderr is not None
+    proc.stderr.close()
+    return b"".join(chunks).decode()
+
+
+def plain(text: str) -> str:
+    """``text`` without ANSI escape sequences and carriage returns."""
+    return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", text).replace("\r", "")
+
+
 def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str, code: int = 1) -> str:
     """One line on stderr starting ``loomc:``, no traceback, the given exit code."""
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
@@ -257,6 +287,28 @@ def test_show_crashed_run_says_so(world: dict[str, Any]) -> None:
     assert re.search(r"^stopped\s+its process died", proc.stdout, re.M)
     _, rows = table(proc.stdout, "STEP")
     assert len(rows) >= 2
+
+
+def test_terminal_output_is_drawn_with_rich(world: dict[str, Any]) -> None:
+    """On a terminal the same rows are drawn by rich, with colour and a rule under the header."""
+    ids = world["ids"]
+    shown = on_terminal("show", ids["refine"], db=world["db"])
+    assert ANSI.search(shown)
+    text = plain(shown)
+    assert "─" in text
+    assert re.search(r"RuntimeError: rate limit\s+<- backtrack to step 1", text)
+    assert re.search(r"^\s*6\s+\$0\.0500\s+\$0\.3000\s+0\.800\s+<- converged", text, re.M)
+
+    tree = plain(on_terminal("show", ids["parent"], "--tree", db=world["db"]))
+    for child in world["store"].children(ids["parent"]):
+        assert child.id in tree
+
+    runs = plain(on_terminal("runs", db=world["db"]))
+    assert re.search(rf"^{ids['crashed']}\s+crashed\s+\d+\s+\$", runs, re.M)
+
+    watched = plain(on_terminal("watch", ids["refine"], db=world["db"]))
+    assert "<- converged" in watched
+    assert f"run {ids['refine']} completed: converged (7 steps, $0.3000)" in watched
 
 
 # ---------------------------------------------------------------------------------
