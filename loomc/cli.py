@@ -45,9 +45,6 @@ DbOpt = Annotated[
 RunIdArg = Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id, or a unique prefix of one.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
-#: Statuses after which ``watch`` stops following a run.
-_ENDED = frozenset(s for s in RunStatus if s is not RunStatus.RUNNING)
-
 
 class _Fail(Exception):
     """A user error found by the CLI itself: printed as one line, exit 1."""
@@ -142,13 +139,13 @@ def runs(
 # show
 
 
-def _tree_json(store: SQLiteStore, info: RunInfo) -> dict[str, Any]:
+def _tree_json(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
     from loomc import _cli_render as r
 
     kids = store.children(info.id)
     d = r.run_dict(info)
     d["own_cost_usd"] = r.own_cost(info, kids)
-    d["children"] = [_tree_json(store, k) for k in kids]
+    d["children"] = [_tree_json(store, k, depth + 1) for k in kids] if depth < 50 else []
     return d
 
 
