@@ -86,7 +86,16 @@ def _open(db: Path | None) -> SQLiteStore:
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a loomc database; pass --db FILE")
     store = SQLiteStore(path, create=False)
-    store.conn  # noqa: B018 - open now, so a bad file is reported before any output
+    from loomc import _sql
+
+    version = store._read("PRAGMA user_version")[0][0]
+    if version < _sql.SCHEMA_VERSION:
+        # Readers never migrate; the first loop (or writable store) to open the file does.
+        raise StoreError(
+            f"{path} was written by an older loomc (schema v{version}, this loomc uses v{_sql.SCHEMA_VERSION}); "
+            f"upgrade it once by opening it for writing, e.g. "
+            f'python -c "import loomc; loomc.SQLiteStore({str(path)!r}).list_runs()"'
+        )
     return store
 
 

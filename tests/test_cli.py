@@ -534,7 +534,7 @@ def test_no_database_is_reported_and_never_created(tmp_path: Path) -> None:
 
 
 def test_bad_files_are_refused_and_left_untouched(tmp_path: Path) -> None:
-    """Random bytes, a foreign SQLite file, a newer schema: one clear line each, the file unchanged."""
+    """Random bytes, a foreign SQLite file, a newer or older schema: one clear line each, the file unchanged."""
     junk = tmp_path / "junk.db"
     junk.write_bytes(os.urandom(4096))
     foreign = tmp_path / "foreign.db"
@@ -544,11 +544,16 @@ def test_bad_files_are_refused_and_left_untouched(tmp_path: Path) -> None:
     with sqlite3.connect(newer) as c:
         c.execute("CREATE TABLE runs (id TEXT PRIMARY KEY)")
         c.execute("PRAGMA user_version=99")
-    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (junk, foreign, newer)}
+    older = tmp_path / "older.db"  # a loomc 0.3.0 database: schema v0
+    with sqlite3.connect(older) as c:
+        c.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, spec_hash TEXT, status TEXT, created_at TEXT, updated_at TEXT)")
+        c.execute("INSERT INTO runs VALUES ('abc123def456', 'h', 'completed', '2025-01-01', '2025-01-01')")
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (junk, foreign, newer, older)}
 
     assert_user_error(loomc("runs", db=junk), "not a usable loomc database")
     assert_user_error(loomc("show", "abc", db=foreign), "not a loomc one", "invoices")
     assert_user_error(loomc("runs", db=newer), "newer loomc", "v99", "upgrade loomc")
+    assert_user_error(loomc("show", "abc", db=older), "older loomc", "schema v0", "loomc.SQLiteStore(")
     for path, digest in digests.items():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert not (tmp_path / "newer.db-wal").exists() or (tmp_path / "newer.db-wal").stat().st_size == 0
