@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -162,12 +163,14 @@ def _migrate_0(conn: sqlite3.Connection) -> None:
 
 
 def _history_record(row: tuple[Any, ...], loader: Any) -> StepRecord:
-    from datetime import datetime
-
-    return StepRecord.lazy(
-        row[0], loader, cost_usd=row[1], score=row[2],
-        timestamp=datetime.fromisoformat(row[3]), error=row[4], event=row[5],
+    # Called once per step of a resumed run (10,000 times for a long one): kept lean.
+    return _lazy_record(
+        row[0], loader, cost_usd=row[1], score=row[2], timestamp=_fromisoformat(row[3]), error=row[4], event=row[5],
     )
+
+
+_lazy_record = StepRecord.lazy
+_fromisoformat = datetime.fromisoformat
 
 
 class SQLiteStore:
