@@ -85,18 +85,35 @@ def _open(db: Path | None) -> SQLiteStore:
     path = db if db is not None else default_db_path()
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a loomc database; pass --db FILE")
+    _refuse_older(path)
     store = SQLiteStore(path, create=False)
+    store.conn  # noqa: B018 - open now, so a bad file is reported before any output
+    return store
+
+
+def _refuse_older(path: Path) -> None:
+    """Refuse, untouched, a database an older loomc wrote: readers never migrate one."""
+    import sqlite3
+
     from loomc import _sql
 
-    version = store._read("PRAGMA user_version")[0][0]
-    if version < _sql.SCHEMA_VERSION:
-        # Readers never migrate; the first loop (or writable store) to open the file does.
+    if not path.is_file():
+        return  # the store reports a missing file
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            has_runs = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return  # not a database at all: the store says so
+    if has_runs and version < _sql.SCHEMA_VERSION:
         raise StoreError(
             f"{path} was written by an older loomc (schema v{version}, this loomc uses v{_sql.SCHEMA_VERSION}); "
-            f"upgrade it once by opening it for writing, e.g. "
+            "upgrade it once by opening it for writing, e.g. "
             f'python -c "import loomc; loomc.SQLiteStore({str(path)!r}).list_runs()"'
         )
-    return store
 
 
 def _run(store: SQLiteStore, run_id: str) -> RunInfo:
