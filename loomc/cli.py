@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main"]
 
+#: Help and usage errors are drawn by rich on a terminal, as plain text otherwise (faster, parseable).
+_MARKUP: Any = "rich" if sys.stdout.isatty() else None
+
 app = typer.Typer(
     name="loomc",
+    rich_markup_mode=_MARKUP,
     help="Durable, budgeted agent loops: see every run, every step, every cost.",
     no_args_is_help=True,
     add_completion=False,
@@ -33,6 +37,7 @@ app = typer.Typer(
 )
 graph_app = typer.Typer(
     help="Run and draw multi-agent graphs (orchestration.Graph).",
+    rich_markup_mode=_MARKUP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
