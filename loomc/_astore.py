@@ -156,6 +156,8 @@ class AsyncSQLiteStore:
             await self._connect()
         except BaseException:
             self._users -= 1
+            if self._users == 0 and self._conn is None:
+                self._loop = self._lock = None  # nothing open: keep no reference to the loop
             raise
         return self
 
