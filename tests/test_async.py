@@ -468,3 +468,4 @@ async def test_an_unusable_database_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(loomc.StoreError, match=r"notes\.db"):
         await step.run({"n": 0})
     assert await _threads_gone()
+    assert all(t._loop is None for t in _all_twins())  # nothing holds on to the event loop
