@@ -102,7 +102,8 @@ class AsyncSQLiteStore:
     Same file format, methods and semantics as :class:`~loomc.SQLiteStore`, awaited.
     One connection (running in aiosqlite's thread) serves every task of one event loop;
     transactions are serialised on it and shielded from cancellation, so a cancelled
-    task never leaves one half done. Use it as an async context manager, or call
+    task never leaves one half done; steps committed by several tasks at once share one
+    transaction (a group commit). Use it as an async context manager, or call
     :meth:`aclose` when done; it runs on asyncio only (under trio loomc offloads the
     sync store to worker threads instead).
 
@@ -110,6 +111,8 @@ class AsyncSQLiteStore:
         path: the database file (default ``$LOOMC_DB`` or ``.loomc/checkpoints.db``).
         durability: ``"power"`` or ``"process"``, as for ``SQLiteStore``.
         create: when ``False``, a missing database is a :class:`~loomc.StoreError`.
+        sync: the :class:`~loomc.SQLiteStore` to mirror (its path and durability), instead
+            of ``path``/``durability``/``create``.
     """
 
     is_async = True
