@@ -106,9 +106,19 @@ class Follower:
             parts.append(Text(f"... {len(self.rows) - LIVE_ROWS} earlier steps", style="dim"))
         if rows:
             parts.append(self.out.rich_table(r.STEP_COLS, rows))
-        else:
+        elif info.kind != "graph":
             parts.append(Text("waiting for the first step to commit ...", style="dim"))
-        if self.kid_infos:
+        if self.kid_infos and info.kind == "graph":
+            parts.append(
+                self.out.rich_table(
+                    (r.Col("NODE"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True), r.Col("RUN")),
+                    [
+                        [str(k.meta.get("node", k.name)), self.out.status(k.status), str(k.steps), r.money(k.cost_usd), k.id]
+                        for k in self.kid_infos
+                    ],
+                )
+            )
+        elif self.kid_infos:
             parts.append(
                 self.out.rich_table(
                     (r.Col("NESTED"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True), r.Col("NAME")),
