@@ -355,7 +355,11 @@ def test_export_whole_subtree_with_states(world: dict[str, Any]) -> None:
     assert states[0] == {"n": 1, "score": 0.2}
     assert refine["history"][2]["error"] == "RuntimeError: rate limit"
 
-    crashed = json.loads(loomc("export", ids["crashed"], db=world["db"]).stdout)["run"]
+    target = world["folder"] / "export.json"
+    written = loomc("export", ids["crashed"], "-o", str(target), db=world["db"])
+    assert written.returncode == 0
+    assert written.stdout == ""
+    crashed = json.loads(target.read_text())["run"]
     assert crashed["state_type"] == "__main__:Draft"
     assert crashed["history"][0]["state"] == {"n": 1, "text": "x"}
 
