@@ -36,11 +36,11 @@ class Worker:
         """The next line the worker printed (``None`` once it exited)."""
         return self.lines.get(timeout=timeout)
 
-    def go(self, db: Path, run_id: str, target: int, jitter: float = 0.004) -> None:
+    def go(self, db: Path, run_id: str, target: int, jitter: float = 0.004, flavor: str = "sync-power") -> None:
         """Wait until warm, then start (or resume) ``run_id``."""
         assert self.next_line() == "ready"
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"go {db} {run_id} {target} {jitter}\n")
+        self.proc.stdin.write(f"go {db} {run_id} {target} {jitter} {flavor}\n")
         self.proc.stdin.flush()
 
     def finish(self, timeout: float = 60.0) -> str:

@@ -26,14 +26,19 @@ TARGET = 30  # steps per run
 def _reference(tmp_path: Path) -> dict[str, object]:
     w = Worker()
     try:
-        w.go(tmp_path / "reference.db", "reference", TARGET)
+        w.go(tmp_path / "reference.db", "reference", TARGET)  # a sync run: every flavor must end like it
         return dict(json.loads(w.finish()))
     finally:
         w.close()
 
 
-def test_fifty_sigkills_lose_no_committed_step(tmp_path: Path) -> None:
-    """50 SIGKILLs (during steps and during commits); nothing committed is lost, results match."""
+@pytest.mark.parametrize(("flavor", "kills_wanted"), [("sync-power", KILLS), ("async-process", 20)])
+def test_sigkills_lose_no_committed_step(tmp_path: Path, flavor: str, kills_wanted: int) -> None:
+    """SIGKILLs during steps and during commits: nothing committed is lost, results match.
+
+    50 kills of a sync loop (``durability="power"``), 20 of an async loop on the aiosqlite
+    store (``durability="process"``, which must survive any process crash too).
+    """
     rng = random.Random(20240611)
     db = tmp_path / "storm.db"
     ref = _reference(tmp_path)
@@ -48,9 +53,9 @@ def test_fifty_sigkills_lose_no_committed_step(tmp_path: Path) -> None:
     landed_before_commit = 0
     finished_runs: list[dict[str, object]] = []
     try:
-        while sum(kills.values()) < KILLS:
+        while sum(kills.values()) < kills_wanted:
             w, spare = spare, Worker()
-            w.go(db, run_id, TARGET)
+            w.go(db, run_id, TARGET, flavor=flavor)
             mode = "step" if sum(kills.values()) % 2 == 0 else "commit"
             marker = "s" if mode == "step" else "c"
             wanted = rng.randint(1, 4)
@@ -103,7 +108,7 @@ def test_fifty_sigkills_lose_no_committed_step(tmp_path: Path) -> None:
 
         # Finish the run the last kill interrupted, undisturbed.
         w, spare = spare, Worker()
-        w.go(db, run_id, TARGET)
+        w.go(db, run_id, TARGET, flavor=flavor)
         done = json.loads(w.finish())
         w.close()
         assert done == ref
@@ -115,7 +120,7 @@ def test_fifty_sigkills_lose_no_committed_step(tmp_path: Path) -> None:
     finally:
         spare.close()
 
-    assert kills == {"step": KILLS // 2, "commit": KILLS // 2}
+    assert kills == {"step": kills_wanted // 2, "commit": kills_wanted // 2}
     assert len(finished_runs) >= 2
-    print(f"kill storm: {kills}, {landed_before_commit} commit-phase kills landed before the commit, "
+    print(f"kill storm ({flavor}): {kills}, {landed_before_commit} commit-phase kills landed before the commit, "
           f"{len(finished_runs)} runs finished identical to the uninterrupted run")

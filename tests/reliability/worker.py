@@ -34,21 +34,39 @@ def digest(state: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make(db: str, target: int, jitter: float) -> Any:
-    """The loop under test."""
+def make(db: str, target: int, jitter: float, flavor: str = "sync-power") -> Any:
+    """The loop under test: ``sync-power`` (a sync loop, the default durability) or
+    ``async-process`` (an async loop on the aiosqlite store, ``durability="process"``)."""
+    budget = Budget(usd=1000.0, iterations=10 * target)
+    converged = predicate(lambda h: h[-1].state["n"] >= target)
 
-    @loop(
-        checkpoint=db,
-        budget=Budget(usd=1000.0, iterations=10 * target),
-        converge_on=predicate(lambda h: h[-1].state["n"] >= target),
-        name="reliability-subject",
-    )
+    def advance(state: dict[str, Any]) -> dict[str, Any]:
+        n = state["n"]
+        return {"n": n + 1, "acc": state["acc"] + n * n, "blob": payload(n), "trail": [*state["trail"][-20:], n]}
+
+    if flavor == "async-process":
+
+        @loop(checkpoint=db, budget=budget, converge_on=converged, durability="process", name="reliability-subject")
+        async def awork(state: dict[str, Any]) -> dict[str, Any]:
+            import asyncio
+
+            n = state["n"]
+            print(f"s{n}", flush=True)
+            loomc.charge(step_cost(n))
+            await asyncio.sleep(random.uniform(0, jitter))
+            new = advance(state)
+            print(f"c{n}", flush=True)
+            return new
+
+        return awork
+
+    @loop(checkpoint=db, budget=budget, converge_on=converged, name="reliability-subject")
     def work(state: dict[str, Any]) -> dict[str, Any]:
         n = state["n"]
         print(f"s{n}", flush=True)
         loomc.charge(step_cost(n))
         time.sleep(random.uniform(0, jitter))
-        new = {"n": n + 1, "acc": state["acc"] + n * n, "blob": payload(n), "trail": [*state["trail"][-20:], n]}
+        new = advance(state)
         print(f"c{n}", flush=True)
         return new
 
@@ -63,10 +81,17 @@ def main() -> None:
         return
     _, db, run_id, target = line[:4]
     jitter = float(line[4]) if len(line) > 4 else 0.004
-    work = make(db, int(target), jitter)
+    flavor = line[5] if len(line) > 5 else "sync-power"
+    work = make(db, int(target), jitter, flavor)
     store = work.store()
     start = {"n": 0, "acc": 0, "blob": "", "trail": []}
-    res = work.run(start, run_id=run_id) if store.get_run(run_id) is None else work.resume_run(run_id)
+    fresh = store.get_run(run_id) is None
+    if flavor == "async-process":
+        import asyncio
+
+        res = asyncio.run(work.run(start, run_id=run_id) if fresh else work.resume_run(run_id))
+    else:
+        res = work.run(start, run_id=run_id) if fresh else work.resume_run(run_id)
     print("done " + json.dumps({"status": res.status.value, "steps": res.steps, "cost": res.cost_usd,
                                 "digest": digest(res.state)}), flush=True)
 
