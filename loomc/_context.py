@@ -45,6 +45,9 @@ class Ledger:
         self.context = context
         self.total_iterations = 0
         self.holds: set[Reservation] = set()  # open reservations made on this ledger
+        # What this run holds against its ancestors' caps for the step in flight (its
+        # next-step estimate): spending that passes through it draws the hold down first.
+        self.step_hold = 0.0
 
     @property
     def total_cost_usd(self) -> float:
@@ -75,14 +78,39 @@ class Ledger:
                         wall, wall_owner = w, led.run_id
         return Headroom(usd, usd_owner, usd_cap, wall, wall_owner)
 
-    def _refuse(self, usd: float) -> BudgetExhausted | None:
-        for led in self.chain():
-            if led.usd_cap is not None and led.spent + led.reserved + usd > led.usd_cap + EPS:
+    def _draws(self, usd: float) -> tuple[list[Ledger], list[float], list[float]]:
+        """The chain, and for each ledger the part of ``usd`` covered by step holds below it.
+
+        Returns ``(chain, covered, takes)``: ``covered[i]`` is what holders strictly below
+        ``chain[i]`` already hold of ``usd`` there; ``takes[i]`` is what ``chain[i]``'s own
+        hold contributes (to the ledgers above it).
+        """
+        chain = list(self.chain())
+        covered, takes = [], []
+        drawn = 0.0
+        for led in chain:
+            covered.append(drawn)
+            take = min(max(usd - drawn, 0.0), led.step_hold) if led.step_hold > 0 else 0.0
+            takes.append(take)
+            drawn += take
+        return chain, covered, takes
+
+    def _refuse(self, usd: float, chain: list[Ledger], covered: list[float]) -> BudgetExhausted | None:
+        for led, cov in zip(chain, covered, strict=True):
+            if led.usd_cap is not None and led.spent + led.reserved - cov + usd > led.usd_cap + EPS:
                 return BudgetExhausted(
                     "usd", led.spent, led.usd_cap, run_id=self.run_id, owner=led.run_id,
                     requested=usd, state=None,
                 )
         return None
+
+    @staticmethod
+    def _consume(chain: list[Ledger], covered: list[float], takes: list[float]) -> None:
+        for led, cov, take in zip(chain, covered, takes, strict=True):
+            if cov:
+                led.reserved = round(led.reserved - cov, 12)
+            if take:
+                led.step_hold = round(led.step_hold - take, 12)
 
     def charge(self, usd: float, *, enforce: bool = True) -> None:
         """Record ``usd`` spent on this run and every ancestor at once.
@@ -91,24 +119,64 @@ class Ledger:
         with :class:`BudgetExhausted` and nothing is recorded.
         """
         with _lock:
+            chain, covered, takes = self._draws(usd)
             if enforce and usd > 0:
-                err = self._refuse(usd)
+                err = self._refuse(usd, chain, covered)
                 if err is not None:
                     raise err
-            for led in self.chain():
+            self._consume(chain, covered, takes)
+            for led in chain:
                 led.spent = round(led.spent + usd, 12)
 
     def reserve(self, usd: float) -> Reservation:
         """Hold ``usd`` against every cap in the chain until settled."""
         with _lock:
-            err = self._refuse(usd)
+            chain, covered, takes = self._draws(usd)
+            err = self._refuse(usd, chain, covered)
             if err is not None:
                 raise err
-            for led in self.chain():
+            self._consume(chain, covered, takes)
+            for led in chain:
                 led.reserved = round(led.reserved + usd, 12)
             hold = Reservation(self, usd)
             self.holds.add(hold)
         return hold
+
+    def available(self) -> float | None:
+        """The most this run could charge right now: the tightest cap left, its own holds counted."""
+        with _lock:
+            chain, covered, _ = self._draws(float("inf"))
+            left = [
+                led.usd_cap - led.spent - led.reserved + cov
+                for led, cov in zip(chain, covered, strict=True)
+                if led.usd_cap is not None
+            ]
+        return min(left) if left else None
+
+    def hold_step(self, usd: float) -> BudgetExhausted | None:
+        """Hold the next step's estimate against every ancestor's cap (concurrent siblings).
+
+        Returns the refusal instead of raising when an ancestor cannot afford it.
+        """
+        if usd <= 0 or self.parent is None:
+            return None
+        with _lock:
+            ancestors = list(self.parent.chain())
+            err = self._refuse(usd, ancestors, [0.0] * len(ancestors))
+            if err is not None:
+                return err
+            for led in ancestors:
+                led.reserved = round(led.reserved + usd, 12)
+            self.step_hold = round(self.step_hold + usd, 12)
+        return None
+
+    def release_step(self) -> None:
+        """Give back what is left of the step's hold."""
+        with _lock:
+            left, self.step_hold = self.step_hold, 0.0
+            if left and self.parent is not None:
+                for led in self.parent.chain():
+                    led.reserved = round(led.reserved - left, 12)
 
     def settle_open(self) -> float:
         """Settle the holds a step left open at their full amount (never under-count); their total."""

@@ -126,7 +126,7 @@ class RunContext:
         iters = None if self.budget.iterations is None else max(0, self.budget.iterations - self.iterations)
         return RunView(
             run_id=self.run_id, name=self.name, step=self.step_n, parent_run_id=self.parent_run_id,
-            usd_spent=led.spent, usd_remaining=room.usd, iterations_remaining=iters,
+            usd_spent=led.spent, usd_remaining=led.available(), iterations_remaining=iters,
             wall_clock_remaining=room.wall_s,
         )
 
@@ -252,6 +252,10 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             ctx.iterations = iterations
             used = Usage(ledger.spent, iterations, wall_base + (now - t0), max_step_cost)
             stop = check_budget(budget, used, ledger.headroom(now))
+            if stop is None and (refused := ledger.hold_step(max_step_cost)) is not None:
+                # a concurrent sibling took the enclosing run's headroom since the check
+                stop = Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: usd (enclosing run {refused.owner})", "usd",
+                            refused.used, refused.cap, refused.owner)
             if stop is not None:
                 yield StoreOp(store, "finish_run", (run_id, stop.status, stop.reason, used.wall_s))
                 return result(stop.status, stop.reason, _budget_error(stop, run_id, state))
@@ -324,6 +328,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                     _parent_ledger.reset(token)
                 verdict_event, verdict_next, stop = verdict.event, verdict.next_from, verdict.stop
                 cost = record.cost_usd = round(ledger.spent - spent_before, 12)
+            ledger.release_step()
             record.event = "; ".join([*ctx.notes, verdict_event] if verdict_event else ctx.notes) or None
             max_step_cost = max(max_step_cost, cost)
             status = stop.status if stop is not None else RunStatus.RUNNING
@@ -361,6 +366,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                     return result(stop.status, stop.reason, error if own else _budget_error(stop, run_id, state))
                 return result(stop.status, stop.reason, error)
     finally:
+        ledger.release_step()
         mark_active(run_id, False)
 
 

@@ -293,6 +293,32 @@ def test_global_cap_holds_with_concurrent_nodes_charging(db: str) -> None:
     assert sum(r["cost_usd"] for r in children) == pytest.approx(result.cost_usd)
 
 
+def test_concurrent_nodes_hold_their_next_step_estimate_against_the_graph_cap(db: str) -> None:
+    """Nodes whose cost is only known after the step (cost_fn) reserve their estimate first: no overshoot."""
+    log = Log()
+
+    def reporter(name: str) -> Any:
+        def step(s: dict[str, Any]) -> dict[str, Any]:
+            t = log.enter(name)
+            time.sleep(0.02)
+            log.leave(name, t)
+            return {"n": s.get("n", 0) + 1}
+
+        step.__name__ = step.__qualname__ = name
+        return loop(budget=Budget(iterations=50), cost_fn=lambda s: 0.10)(step)
+
+    g = Graph("estimates", checkpoint=db, budget=Budget(usd=1.0))
+    for i in range(4):
+        g.add(reporter(f"r{i}"), inputs=lambda up, gi: {"n": 0})
+    result = g.run(None)
+    assert result.status is RunStatus.BUDGET_EXHAUSTED
+    # The first step of each node has no estimate (cost unknown); from then on every
+    # step is held against the graph before it starts, so the total lands exactly on the cap.
+    assert result.cost_usd == pytest.approx(1.0)
+    assert sum(result.nodes[f"r{i}"].steps for i in range(4)) == 10
+    assert log.max_active > 1
+
+
 def test_node_out_of_its_own_budget_hands_its_last_state_on(db: str) -> None:
     """A node that exhausts its own budget says so, and its last state flows downstream."""
 
