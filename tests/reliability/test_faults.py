@@ -186,3 +186,21 @@ def test_sigterm_interrupts_and_the_run_resumes(tmp_path: Path, phase: str) -> N
     assert sorted(after) == list(range(12))
     assert integrity(db) == "ok"
     assert os.path.exists(db)
+
+
+def test_database_deleted_under_a_running_async_loop(tmp_path: Path) -> None:
+    """The async store (group commit on aiosqlite) reports a deleted database the same way."""
+    import asyncio
+
+    db = tmp_path / "gone-async.db"
+
+    @loop(checkpoint=str(db), budget=Budget(iterations=10), name="async-loses-its-file")
+    async def work(state: dict[str, Any]) -> dict[str, Any]:
+        if state["n"] == 3:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        return {"n": state["n"] + 1}
+
+    with pytest.raises(loomc.StoreError, match="was deleted or replaced while this process was writing"):
+        asyncio.run(work({"n": 0}))
+    assert not db.exists()
