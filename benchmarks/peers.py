@@ -45,7 +45,15 @@ CHILD = textwrap.dedent(
         start = {"doc": document(100_000), "n": 0}
         mutate = edit
 
+    marks = {}
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
     def advance(s):
+        if s["n"] in (100, steps - 1):
+            marks[s["n"]] = rss()
         return mutate(s, s["n"])
 
     def size():
@@ -54,7 +62,18 @@ CHILD = textwrap.dedent(
         c.close()
         return sum(os.path.getsize(db + s) for s in ("", "-wal") if os.path.exists(db + s))
 
-    if peer == "loomc-0.3.0":
+    if peer == "loomc-this":  # this loomc, in a fresh process like the peers (for its memory figure)
+        sys.path.insert(0, os.path.dirname(sys.argv[5]))
+        from loomc import Budget, loop
+
+        @loop(checkpoint=db, budget=Budget(iterations=steps), name="bench")
+        def step(s):
+            return advance(s)
+
+        t0 = time.perf_counter()
+        step.run(start)
+        el = time.perf_counter() - t0
+    elif peer == "loomc-0.3.0":
         from loomc import Budget, BudgetExhausted, loop
         from loomc.checkpoint import SQLiteCheckpointStore
 
@@ -118,7 +137,8 @@ CHILD = textwrap.dedent(
         DBOS.destroy()
     else:
         raise SystemExit(f"unknown peer {peer}")
-    print(json.dumps({"us": el / steps * 1e6, "bytes": size() / steps}))
+    grown = (marks[steps - 1] - marks[100]) / 2**20 if 100 in marks else float("nan")
+    print(json.dumps({"us": el / steps * 1e6, "bytes": size() / steps, "rss_mb": grown}))
     '''
 )
 
@@ -143,7 +163,7 @@ def versions(py: Path) -> str:
     return out.stdout.strip()
 
 
-def run_peer(py: Path, peer: str, kind: str, steps: int, root: Path) -> dict[str, float]:
+def run_peer(py: Path | str, peer: str, kind: str, steps: int, root: Path) -> dict[str, float]:
     """One measurement of a peer in a fresh process (its own database)."""
     d = Path(tempfile.mkdtemp(dir=root))
     script = d / "child.py"
@@ -190,6 +210,8 @@ def main() -> None:
 
                 us = run_all.loomc_sync(p, dur, start, args.steps, step) * 1e6
                 rows.setdefault(f"loomc (this) durability={dur}", []).append({"us": us, "bytes": run_all.db_bytes(p) / args.steps})
+            rows.setdefault("loomc (this) durability=power", [])[-1]["rss_mb"] = run_peer(
+                sys.executable, "loomc-this", kind, args.steps, root)["rss_mb"]
             for peer in args.peers.split(","):
                 rows.setdefault(peer, []).append(run_peer(py, peer, kind, args.steps, root))
         print(f"\n[{kind}] {'~100-byte' if kind == 'small' else '100 KB text'} state, {args.steps} steps, median of {args.reps}")
@@ -197,8 +219,10 @@ def main() -> None:
         for name, rs in rows.items():
             us = statistics.median(r["us"] for r in rs)
             b = statistics.median(r["bytes"] for r in rs)
-            table[f"{kind} {name}"] = {"us": us, "bytes": b}
-            print(f"  {name:<34}{us:9.0f} us/step  {us / full:5.2f}x FULL floor  {b / 1024:8.1f} KB/step")
+            mem = [r["rss_mb"] for r in rs if "rss_mb" in r]
+            table[f"{kind} {name}"] = {"us": us, "bytes": b, **({"rss_mb": statistics.median(mem)} if mem else {})}
+            shown = f"  RSS +{statistics.median(mem):6.1f} MB (step 100 -> last)" if mem else ""
+            print(f"  {name:<34}{us:9.0f} us/step  {us / full:5.2f}x FULL floor  {b / 1024:8.1f} KB/step{shown}")
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
     shutil.rmtree(root, ignore_errors=True)
