@@ -284,10 +284,12 @@ class SQLiteStore:
                         f"{path} is a SQLite database but not a loomc one (tables: "
                         f"{', '.join(sorted(tables)[:5])}); point LOOMC_DB / --db at another file"
                     )
-            if version < _sql.SCHEMA_VERSION and not self.create:
-                # Readers do not migrate; an empty/old file is shown as it is.
-                if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master WHERE name='runs'").fetchone():
-                    raise StoreError(f"{path} holds no loomc runs yet; run a loop first")
+            # Readers do not migrate; an empty/old file is shown as it is.
+            if (
+                version < _sql.SCHEMA_VERSION and not self.create and version == 0
+                and not conn.execute("SELECT 1 FROM sqlite_master WHERE name='runs'").fetchone()
+            ):
+                raise StoreError(f"{path} holds no loomc runs yet; run a loop first")
             for pragma in _sql.PRAGMAS:
                 conn.execute(pragma)
             conn.execute(f"PRAGMA synchronous={_sql.SYNCHRONOUS[self.durability]}")
