@@ -130,6 +130,9 @@ class _SigTerm:
     def __exit__(self, *exc: Any) -> None:
         if self.active:
             signal.signal(signal.SIGTERM, self.prev)
+            if _SigTerm.pending:  # held while the run ended with an error: deliver it now
+                _SigTerm.pending = False
+                raise KeyboardInterrupt("SIGTERM")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
