@@ -332,7 +332,7 @@ class AsyncSQLiteStore:
         import sqlite3
 
         db = conn._conn  # the sqlite3 connection aiosqlite drives
-        self.sync.check_file()
+        self.sync.check_file_soon()
         beat = time.time()
         try:
             db.execute("BEGIN IMMEDIATE")

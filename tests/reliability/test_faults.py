@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,15 @@ def test_database_deleted_under_a_running_loop(tmp_path: Path) -> None:
             deletions.append(state["n"])
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
+        if len(deletions) == 1:
+            time.sleep(0.03)  # the file is checked at most every 0.1 s
         return {"n": state["n"] + 1}
 
-    with pytest.raises(loomc.StoreError, match="was deleted or replaced while this process was writing"):
+    with pytest.raises(loomc.StoreError, match="was deleted or replaced while this process was writing") as caught:
         work({"n": 0})
+    assert "BudgetExhausted" not in repr(caught.value)
     assert not db.exists()
+    deletions.append(-1)  # the next run's steps do not sleep
     # The interpreter and the store carry on: the next run starts a fresh database.
     with pytest.raises(loomc.BudgetExhausted) as caught:
         work({"n": 0}, run_id="fresh")
@@ -199,6 +204,8 @@ def test_database_deleted_under_a_running_async_loop(tmp_path: Path) -> None:
         if state["n"] == 3:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
+        if state["n"] >= 3:
+            await asyncio.sleep(0.03)  # the file is checked at most every 0.1 s
         return {"n": state["n"] + 1}
 
     with pytest.raises(loomc.StoreError, match="was deleted or replaced while this process was writing"):
