@@ -65,6 +65,7 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+        self._reader.join(10)  # the pipe reaches EOF once the process is gone
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f is not None:
                 try:
