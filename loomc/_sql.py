@@ -33,7 +33,6 @@ CREATE TABLE IF NOT EXISTS runs (
     call_index INTEGER,
     root_run_id TEXT,
     state_type TEXT,
-    input_blob BLOB,
     budget TEXT,
     cost_usd REAL NOT NULL DEFAULT 0,
     steps INTEGER NOT NULL DEFAULT 0,
@@ -44,7 +43,8 @@ CREATE TABLE IF NOT EXISTS runs (
     owner TEXT,
     heartbeat REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    meta TEXT
+    meta TEXT,
+    input_blob BLOB
 );
 CREATE INDEX IF NOT EXISTS runs_roots ON runs(created_at) WHERE parent_run_id IS NULL;
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
@@ -52,7 +52,6 @@ CREATE INDEX IF NOT EXISTS runs_children ON runs(parent_run_id, parent_step, cal
 CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL,
     step_n INTEGER NOT NULL,
-    state_blob BLOB,
     cost_usd REAL NOT NULL DEFAULT 0,
     score REAL,
     timestamp TEXT NOT NULL,
@@ -60,8 +59,9 @@ CREATE TABLE IF NOT EXISTS steps (
     event TEXT,
     next_from INTEGER,
     duration_s REAL,
+    state_blob BLOB,
     PRIMARY KEY (run_id, step_n)
-) WITHOUT ROWID;
+);
 """,
 }
 
