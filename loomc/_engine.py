@@ -52,7 +52,7 @@ class SleepOp:
     seconds: float
 
 
-class WallClockExceeded(Exception):  # noqa: N818 - internal signal, never reaches users
+class WallClockExceeded(Exception):
     """Thrown into the protocol when an async step is cancelled at its deadline."""
 
 
@@ -195,7 +195,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             budget = Budget.from_dict(info.budget)
         state_type = rp.state_type
         if state_type and state_type != "json" and _codec.resolve_type(state_type) is None and not isinstance(req.state, type(None)):
-            _codec._seen_types[state_type] = type(req.state)  # noqa: SLF001 - same type as the caller's
+            _codec._seen_types[state_type] = type(req.state)
         state = _codec.decode(rp.start_blob, state_type)
         history = list(rp.history)
         if history and history[-1].step_n == rp.next_from and history[-1].error is None:

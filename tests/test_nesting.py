@@ -591,9 +591,9 @@ def test_event_loops_started_by_sync_steps_are_not_kept_alive(db: str) -> None:
         return state
 
     gc.collect()
-    before = {id(k) for k in _astore._per_loop.keys()}  # loops other tests keep alive (a test runner's own)
+    before = {id(k) for k in _astore._per_loop}  # loops other tests keep alive (a test runner's own)
     outer.run({"x": 0})
     gc.collect()
     # no event loop started by the steps is still held (others may have been released meanwhile)
-    assert {id(k) for k in _astore._per_loop.keys()} <= before
+    assert {id(k) for k in _astore._per_loop} <= before
     assert len([r for r in runs_table(db) if r["name"] == "inner"]) == 5
