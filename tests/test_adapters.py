@@ -17,7 +17,7 @@ from loomc import Budget, BudgetExhausted, RunStatus, current_run, loop
 from loomc._context import current_ledger
 from loomc._pricing import ANTHROPIC_PRICES, OPENAI_PRICES, PRICES_CHECKED, Price, lookup
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter, estimate_input_tokens
-from tests.fakeapi import FakeAPI, Usage, serve
+from loomc.testing import FakeAPI, Usage, serve
 
 M = 1_000_000
 HI = [{"role": "user", "content": "Say hi."}]

@@ -20,7 +20,7 @@ from loomc import Budget, RunStatus, loop
 from loomc._retry import Retry, as_retry, is_transient
 from loomc._store import SQLiteStore
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter
-from tests.fakeapi import FakeAPI, Usage, serve
+from loomc.testing import FakeAPI, Usage, serve
 
 HI = [{"role": "user", "content": "hi"}]
 FAST = Retry(attempts=4, initial=0.01, max_delay=0.05, jitter=0)

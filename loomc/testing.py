@@ -1,6 +1,17 @@
-"""A small threaded HTTP server on 127.0.0.1 speaking the Anthropic and OpenAI wire formats.
+"""An offline LLM API for tests and demos: a threaded HTTP server on 127.0.0.1 that speaks
+the Anthropic and OpenAI wire formats.
 
-The real SDK clients are pointed at it with ``base_url``. It answers
+Point the real SDK clients at it with ``base_url`` to run a budgeted loop end to end —
+adapters, reservations, retries, circuit breakers — with no network and no key::
+
+    from loomc.testing import serve
+
+    with serve() as api:
+        api.reply = lambda path, request: "a better draft"
+        client = anthropic.Anthropic(base_url=api.base_url, api_key="test")
+        ...
+
+It answers
 
 - ``POST /v1/messages`` (Anthropic Messages; SSE when ``"stream": true``),
 - ``POST /v1/chat/completions`` (OpenAI Chat Completions; SSE with an optional usage chunk),
@@ -42,6 +53,8 @@ class FakeAPI:
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     failures: list[tuple[int, float | None]] = field(default_factory=list)
     cut_stream: bool = False  # end SSE streams before their final usage event
+    #: ``reply(path, request) -> text``: the answer's text for each request (default: ``text``)
+    reply: Any = None
 
     @property
     def base_url(self) -> str:
@@ -192,6 +205,8 @@ def _handler(api: FakeAPI, lock: threading.Lock) -> type[BaseHTTPRequestHandler]
             model = str(body.get("model", "unknown"))
             stream = bool(body.get("stream"))
             u, text, cut = api.usage, api.text, api.cut_stream
+            if api.reply is not None:
+                text = str(api.reply(path, body))
             if path.endswith("/messages"):
                 if stream:
                     self._sse(_anthropic_sse(model, text, u, cut))
@@ -230,6 +245,9 @@ def _handler(api: FakeAPI, lock: threading.Lock) -> type[BaseHTTPRequestHandler]
             self.wfile.write(data)
 
     return Handler
+
+
+__all__ = ["FakeAPI", "Usage", "serve"]
 
 
 @contextmanager
