@@ -28,6 +28,45 @@ from orchestration import Graph
 
 #: Seconds the fake model "thinks" per call (set LOOMC_EXAMPLE_DELAY=0 for instant runs).
 DELAY = float(os.environ.get("LOOMC_EXAMPLE_DELAY", "0.15"))
+#: The words the fake model knows.
+VOCABULARY = [
+    "the",
+    "moon",
+    "pulls",
+    "ocean",
+    "water",
+    "toward",
+    "it",
+    "while",
+    "earth",
+    "turns",
+    "beneath",
+    "two",
+    "bulges",
+    "so",
+    "most",
+    "coasts",
+    "see",
+    "high",
+    "and",
+    "low",
+    "tide",
+    "twice",
+    "each",
+    "day",
+    "with",
+    "spring",
+    "tides",
+    "at",
+    "new",
+    "and",
+    "full",
+    "moon",
+    "and",
+    "neap",
+    "tides",
+    "between",
+]
 #: The fake model's price per token.
 PRICE_PER_TOKEN = 0.00002
 
@@ -35,7 +74,7 @@ PRICE_PER_TOKEN = 0.00002
 def fake_model(prompt: str, *, max_tokens: int = 120) -> str:
     """A deterministic stand-in for an LLM call: same prompt, same answer; charges per token."""
     digest = hashlib.sha256(prompt.encode()).hexdigest()
-    words = [digest[i : i + 5] for i in range(0, 40, 5)]
+    words = [VOCABULARY[int(digest[i : i + 2], 16) % len(VOCABULARY)] for i in range(0, 16, 2)]
     tokens = len(prompt.split()) + min(max_tokens, 40 + int(digest[:2], 16) % 40)
     loomc.charge(round(tokens * PRICE_PER_TOKEN, 6))  # refused (BudgetExhausted) past any cap
     time.sleep(DELAY)
@@ -68,8 +107,12 @@ def draft(state: dict[str, Any]) -> dict[str, Any]:
 
 def fact_check(state: dict[str, Any]) -> dict[str, Any]:
     """Check every research note once (a plain function: one checkpointed step)."""
-    verdicts = {note: fake_model(f"is this true: {note}", max_tokens=10)[:5] for note in state["notes"]}
-    return {"checked": len(verdicts), "flags": sorted(v for v in verdicts.values() if v < "4")}
+    verdicts = {note: fake_model(f"is this true: {note}", max_tokens=10).split()[0] for note in state["notes"]}
+    # the fake model "doubts" a note when its first word is one of these
+    return {
+        "checked": len(verdicts),
+        "flags": sorted(n for n, v in verdicts.items() if v in {"low", "neap", "between"}),
+    }
 
 
 @loop(budget=Budget(usd=0.10, iterations=3), converge_on=predicate(lambda h: h[-1].state["approved"]))
