@@ -29,44 +29,12 @@ from orchestration import Graph
 #: Seconds the fake model "thinks" per call (set LOOMC_EXAMPLE_DELAY=0 for instant runs).
 DELAY = float(os.environ.get("LOOMC_EXAMPLE_DELAY", "0.15"))
 #: The words the fake model knows.
-VOCABULARY = [
-    "the",
-    "moon",
-    "pulls",
-    "ocean",
-    "water",
-    "toward",
-    "it",
-    "while",
-    "earth",
-    "turns",
-    "beneath",
-    "two",
-    "bulges",
-    "so",
-    "most",
-    "coasts",
-    "see",
-    "high",
-    "and",
-    "low",
-    "tide",
-    "twice",
-    "each",
-    "day",
-    "with",
-    "spring",
-    "tides",
-    "at",
-    "new",
-    "and",
-    "full",
-    "moon",
-    "and",
-    "neap",
-    "tides",
+VOCABULARY = (
+    "the", "moon", "pulls", "ocean", "water", "toward", "it", "while", "earth", "turns", "beneath",
+    "two", "bulges", "so", "most", "coasts", "see", "high", "and", "low", "tide", "twice", "each",
+    "day", "with", "spring", "tides", "at", "new", "and", "full", "moon", "and", "neap", "tides",
     "between",
-]
+)
 #: The fake model's price per token.
 PRICE_PER_TOKEN = 0.00002
 
