@@ -485,9 +485,11 @@ def async_twin(store: Any) -> Any:
 
 
 def _on_asyncio() -> bool:
-    import sniffio
+    """True on an asyncio event loop (aiosqlite needs one); False under trio or outside a loop."""
+    import asyncio
 
     try:
-        return sniffio.current_async_library() == "asyncio"
-    except sniffio.AsyncLibraryNotFoundError:
+        asyncio.get_running_loop()
+    except RuntimeError:
         return False
+    return True
