@@ -1,5 +1,6 @@
 """A draft refiner on the real Anthropic SDK: every call charged, rate limits retried, a judge to stop.
 
+    pip install 'loomc[anthropic]'
     python examples/llm_refiner.py            # offline: a local fake API on 127.0.0.1
     ANTHROPIC_API_KEY=... python examples/llm_refiner.py --live
 
@@ -23,7 +24,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import anthropic
+try:
+    import anthropic
+except ImportError:  # pragma: no cover - the example says what to install
+    raise SystemExit("this example needs the Anthropic SDK: pip install 'loomc[anthropic]'") from None
 
 from loomc import AnthropicAdapter, Budget, Retry, loop
 from loomc.testing import FakeAPI, serve
