@@ -21,6 +21,7 @@ from loomc._policy import EPS, Headroom
 __all__ = ["Ledger", "Reservation", "RunView", "charge", "current_ledger", "current_run", "reserve"]
 
 _lock = threading.RLock()
+_NO_LIMITS = Headroom()
 
 
 class Ledger:
@@ -61,8 +62,15 @@ class Ledger:
             yield node
             node = node.parent
 
+    def deadline_in_chain(self) -> float | None:
+        """The earliest wall-clock deadline (``time.monotonic()``) of this run and its ancestors."""
+        deadlines = [led.deadline for led in self.chain() if led.deadline is not None]
+        return min(deadlines) if deadlines else None
+
     def headroom(self, now: float, *, include_self: bool = False) -> Headroom:
         """The tightest remaining usd and wall time among the ancestors (and self if asked)."""
+        if self.parent is None and not include_self:
+            return _NO_LIMITS
         usd = usd_owner = usd_cap = wall = wall_owner = None
         with _lock:
             for led in self.chain():

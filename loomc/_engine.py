@@ -380,9 +380,7 @@ def _attempts(
     """
     failed = 0
     while True:
-        started = time.monotonic()
-        room = ledger.headroom(started, include_self=True)
-        deadline = started + room.wall_s if room.wall_s is not None else None
+        deadline = ledger.deadline_in_chain()
         try:
             return (yield CallOp(state, ledger, deadline))
         except (WallClockExceeded, BudgetExhausted):
