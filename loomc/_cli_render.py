@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -106,40 +106,36 @@ def own_cost(info: RunInfo, children: Sequence[RunInfo]) -> float:
     return own if own > 0 else 0.0
 
 
+def _limits(info: RunInfo) -> list[tuple[str, float, float | None, Callable[[float], str]]]:
+    """``(label, used, cap, format)`` for usd, iterations and wall clock."""
+    b = info.budget or {}
+
+    def count(v: float) -> str:
+        return f"{int(v)}"
+
+    return [
+        ("usd", info.cost_usd, b.get("usd"), money),
+        ("iterations", float(info.steps), b.get("iterations"), count),
+        ("wall clock", info.wall_s, b.get("wall_clock"), duration),
+    ]
+
+
 def budget_lines(info: RunInfo) -> list[tuple[str, str]]:
     """``(limit, "used of cap (left)")`` for usd, iterations and wall clock."""
-    b = info.budget or {}
-    out = []
-    for key, label, used, fmt in (
-        ("usd", "usd", info.cost_usd, money),
-        ("iterations", "iterations", float(info.steps), lambda v: f"{int(v)}"),
-        ("wall_clock", "wall clock", info.wall_s, duration),
-    ):
-        cap = b.get(key)
-        if cap is None:
-            out.append((label, f"{fmt(used)} (no limit)"))
-        else:
-            left = max(0.0, float(cap) - used)
-            out.append((label, f"{fmt(used)} of {fmt(float(cap))} ({fmt(left)} left)"))
-    return out
+    return [
+        (label, f"{fmt(used)} (no limit)" if cap is None
+         else f"{fmt(used)} of {fmt(float(cap))} ({fmt(max(0.0, float(cap) - used))} left)")
+        for label, used, cap, fmt in _limits(info)
+    ]
 
 
 def left_lines(info: RunInfo) -> list[tuple[str, str]]:
     """``(limit, "left of cap (used)")`` for usd, iterations and wall clock (``loomc resume``)."""
-    b = info.budget or {}
-    out = []
-    for key, label, used, fmt in (
-        ("usd", "usd", info.cost_usd, money),
-        ("iterations", "iterations", float(info.steps), lambda v: f"{int(v)}"),
-        ("wall_clock", "wall clock", info.wall_s, duration),
-    ):
-        cap = b.get(key)
-        if cap is None:
-            out.append((label, f"no limit ({fmt(used)} used)"))
-        else:
-            left = max(0.0, float(cap) - used)
-            out.append((label, f"{fmt(left)} left of {fmt(float(cap))} ({fmt(used)} used)"))
-    return out
+    return [
+        (label, f"no limit ({fmt(used)} used)" if cap is None
+         else f"{fmt(max(0.0, float(cap) - used))} left of {fmt(float(cap))} ({fmt(used)} used)")
+        for label, used, cap, fmt in _limits(info)
+    ]
 
 
 def budget_dict(info: RunInfo) -> dict[str, dict[str, float | None]]:

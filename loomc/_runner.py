@@ -77,6 +77,17 @@ class _BaseRunner(Generic[S]):
             raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
         return RunRequest(state=state, run_id=run_id, resume=resume, budget=budget, force=force)
 
+    def _child_protocol(
+        self, state: Any, call_index: int, kind: str, meta: dict[str, Any] | None
+    ) -> Generator[Any, Any, RunResult]:
+        """The run protocol of this loop as the child at ``call_index`` of the current parent step."""
+        parent = _parent_ledger.get()
+        assert parent is not None
+        assert parent.context is not None
+        assert parent.context.in_step
+        spec = dataclasses.replace(self.spec, kind=kind, meta={**self.spec.meta, **(meta or {})})
+        return run_protocol(spec, RunRequest(state=state, call_index=call_index), parent, None)
+
     def _unwrap(self, result: RunResult) -> Any:
         """The final state, or the exception the outcome calls for."""
         st = result.status
@@ -186,12 +197,7 @@ class LoopRunner(_BaseRunner[S]):
         self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None
     ) -> RunResult:
         """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
-        parent = _parent_ledger.get()
-        assert parent is not None
-        assert parent.context is not None
-        assert parent.context.in_step
-        spec = dataclasses.replace(self.spec, kind=kind, meta={**self.spec.meta, **(meta or {})})
-        return _drive_sync(run_protocol(spec, RunRequest(state=state, call_index=call_index), parent, None), self._fn)
+        return _drive_sync(self._child_protocol(state, call_index, kind, meta), self._fn)
 
 
 class _nullctx:  # noqa: N801
@@ -292,12 +298,7 @@ class AsyncLoopRunner(_BaseRunner[S]):
         """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
         from loomc._astore import async_twin
 
-        parent = _parent_ledger.get()
-        assert parent is not None
-        assert parent.context is not None
-        assert parent.context.in_step
-        spec = dataclasses.replace(self.spec, kind=kind, meta={**self.spec.meta, **(meta or {})})
-        gen = run_protocol(spec, RunRequest(state=state, call_index=call_index), parent, None)
+        gen = self._child_protocol(state, call_index, kind, meta)
         return await _drive_async(gen, self._fn, async_twin)
 
 
