@@ -138,6 +138,26 @@ def timed(argv: list[str], repeat: int) -> tuple[float, float, str]:
     return statistics.median(times), min(times), out
 
 
+def build_long_run(path: Path, steps: int) -> str:
+    """One real loop of ``steps`` steps (scores, a few errors, backtracks), for ``loomc show``."""
+    from loomc import BestScore, Budget, LastGood, SQLiteStore, loop
+
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        p.unlink(missing_ok=True)
+
+    @loop(checkpoint=str(path), durability="process", budget=Budget(iterations=steps),
+          scorer=lambda s: s["score"], backtrack=[BestScore(), LastGood(max_consecutive_errors=3)], name="long")
+    def long(state: dict[str, float]) -> dict[str, float]:
+        n = state["n"] + 1
+        if n % 97 == 0:
+            raise RuntimeError("rate limit")
+        return {"n": n, "score": (n * 7919 % 1000) / 1000}
+
+    long.run({"n": 0, "score": 0.0})
+    run_id: str = SQLiteStore(path).list_runs()[0].id
+    return run_id
+
+
 def main() -> None:
     """Build the database if needed and print the timings."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -158,6 +178,8 @@ def main() -> None:
     size_mb = db.stat().st_size / 1e6
     print(f"database: {n_runs:,} runs, {n_steps:,} steps, {size_mb:.0f} MB")
 
+    long_db = db.with_name(db.stem + "-10k.db")
+    long_id = build_long_run(long_db, 10_000)
     py = [sys.executable, "-m", "loomc"]
     cases = {
         "python -m loomc runs": [*py, "runs", "--db", str(db)],
@@ -167,6 +189,7 @@ def main() -> None:
         f"python -m loomc show {some_root[:6]}": [*py, "show", some_root[:6], "--db", str(db)],
         f"python -m loomc show {some_root[:6]} --tree": [*py, "show", some_root[:6], "--tree", "--db", str(db)],
         "python -m loomc show <unknown id>": [*py, "show", "zzzzzz", "--db", str(db)],
+        "python -m loomc show <a 10,000-step run>": [*py, "show", long_id, "--db", str(long_db)],
         "python -m loomc runs --help": [*py, "runs", "--help"],
         "python -c pass (interpreter floor)": [sys.executable, "-c", "pass"],
     }
