@@ -559,6 +559,9 @@ def graph_run(
         str | None,
         typer.Option("--resume", help="Resume this graph run instead of starting one.", show_default=False),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --resume: continue even though the graph's structure changed.")
+    ] = False,
     db: DbOpt = None,
 ) -> None:
     """Run (or resume) the graph defined in PIPELINE.py, with live progress per node."""
@@ -573,6 +576,7 @@ def graph_run(
             input_file=str(input_file) if input_file is not None else None,
             resume=resume_id,
             db=str(db) if db is not None else None,
+            force=force,
         )
     )
 

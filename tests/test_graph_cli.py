@@ -317,3 +317,40 @@ def test_example_pipeline_runs_as_a_script(tmp_path: Path) -> None:
     assert (info.kind, info.name, info.status) == ("graph", "report", RunStatus.COMPLETED)
     assert 0 < info.cost_usd <= 0.5
     assert [k.meta["node"] for k in store.children(info.id)] == ["research", "draft", "fact_check", "critique", "final"]
+
+
+def test_resume_of_a_changed_graph_needs_force(tmp_path: Path) -> None:
+    """`graph run --resume` refuses a pipeline whose structure changed; `--force` continues with it."""
+    db = tmp_path / "force.db"
+    first = textwrap.dedent(
+        """
+        from loomc import Budget
+        from orchestration import Graph
+
+        def a(s):
+            return {"a": 1}
+
+        def b(s):
+            return {"b": s["a"] + 1}
+
+        graph = Graph("evolving", budget=Budget(usd=1.0))
+        graph.add(a)
+        graph.add(b, after=a)
+        """
+    )
+    pipeline = tmp_path / "evolving.py"
+    pipeline.write_text(first)
+    loomc_cmd = [sys.executable, "-m", "loomc", "graph", "run", str(pipeline), "--db", str(db)]
+    assert subprocess.run(loomc_cmd, capture_output=True, text=True, check=False).returncode == 0
+    (run,) = SQLiteStore(db).list_runs(roots_only=True)
+
+    pipeline.write_text(first + "\ndef c(s):\n    return {'c': s['b'] + 1}\n\ngraph.add(c, after=b)\n")
+    refused = subprocess.run([*loomc_cmd, "--resume", run.id], capture_output=True, text=True, check=False)
+    assert refused.returncode == 1
+    assert "changed since run" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+    forced = subprocess.run([*loomc_cmd, "--resume", run.id, "--force"], capture_output=True, text=True, check=False)
+    assert forced.returncode == 0, forced.stderr
+    names = sorted(r.name.split(":")[-1] for r in SQLiteStore(db).children(run.id))
+    assert names == ["a", "b", "c"]
