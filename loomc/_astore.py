@@ -337,8 +337,7 @@ class AsyncSQLiteStore:
         try:
             db.execute("BEGIN IMMEDIATE")
             for run_id, row in rows:
-                db.execute(_sql.INSERT_STEP, row.step_args(run_id))
-                db.execute(_sql.UPDATE_TOTALS, row.totals_args(run_id, beat))
+                row.write(db.execute, run_id, beat)
             db.execute("COMMIT")
         except BaseException as exc:
             if db.in_transaction:

@@ -59,8 +59,13 @@ CREATE TABLE IF NOT EXISTS steps (
     event TEXT,
     next_from INTEGER,
     duration_s REAL,
+    blob_id INTEGER,
     state_blob BLOB,
     PRIMARY KEY (run_id, step_n)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    id INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
 );
 """,
 }
@@ -93,8 +98,11 @@ ACQUIRE = (
 SELECT_LEASE = "SELECT status, owner, heartbeat FROM runs WHERE id = ?"
 INSERT_STEP = (
     "INSERT OR REPLACE INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, "
-    "event, next_from, duration_s) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    "event, next_from, duration_s, blob_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 )
+INSERT_BLOB = "INSERT INTO blobs (data) VALUES (?)"
+#: A step's stored state, wherever it lives: inline JSON, or a compressed blob in ``blobs``.
+STATE_OF = "COALESCE(s.state_blob, (SELECT data FROM blobs WHERE id = s.blob_id))"
 UPDATE_TOTALS = (
     "UPDATE runs SET cost_usd = ?, steps = ?, wall_s = ?, max_step_cost = ?, next_from = ?, "
     "status = ?, stop_reason = ?, updated_at = ?, heartbeat = ? WHERE id = ?"
@@ -109,10 +117,10 @@ SELECT_STEP_META = (
     "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? ORDER BY step_n"
 )
 SELECT_STEPS_FULL = (
-    "SELECT step_n, state_blob, cost_usd, score, timestamp, error, event FROM steps "
-    "WHERE run_id = ? ORDER BY step_n"
+    f"SELECT s.step_n, {STATE_OF}, s.cost_usd, s.score, s.timestamp, s.error, s.event FROM steps s "
+    "WHERE s.run_id = ? ORDER BY s.step_n"
 )
-SELECT_STATE = "SELECT state_blob FROM steps WHERE run_id = ? AND step_n = ?"
+SELECT_STATE = f"SELECT {STATE_OF} FROM steps s WHERE s.run_id = ? AND s.step_n = ?"
 SELECT_STATE_TYPE = "SELECT state_type FROM runs WHERE id = ?"
 
 
@@ -203,12 +211,24 @@ class StepRow:
     status: str
     stop_reason: str | None
 
-    def step_args(self, run_id: str) -> tuple[Any, ...]:
-        """Parameters of ``INSERT_STEP``."""
+    def step_args(self, run_id: str, blob_id: int | None = None) -> tuple[Any, ...]:
+        """Parameters of ``INSERT_STEP`` (with ``blob_id``, the state lives in ``blobs``)."""
         return (
-            run_id, self.step_n, self.state_blob, self.cost_usd, self.score, self.timestamp,
-            self.error, self.event, self.next_from, self.duration_s,
+            run_id, self.step_n, None if blob_id is not None else self.state_blob, self.cost_usd, self.score,
+            self.timestamp, self.error, self.event, self.next_from, self.duration_s, blob_id,
         )
+
+    def write(self, execute: Any, run_id: str, heartbeat: float) -> None:
+        """Write the step and the run's totals with ``execute`` (inside the caller's transaction).
+
+        A compressed state goes to ``blobs`` and the step row points at it, so ``steps``
+        rows stay small: the history of a long run is read without touching its states.
+        """
+        blob_id = None
+        if isinstance(self.state_blob, (bytes, bytearray)):
+            blob_id = execute(INSERT_BLOB, (self.state_blob,)).lastrowid
+        execute(INSERT_STEP, self.step_args(run_id, blob_id))
+        execute(UPDATE_TOTALS, self.totals_args(run_id, heartbeat))
 
     def totals_args(self, run_id: str, heartbeat: float) -> tuple[Any, ...]:
         """Parameters of ``UPDATE_TOTALS``."""

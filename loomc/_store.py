@@ -143,7 +143,8 @@ def _migrate_0(conn: sqlite3.Connection) -> None:
     step_cols = {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
     if not step_cols:
         _script(conn, _sql.MIGRATIONS[0])
-    for name, decl in {"event": "TEXT", "next_from": "INTEGER", "duration_s": "REAL"}.items():
+    conn.execute("CREATE TABLE IF NOT EXISTS blobs (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+    for name, decl in {"event": "TEXT", "next_from": "INTEGER", "duration_s": "REAL", "blob_id": "INTEGER"}.items():
         if name not in step_cols:
             conn.execute(f"ALTER TABLE steps ADD COLUMN {name} {decl}")
     if "breaker_event" in step_cols:
@@ -449,8 +450,7 @@ class SQLiteStore:
             self.check_file_soon()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute(_sql.INSERT_STEP, row.step_args(run_id))
-                conn.execute(_sql.UPDATE_TOTALS, row.totals_args(run_id, time.time()))
+                row.write(conn.execute, run_id, time.time())
                 conn.execute("COMMIT")
             except BaseException as exc:
                 if conn.in_transaction:

@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from loomc._sql import STATE_OF
+
 WORKER = Path(__file__).with_name("worker.py")
 
 
@@ -77,7 +79,8 @@ class Worker:
 def committed(db: Path, run_id: str) -> dict[int, tuple[float, str]]:
     """step_n -> (cost, fingerprint of the stored state) for every committed step of ``run_id``."""
     with sqlite3.connect(db) as c:
-        rows = c.execute("SELECT step_n, cost_usd, state_blob FROM steps WHERE run_id = ?", (run_id,)).fetchall()
+        # the stored state, inline or in the blobs table
+        rows = c.execute(f"SELECT s.step_n, s.cost_usd, {STATE_OF} FROM steps s WHERE s.run_id = ?", (run_id,)).fetchall()
     out: dict[int, tuple[float, str]] = {}
     for n, cost, blob in rows:
         raw = blob.encode() if isinstance(blob, str) else bytes(blob or b"")
