@@ -394,10 +394,8 @@ class AsyncSQLiteStore:
         if info is None:
             raise RunNotFound(run_id, where=str(self.path))
         state_type, input_blob, stored_next = (await self._read(_sql.SELECT_RESUME, (run_id,)))[0]
-        history = [
-            _history_record(r, StateLoader(self.sync, run_id, r[0]))
-            for r in await self._read(_sql.SELECT_STEP_META, (run_id,))
-        ]
+        loader = StateLoader(self.sync, run_id)
+        history = [_history_record(r, loader) for r in await self._read(_sql.SELECT_STEP_META, (run_id,))]
         next_from = _sql.start_point(stored_next, history[-1].step_n if history else None)
         blob = input_blob
         if next_from >= 0:

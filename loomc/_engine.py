@@ -225,6 +225,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     t0 = time.monotonic()
     wall_cap = budget.wall_clock_seconds
     ctx = RunContext(run_id, spec.name, store, parent_run_id, budget)
+    states = StateLoader(store, run_id)  # loads states dropped from memory, on demand
     ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
     ledger = Ledger(
         run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
@@ -355,8 +356,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             # keep the last two states in memory (detectors compare them; an async run
             # must not read older ones back from SQLite on its event loop)
             if len(history) >= 3:
-                prev = history[-3]
-                prev.drop_state(StateLoader(store, run_id, prev.step_n))
+                history[-3].drop_state(states)
             step_n += 1
 
             if stop is not None:

@@ -25,7 +25,7 @@ from loomc import _sql
 from loomc._codec import decode, encode
 from loomc._errors import AmbiguousRunId, RunLocked, RunNotFound, SchemaTooNew, StoreError
 from loomc._lease import owner_token
-from loomc._types import RunInfo, RunStatus, StepRecord
+from loomc._types import _MISSING, RunInfo, RunStatus, StepRecord
 
 __all__ = [
     "CheckpointStore",
@@ -165,13 +165,15 @@ def _migrate_0(conn: sqlite3.Connection) -> None:
 
 def _history_record(row: tuple[Any, ...], loader: Any) -> StepRecord:
     # Called once per step of a resumed run (10,000 times for a long one): kept lean.
-    return _lazy_record(
-        row[0], loader, cost_usd=row[1], score=row[2], timestamp=_fromisoformat(row[3]), error=row[4], event=row[5],
-    )
+    # The row is (step_n, cost_usd, score, timestamp text, error, event).
+    rec = _new_record(StepRecord)
+    rec.step_n, rec.cost_usd, rec.score, rec._ts, rec.error, rec.event = row
+    rec._state, rec._loader = _MISSING_STATE, loader
+    return rec
 
 
-_lazy_record = StepRecord.lazy
-_fromisoformat = datetime.fromisoformat
+_new_record = StepRecord.__new__
+_MISSING_STATE = _MISSING
 
 
 class SQLiteStore:
@@ -505,9 +507,8 @@ class SQLiteStore:
         if info is None:
             raise RunNotFound(run_id, where=str(self.path))
         state_type, input_blob, next_from = self._read(_sql.SELECT_RESUME, (run_id,))[0]
-        history = [
-            _history_record(r, StateLoader(self, run_id, r[0])) for r in self._read(_sql.SELECT_STEP_META, (run_id,))
-        ]
+        loader = StateLoader(self, run_id)
+        history = [_history_record(r, loader) for r in self._read(_sql.SELECT_STEP_META, (run_id,))]
         next_from = _sql.start_point(next_from, history[-1].step_n if history else None)
         if next_from < 0:
             blob = input_blob
@@ -540,15 +541,15 @@ def _file_ident(path: Path) -> tuple[int, int] | None:
 
 
 class StateLoader:
-    """Loads one committed state on demand (for lazy history records)."""
+    """Loads a run's committed states on demand (shared by its lazy history records)."""
 
-    __slots__ = ("run_id", "step_n", "store")
+    __slots__ = ("run_id", "store")
 
-    def __init__(self, store: Any, run_id: str, step_n: int) -> None:
-        self.store, self.run_id, self.step_n = store, run_id, step_n
+    def __init__(self, store: Any, run_id: str) -> None:
+        self.store, self.run_id = store, run_id
 
-    def __call__(self) -> Any:
-        return self.store.load_state(self.run_id, self.step_n)
+    def __call__(self, step_n: int) -> Any:
+        return self.store.load_state(self.run_id, step_n)
 
 
 # Runs currently driven by this process (to refuse a second driver of the same run).
@@ -714,7 +715,6 @@ class MemoryStore:
 
     def load_steps(self, run_id: str) -> list[StepRecord]:
         """Every step of the run, states included."""
-        from datetime import datetime
 
         with self._lock:
             ref = self._runs[run_id]["state_type"] if run_id in self._runs else "json"
@@ -745,10 +745,8 @@ class MemoryStore:
             blob = r["input_blob"] if next_from < 0 else self._steps[run_id][next_from].state_blob
             info = self._info(r)
             state_type = r["state_type"]
-        history = [
-            _history_record((s.step_n, s.cost_usd, s.score, s.timestamp, s.error, s.event), StateLoader(self, run_id, s.step_n))
-            for s in rows
-        ]
+        loader = StateLoader(self, run_id)
+        history = [_history_record((s.step_n, s.cost_usd, s.score, s.timestamp, s.error, s.event), loader) for s in rows]
         return ResumePoint(info, state_type, blob, next_from, history)
 
     def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:

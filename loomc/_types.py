@@ -41,7 +41,7 @@ class StepRecord:
     from). A record read back from a long run may load its state lazily from the store.
     """
 
-    __slots__ = ("_loader", "_state", "cost_usd", "error", "event", "score", "step_n", "timestamp")
+    __slots__ = ("_loader", "_state", "_ts", "cost_usd", "error", "event", "score", "step_n")
 
     def __init__(
         self,
@@ -56,10 +56,10 @@ class StepRecord:
     ) -> None:
         self.step_n = step_n
         self._state = state
-        self._loader: Callable[[], Any] | None = None
+        self._loader: Callable[[int], Any] | None = None
         self.cost_usd = cost_usd
         self.score = score
-        self.timestamp = timestamp if timestamp is not None else datetime.now(UTC)
+        self._ts: datetime | str = timestamp if timestamp is not None else datetime.now(UTC)
         self.error = error
         self.event = event if event is not None else breaker_event
 
@@ -67,25 +67,42 @@ class StepRecord:
     def lazy(
         cls,
         step_n: int,
-        loader: Callable[[], Any],
+        loader: Callable[[int], Any],
         *,
         cost_usd: float = 0.0,
         score: float | None = None,
-        timestamp: datetime | None = None,
+        timestamp: datetime | str | None = None,
         error: str | None = None,
         event: str | None = None,
     ) -> StepRecord:
-        """A record whose state is loaded by ``loader`` when first asked for."""
-        rec = cls(step_n, _MISSING, cost_usd, score, timestamp, error, event)
-        rec._loader = loader
+        """A record whose state ``loader(step_n)`` loads when first asked for.
+
+        ``timestamp`` may be the stored ISO text; it is parsed on first access.
+        """
+        rec = cls.__new__(cls)
+        rec.step_n, rec.cost_usd, rec.score, rec.error, rec.event = step_n, cost_usd, score, error, event
+        rec._ts = timestamp if timestamp is not None else datetime.now(UTC)
+        rec._state, rec._loader = _MISSING, loader
         return rec
+
+    @property
+    def timestamp(self) -> datetime:
+        """When the step was committed (UTC)."""
+        ts = self._ts
+        if isinstance(ts, str):
+            ts = self._ts = datetime.fromisoformat(ts)
+        return ts
+
+    @timestamp.setter
+    def timestamp(self, value: datetime) -> None:
+        self._ts = value
 
     @property
     def state(self) -> Any:
         """The step's state (loaded on first access for lazy records)."""
         if self._state is _MISSING:
             assert self._loader is not None
-            return self._loader()
+            return self._loader(self.step_n)
         return self._state
 
     @state.setter
@@ -93,8 +110,8 @@ class StepRecord:
         self._state = value
         self._loader = None
 
-    def drop_state(self, loader: Callable[[], Any]) -> None:
-        """Forget the in-memory state; ``loader`` fetches it again when needed."""
+    def drop_state(self, loader: Callable[[int], Any]) -> None:
+        """Forget the in-memory state; ``loader(step_n)`` fetches it again when needed."""
         self._state = _MISSING
         self._loader = loader
 
