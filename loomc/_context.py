@@ -180,6 +180,8 @@ class Ledger:
 
     def release_step(self) -> None:
         """Give back what is left of the step's hold."""
+        if not self.step_hold:  # the common case (a root run holds nothing): no lock
+            return
         with _lock:
             left, self.step_hold = self.step_hold, 0.0
             if left and self.parent is not None:
@@ -188,6 +190,8 @@ class Ledger:
 
     def settle_open(self) -> float:
         """Settle the holds a step left open at their full amount (never under-count); their total."""
+        if not self.holds:  # the common case: every hold was settled in the step
+            return 0.0
         with _lock:
             holds = list(self.holds)
         for hold in holds:
