@@ -234,6 +234,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     if nested and parent is not None and carried:
         parent.charge(carried, enforce=False)
     ctx.ledger = ledger
+    deadline = ledger.deadline_in_chain()  # this run's or an ancestor's, whichever comes first
     iterations, max_step_cost, wall_base = usage.iterations, usage.max_step_cost, usage.wall_s
     attempt_start = history[-1].step_n + 1 if history else 0
     step_n = attempt_start
@@ -270,7 +271,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             budget_stop: Stop | None = None
             new_state: Any = state
             try:
-                new_state = yield from _attempts(spec.retry, ctx, ledger, state, spent_before, max_step_cost)
+                new_state = yield from _attempts(spec.retry, ctx, ledger, state, spent_before, max_step_cost, deadline)
             except WallClockExceeded:
                 error = BudgetExhausted("wall_clock", wall_base + (time.monotonic() - t0), wall_cap or 0.0, run_id=run_id)
                 budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, "budget: wall_clock", "wall_clock",
@@ -372,6 +373,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
 
 def _attempts(
     retry: Any, ctx: RunContext, ledger: Ledger, state: Any, spent_before: float, max_step_cost: float,
+    deadline: float | None,
 ) -> Generator[Any, Any, Any]:
     """The step's call, retried on transient errors while ``retry`` and the budget allow.
 
@@ -380,7 +382,6 @@ def _attempts(
     """
     failed = 0
     while True:
-        deadline = ledger.deadline_in_chain()
         try:
             return (yield CallOp(state, ledger, deadline))
         except (WallClockExceeded, BudgetExhausted):

@@ -6,8 +6,9 @@ Pure data and row conversion: no connection is opened here.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from loomc._lease import is_alive
@@ -147,20 +148,27 @@ def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) ->
     return sql, tuple(args)
 
 
-_last_now: list[datetime] = [datetime.min.replace(tzinfo=UTC)]
+_last_us = [0]
+_second_text: dict[int, str] = {}
 
 
 def now_iso() -> str:
     """The current UTC time as stored in the database, strictly increasing within a process.
 
     Runs are listed newest first by ``created_at``; two runs created in the same
-    microsecond must still sort in creation order.
+    microsecond must still sort in creation order. (Called on every step: the text of the
+    current second is formatted once.)
     """
-    now = datetime.now(UTC)
-    if now <= _last_now[0]:
-        now = _last_now[0] + timedelta(microseconds=1)
-    _last_now[0] = now
-    return now.isoformat(timespec="microseconds")
+    us = time.time_ns() // 1000
+    if us <= _last_us[0]:
+        us = _last_us[0] + 1
+    _last_us[0] = us
+    sec, frac = divmod(us, 1_000_000)
+    head = _second_text.get(sec)
+    if head is None:
+        _second_text.clear()
+        head = _second_text[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{head}.{frac:06d}+00:00"
 
 
 def run_info(row: tuple[Any, ...] | Any) -> RunInfo:
