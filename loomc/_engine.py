@@ -315,7 +315,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 state = stored_state
                 return result(RunStatus.FAILED, f"error: {exc}", exc)
 
-            record = StepRecord(step_n, stored_state, cost, score, None, _error_text(error) if error else None)
+            ts = now_iso()
+            record = StepRecord(step_n, stored_state, cost, score, ts, _error_text(error) if error else None)
             history.append(record)
             if budget_stop is not None:
                 verdict_event, verdict_next, stop = None, start_from, budget_stop
@@ -331,12 +332,15 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 verdict_event, verdict_next, stop = verdict.event, verdict.next_from, verdict.stop
                 cost = record.cost_usd = round(ledger.spent - spent_before, 12)
             ledger.release_step()
-            record.event = "; ".join([*ctx.notes, verdict_event] if verdict_event else ctx.notes) or None
+            if ctx.notes:  # retries, breaker transitions
+                record.event = "; ".join([*ctx.notes, verdict_event] if verdict_event else ctx.notes)
+            else:
+                record.event = verdict_event
             max_step_cost = max(max_step_cost, cost)
             status = stop.status if stop is not None else RunStatus.RUNNING
             wall = wall_base + (ended - t0)
             row = StepRow(
-                step_n, blob, cost, score, now_iso(), record.error, record.event, verdict_next, ended - started,
+                step_n, blob, cost, score, ts, record.error, record.event, verdict_next, ended - started,
                 ledger.spent, iterations, wall, max_step_cost, status.value, stop.reason if stop else None,
             )
             yield StoreOp(store, "commit_step", (run_id, row))

@@ -49,7 +49,7 @@ class StepRecord:
         state: Any = None,
         cost_usd: float = 0.0,
         score: float | None = None,
-        timestamp: datetime | None = None,
+        timestamp: datetime | str | None = None,
         error: str | None = None,
         event: str | None = None,
         breaker_event: str | None = None,
