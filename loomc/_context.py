@@ -44,7 +44,6 @@ class Ledger:
         self.reserved = 0.0
         self.deadline = deadline  # time.monotonic() value at which the run's wall clock runs out
         self.context = context
-        self.total_iterations = 0
         self.holds: set[Reservation] = set()  # open reservations made on this ledger
         # What this run holds against its ancestors' caps for the step in flight (its
         # next-step estimate): spending that passes through it draws the hold down first.

@@ -87,12 +87,16 @@ class RunRequest:
 class RunContext:
     """The live run behind ``loomc.current_run()`` and nested-loop bookkeeping."""
 
-    def __init__(self, run_id: str, name: str, store: Any, parent_run_id: str | None, budget: Budget) -> None:
+    def __init__(
+        self, run_id: str, name: str, store: Any, parent_run_id: str | None, budget: Budget,
+        root_run_id: str | None = None,
+    ) -> None:
         self.run_id = run_id
         self.name = name
         self.store = store
         self.parent_run_id = parent_run_id
         self.budget = budget
+        self.root_run_id = root_run_id or run_id  # the top of the tree this run belongs to
         self.step_n = -1
         self.in_step = False
         self._calls = 0
@@ -160,7 +164,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             start_blob = _codec.encode(req.state)
             run_id = yield StoreOp(store, "begin_run", (NewRun(
                 spec_hash=spec.spec_hash, name=spec.name, kind=spec.kind, parent_run_id=parent_ctx.run_id,
-                parent_step=parent_ctx.step_n, call_index=idx, state_type=_codec.type_ref(req.state),
+                parent_step=parent_ctx.step_n, call_index=idx, root_run_id=parent_ctx.root_run_id,
+                state_type=_codec.type_ref(req.state),
                 input_blob=start_blob, budget=budget.to_dict(), meta=spec.meta or None, owner=owner,
             ),))
     else:
@@ -224,7 +229,9 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     # -- the attempt --------------------------------------------------------------
     t0 = time.monotonic()
     wall_cap = budget.wall_clock_seconds
-    ctx = RunContext(run_id, spec.name, store, parent_run_id, budget)
+    ctx = RunContext(
+        run_id, spec.name, store, parent_run_id, budget, parent_ctx.root_run_id if nested and parent_ctx else None
+    )
     states = StateLoader(store, run_id)  # loads states dropped from memory, on demand
     ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
     ledger = Ledger(

@@ -88,6 +88,9 @@ def test_three_deep_uncapped_rolls_every_cost_up_to_the_root(db: str, tmp_path: 
         assert m["cost_usd"] == pytest.approx(0.12)
     assert step_costs(db, root["id"]) == pytest.approx([m["cost_usd"] for m in mids])
     assert seen[0].parent_run_id is not None
+    # every nested run names the root of its tree
+    assert {r["root_run_id"] for r in runs if r["id"] != root["id"]} == {root["id"]}
+    assert root["root_run_id"] is None
     assert seen[0].step == 0
 
 
