@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from loomc import _sql
-from loomc._codec import decode, encode
+from loomc._codec import decode, delta_base, encode, expand
 from loomc._errors import RunNotFound, StoreError
 from loomc._lease import owner_token
 from loomc._store import (
@@ -36,6 +36,7 @@ from loomc._store import (
     _history_record,
     _in_process,
     _nearest,
+    expand_rows,
     new_run_id,
 )
 from loomc._types import RunInfo, RunStatus, StepRecord
@@ -116,6 +117,7 @@ class AsyncSQLiteStore:
     """
 
     is_async = True
+    supports_deltas = True
 
     def __init__(
         self,
@@ -375,7 +377,19 @@ class AsyncSQLiteStore:
         """Every step of the run, states included, in order."""
         type_rows = await self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         ref = type_rows[0][0] if type_rows else "json"
-        return [_sql.step_record(r, ref) for r in await self._read(_sql.SELECT_STEPS_FULL, (run_id,))]
+        return [_sql.step_record(r, ref) for r in expand_rows(await self._read(_sql.SELECT_STEPS_FULL, (run_id,)))]
+
+    async def stored_state(self, run_id: str, step_n: int) -> str | bytes | None:
+        """A step's state as stored, a delta made whole (``None``: no such step)."""
+        rows = await self._read(_sql.SELECT_STATE, (run_id, step_n))
+        if not rows:
+            return None
+        blob = rows[0][0]
+        base = delta_base(blob)
+        if base is not None:
+            key = await self._read(_sql.SELECT_STATE, (run_id, base))
+            blob = expand(blob, key[0][0] if key else None)
+        return blob  # type: ignore[no-any-return]
 
     async def load_state(self, run_id: str, step_n: int) -> Any:
         """The state a step committed (``step_n == -1``: the run's input)."""
@@ -383,10 +397,10 @@ class AsyncSQLiteStore:
             rows = await self._read(_sql.SELECT_RESUME, (run_id,))
             return decode(rows[0][1], rows[0][0]) if rows else None
         ref_rows = await self._read(_sql.SELECT_STATE_TYPE, (run_id,))
-        rows = await self._read(_sql.SELECT_STATE, (run_id, step_n))
-        if not rows:
+        blob = await self.stored_state(run_id, step_n)
+        if blob is None:
             raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
-        return decode(rows[0][0], ref_rows[0][0] if ref_rows else "json")
+        return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     async def resume_point(self, run_id: str) -> ResumePoint:
         """The run's info, its history (states loaded lazily) and the state to start from."""
@@ -399,8 +413,8 @@ class AsyncSQLiteStore:
         next_from = _sql.start_point(stored_next, history[-1].step_n if history else None)
         blob = input_blob
         if next_from >= 0:
-            rows = await self._read(_sql.SELECT_STATE, (run_id, next_from))
-            blob = rows[0][0] if rows else input_blob
+            stored = await self.stored_state(run_id, next_from)
+            blob = input_blob if stored is None else stored
         return ResumePoint(info, state_type, blob, next_from, history)
 
     async def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:

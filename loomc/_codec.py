@@ -3,20 +3,33 @@
 A state is encoded once, at the storage boundary. Dicts, lists and scalars go through
 the standard ``json`` module; pydantic models, dataclasses and anything else pydantic's
 ``TypeAdapter`` understands go through pydantic (imported only when such a state is
-seen). Large encodings are compressed with zlib; the stored value is ``str`` for plain
-JSON and ``bytes`` (``b"z"`` + zlib data) for compressed JSON.
+seen). The stored value is ``str`` for plain JSON and ``bytes`` for larger states:
+
+- ``b"Z"`` + a zstd frame: the whole state, compressed (a *keyframe*);
+- ``b"D"`` + the keyframe's step number (8 bytes) + a zstd frame compressed with the
+  keyframe's JSON as its dictionary: a *delta*, a few hundred bytes when a large state
+  changes a little per step. A run's :class:`StateEncoder` picks between the two;
+- ``b"z"`` + zlib data: the compressed form of loomc 0.4.0, still read.
+
+A delta names its keyframe by step number within the same run; stores turn it back into
+JSON with :func:`delta_base` and :func:`expand`.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import threading
 import zlib
+from collections import OrderedDict
 from typing import Any
 
 from loomc._errors import StateError
 
-__all__ = ["COMPRESS_AT", "TypeRef", "decode", "encode", "encode_json", "resolve_type", "type_ref"]
+__all__ = [
+    "COMPRESS_AT", "StateEncoder", "TypeRef", "decode", "delta_base", "encode", "encode_json", "expand",
+    "resolve_type", "type_ref",
+]
 
 #: Encodings at least this long are compressed.
 COMPRESS_AT = 2048
@@ -162,11 +175,149 @@ def _lookup(state: Any, path: str) -> Any:
 
 
 def encode(state: Any, compress_at: int = COMPRESS_AT) -> str | bytes:
-    """Serialise a state for storage (``str`` JSON, or ``bytes`` when compressed)."""
+    """Serialise a state for storage on its own (``str`` JSON, or a ``bytes`` keyframe)."""
     raw = _json_bytes(state)
     if len(raw) >= compress_at:
-        return b"z" + zlib.compress(raw, 1)
+        frame: bytes = _zstd_compressor().compress(raw)
+        return b"Z" + frame
     return raw.decode()
+
+
+# ---------------------------------------------------------------------------------- deltas
+
+_zstd: Any = None
+_DCTX_KEEP = 4
+
+
+class _PerThread(threading.local):
+    """zstd (de)compressors may not be used by two threads at once: one set per thread."""
+
+    def __init__(self) -> None:
+        self.cctx: Any = None
+        #: Keyframes whose decompression dictionaries are ready, by their stored bytes.
+        self.dctx_cache: OrderedDict[bytes, tuple[bytes, Any]] = OrderedDict()
+
+
+_local = _PerThread()
+_LEVEL = 3  # keyframes
+#: Deltas: zstd's fast levels keep one candidate per hash and miss long matches in repetitive
+#: text; level 9 searches chains (~90 us for 100 KB here, against 60 us at level 3).
+_DELTA_LEVEL = 9
+
+
+def _zstd_module() -> Any:
+    global _zstd
+    if _zstd is None:
+        import zstandard
+
+        _zstd = zstandard
+    return _zstd
+
+
+def _zstd_compressor() -> Any:
+    cctx = _local.cctx
+    if cctx is None:
+        cctx = _local.cctx = _zstd_module().ZstdCompressor(level=_LEVEL, write_checksum=True)
+    return cctx
+
+
+class StateEncoder:
+    """Encodes one run's successive states, storing most large ones as deltas.
+
+    The first large state is a keyframe. Later states are compressed with the keyframe's
+    JSON as a zstd dictionary, so what did not change costs almost nothing; once a delta
+    grows past the average bytes per step since the keyframe (the state has drifted; for
+    the first delta, past half the keyframe), that state becomes the new keyframe. States
+    that share nothing with their keyframe back off from trying deltas. Every delta refers to its keyframe directly, so reading any
+    state takes at most two blobs.
+
+    The encoder assumes every state it returns is committed, in order, before the next
+    one is encoded (a run stops on a failed commit, and a new attempt starts a new encoder),
+    and is used by one thread at a time (its run's driver).
+    """
+
+    __slots__ = ("_backoff", "_cctx", "_cycle_bytes", "_cycle_steps", "_key_raw", "_key_step", "_skip", "compress_at")
+
+    def __init__(self, compress_at: int = COMPRESS_AT) -> None:
+        self.compress_at = compress_at
+        self._key_step = -1
+        self._key_raw: bytes | None = None
+        self._cctx: Any = None
+        self._cycle_bytes = 0  # bytes stored since (and including) the keyframe
+        self._cycle_steps = 0
+        self._skip = 0  # steps left before deltas are tried again
+        self._backoff = 1
+
+    def encode(self, state: Any, step_n: int) -> str | bytes:
+        """The stored form of ``state``, committed as step ``step_n``."""
+        raw = _json_bytes(state)
+        if len(raw) < self.compress_at:
+            return raw.decode()
+        if self._key_raw is not None and self._skip == 0:
+            if self._cctx is None:
+                zstd = _zstd_module()
+                zdict = zstd.ZstdCompressionDict(self._key_raw, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+                self._cctx = zstd.ZstdCompressor(dict_data=zdict, level=_DELTA_LEVEL, write_checksum=True, write_dict_id=False)
+            out: bytes = self._cctx.compress(raw)
+            size = len(out) + 9
+            # no bigger than the average bytes per step since the keyframe (half of it, at first)
+            if size * max(self._cycle_steps, 2) <= self._cycle_bytes:
+                self._cycle_bytes += size
+                self._cycle_steps += 1
+                self._backoff = 1
+                return b"D" + self._key_step.to_bytes(8, "little") + out
+            if self._cycle_steps == 1:  # not even the first delta paid: this state does not repeat itself
+                self._skip = self._backoff
+                self._backoff = min(self._backoff * 2, 64)
+        elif self._skip:
+            self._skip -= 1
+        frame: bytes = _zstd_compressor().compress(raw)
+        blob = b"Z" + frame
+        self._key_step, self._key_raw, self._cctx = step_n, raw, None
+        self._cycle_bytes, self._cycle_steps = len(blob), 1
+        return blob
+
+
+def delta_base(blob: Any) -> int | None:
+    """The keyframe step a stored delta needs, or ``None`` when ``blob`` stands alone."""
+    if isinstance(blob, (bytes, bytearray, memoryview)) and blob[:1] == b"D":
+        return int.from_bytes(blob[1:9], "little")
+    return None
+
+
+def expand(blob: bytes, base: str | bytes | None) -> bytes:
+    """A delta's state as ``b"J"`` + its JSON, given the stored form of its keyframe."""
+    if base is None:
+        raise StateError("a stored state refers to a keyframe that is missing; the database is damaged")
+    base = bytes(base) if not isinstance(base, str) else base.encode()
+    cache = _local.dctx_cache
+    hit = cache.get(base)
+    if hit is None:
+        zstd = _zstd_module()
+        key_raw = _raw_json(base)
+        dctx = zstd.ZstdDecompressor(dict_data=zstd.ZstdCompressionDict(key_raw, dict_type=zstd.DICT_TYPE_RAWCONTENT))
+        hit = cache[base] = (key_raw, dctx)
+        if len(cache) > _DCTX_KEEP:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(base)
+    try:
+        whole: bytes = hit[1].decompress(bytes(blob[9:]))
+    except Exception as exc:
+        raise StateError(f"a stored state does not match its keyframe ({exc}); the database is damaged") from exc
+    return b"J" + whole
+
+
+def _raw_json(blob: bytes) -> bytes:
+    """The JSON bytes of a stand-alone stored form."""
+    tag = blob[:1]
+    if tag == b"Z":
+        return _zstd_module().ZstdDecompressor().decompress(blob[1:])  # type: ignore[no-any-return]
+    if tag == b"z":
+        return zlib.decompress(blob[1:])
+    if tag == b"J":
+        return blob[1:]
+    return blob
 
 
 def decode(blob: str | bytes | None, ref: TypeRef | None = "json") -> Any:
@@ -175,7 +326,9 @@ def decode(blob: str | bytes | None, ref: TypeRef | None = "json") -> Any:
         return None
     if isinstance(blob, (bytes, bytearray, memoryview)):
         raw = bytes(blob)
-        text = zlib.decompress(raw[1:]).decode() if raw[:1] == b"z" else raw.decode()
+        if raw[:1] == b"D":
+            raise StateError("a delta state was decoded without its keyframe (call expand first)")
+        text = _raw_json(raw).decode()
     else:
         text = blob
     cls = resolve_type(ref)

@@ -227,6 +227,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         parent_run_id = parent_ctx.run_id if nested and parent_ctx is not None else None
 
     # -- the attempt --------------------------------------------------------------
+    # loomc's own stores read deltas back; any other CheckpointStore gets whole states
+    encoder = _codec.StateEncoder() if getattr(store, "supports_deltas", False) else None
     t0 = time.monotonic()
     wall_cap = budget.wall_clock_seconds
     ctx = RunContext(
@@ -315,7 +317,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             ended = time.monotonic()
             stored_state = state if error is not None else new_state
             try:
-                blob = _codec.encode(stored_state)
+                blob = encoder.encode(stored_state, step_n) if encoder is not None else _codec.encode(stored_state)
             except StateError as exc:
                 wall = wall_base + (ended - t0)
                 yield StoreOp(store, "finish_run", (run_id, RunStatus.FAILED, f"error: {exc}", wall))

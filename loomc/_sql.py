@@ -16,7 +16,9 @@ from loomc._types import RunInfo, RunStatus
 
 __all__ = ["SCHEMA_VERSION", "StepRow"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The oldest schema this loomc reads without migrating it (readers never write).
+READS_FROM = 1
 
 #: Forward migrations: MIGRATIONS[v] takes a database at version v to v + 1.
 MIGRATIONS: dict[int, str] = {
@@ -69,6 +71,9 @@ CREATE TABLE IF NOT EXISTS blobs (
     data BLOB NOT NULL
 );
 """,
+    # v2 changes no table: large states may now be zstd keyframes (b"Z") and deltas (b"D"),
+    # which a v1 reader could not decode, so the version keeps such readers out.
+    1: "",
 }
 
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=OFF")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from loomc import _sql
-from loomc._codec import decode, encode
+from loomc._codec import decode, delta_base, encode, expand
 from loomc._errors import AmbiguousRunId, RunLocked, RunNotFound, SchemaTooNew, StoreError
 from loomc._lease import owner_token
 from loomc._types import _MISSING, RunInfo, RunStatus, StepRecord
@@ -187,6 +187,9 @@ class SQLiteStore:
         create: when ``False``, a missing database is a :class:`StoreError` (readers).
     """
 
+    #: Large states may be stored as deltas against an earlier step (see ``_codec``).
+    supports_deltas = True
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -305,7 +308,7 @@ class SQLiteStore:
                     while version < _sql.SCHEMA_VERSION:
                         if version == 0:
                             _migrate_0(conn)
-                        else:  # pragma: no cover - future migrations
+                        else:
                             _script(conn, _sql.MIGRATIONS[version])
                         version += 1
                         conn.execute(f"PRAGMA user_version={version}")
@@ -488,7 +491,19 @@ class SQLiteStore:
         """Every step of the run, states included, in order."""
         type_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         ref = type_rows[0][0] if type_rows else "json"
-        return [_sql.step_record(r, ref) for r in self._read(_sql.SELECT_STEPS_FULL, (run_id,))]
+        return [_sql.step_record(r, ref) for r in expand_rows(self._read(_sql.SELECT_STEPS_FULL, (run_id,)))]
+
+    def stored_state(self, run_id: str, step_n: int) -> str | bytes | None:
+        """A step's state as stored, a delta made whole (``None``: no such step)."""
+        rows = self._read(_sql.SELECT_STATE, (run_id, step_n))
+        if not rows:
+            return None
+        blob = rows[0][0]
+        base = delta_base(blob)
+        if base is not None:
+            key = self._read(_sql.SELECT_STATE, (run_id, base))
+            blob = expand(blob, key[0][0] if key else None)
+        return blob  # type: ignore[no-any-return]
 
     def load_state(self, run_id: str, step_n: int) -> Any:
         """The state a step committed (``step_n == -1``: the run's input)."""
@@ -496,10 +511,10 @@ class SQLiteStore:
             rows = self._read(_sql.SELECT_RESUME, (run_id,))
             return decode(rows[0][1], rows[0][0]) if rows else None
         ref_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
-        rows = self._read(_sql.SELECT_STATE, (run_id, step_n))
-        if not rows:
+        blob = self.stored_state(run_id, step_n)
+        if blob is None:
             raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
-        return decode(rows[0][0], ref_rows[0][0] if ref_rows else "json")
+        return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     def resume_point(self, run_id: str) -> ResumePoint:
         """The run's info, its history (states loaded lazily) and the state to start from."""
@@ -513,8 +528,8 @@ class SQLiteStore:
         if next_from < 0:
             blob = input_blob
         else:
-            rows = self._read(_sql.SELECT_STATE, (run_id, next_from))
-            blob = rows[0][0] if rows else input_blob
+            blob = self.stored_state(run_id, next_from)
+            blob = input_blob if blob is None else blob
         return ResumePoint(info, state_type, blob, next_from, history)
 
     def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
@@ -538,6 +553,21 @@ def _file_ident(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
+
+
+def expand_rows(rows: list[Any]) -> list[Any]:
+    """All of a run's step rows ``(step_n, stored state, ...)``, in order, deltas made whole."""
+    keys: dict[int, Any] = {}
+    out = []
+    for r in rows:
+        blob = r[1]
+        base = delta_base(blob)
+        if base is not None:
+            r = (r[0], expand(blob, keys.get(base)), *r[2:])
+        elif isinstance(blob, (bytes, bytearray)):
+            keys[r[0]] = blob
+        out.append(r)
+    return out
 
 
 class StateLoader:
@@ -588,6 +618,8 @@ def _nearest(run_id: str, ids: list[str]) -> list[str]:
 
 class MemoryStore:
     """A store that keeps runs in memory (``checkpoint="memory"``): nothing survives the process."""
+
+    supports_deltas = True
 
     def __init__(self) -> None:
         self._runs: dict[str, dict[str, Any]] = {}
@@ -719,20 +751,25 @@ class MemoryStore:
         with self._lock:
             ref = self._runs[run_id]["state_type"] if run_id in self._runs else "json"
             rows = sorted(self._steps.get(run_id, {}).values(), key=lambda s: s.step_n)
+        whole = expand_rows([(r.step_n, r.state_blob) for r in rows])
         return [
             StepRecord(
-                r.step_n, decode(r.state_blob, ref), r.cost_usd, r.score,
+                r.step_n, decode(w[1], ref), r.cost_usd, r.score,
                 datetime.fromisoformat(r.timestamp), r.error, r.event,
             )
-            for r in rows
+            for r, w in zip(rows, whole, strict=True)
         ]
 
     def load_state(self, run_id: str, step_n: int) -> Any:
         """The state a step committed (``-1``: the input)."""
         with self._lock:
             r = self._runs[run_id]
-            blob = r["input_blob"] if step_n < 0 else self._steps[run_id][step_n].state_blob
+            blob = r["input_blob"] if step_n < 0 else self._whole(run_id, self._steps[run_id][step_n].state_blob)
             return decode(blob, r["state_type"])
+
+    def _whole(self, run_id: str, blob: Any) -> Any:
+        base = delta_base(blob)
+        return blob if base is None else expand(blob, self._steps[run_id][base].state_blob)
 
     def resume_point(self, run_id: str) -> ResumePoint:
         """The run's info, its history and the state to start from."""
@@ -742,7 +779,7 @@ class MemoryStore:
                 raise RunNotFound(run_id, where="memory")
             rows = sorted(self._steps[run_id].values(), key=lambda s: s.step_n)
             next_from = r["next_from"] if r["next_from"] is not None else (rows[-1].step_n if rows else -1)
-            blob = r["input_blob"] if next_from < 0 else self._steps[run_id][next_from].state_blob
+            blob = r["input_blob"] if next_from < 0 else self._whole(run_id, self._steps[run_id][next_from].state_blob)
             info = self._info(r)
             state_type = r["state_type"]
         loader = StateLoader(self, run_id)

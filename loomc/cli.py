@@ -113,7 +113,7 @@ def _refuse_older(path: Path) -> None:
             conn.close()
     except sqlite3.Error:
         return  # not a database at all: the store says so
-    if has_runs and version < _sql.SCHEMA_VERSION:
+    if has_runs and version < _sql.READS_FROM:
         raise StoreError(
             f"{path} was written by an older loomc (schema v{version}, this loomc uses v{_sql.SCHEMA_VERSION}); "
             "upgrade it once by opening it for writing, e.g. "
@@ -464,6 +464,7 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
     from loomc import _cli_render as r
     from loomc import _sql
     from loomc._codec import decode
+    from loomc._store import expand_rows
 
     kids = store.children(info.id)
     rows = store._read(_sql.SELECT_RESUME, (info.id,))
@@ -476,7 +477,7 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
     # named by state_type); the user's modules are never imported to read them.
     d["input"] = decode(input_blob, "json")
     steps, cumul = [], 0.0
-    for s in store._read(_sql.SELECT_STEPS_FULL, (info.id,)):
+    for s in expand_rows(store._read(_sql.SELECT_STEPS_FULL, (info.id,))):
         cumul += s[2]
         steps.append(
             {

@@ -130,5 +130,5 @@ def test_large_states_live_in_blobs_and_round_trip(tmp_path: Path) -> None:
         inline, ref = c.execute("SELECT state_blob, blob_id FROM steps WHERE step_n = 1").fetchone()
         assert inline is None
         (data,) = c.execute("SELECT data FROM blobs WHERE id = ?", (ref,)).fetchone()
-        assert data[:1] == b"z"
+        assert data[:1] == b"Z"
         assert len(data) < len("tide " * 5000) / 10
