@@ -403,19 +403,24 @@ class AsyncSQLiteStore:
         return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     async def resume_point(self, run_id: str) -> ResumePoint:
-        """The run's info, its history (states loaded lazily) and the state to start from."""
+        """The run's info, its last step and the state to start from (earlier steps: ``step_history``)."""
         info = await self.get_run(run_id)
         if info is None:
             raise RunNotFound(run_id, where=str(self.path))
         state_type, input_blob, stored_next = (await self._read(_sql.SELECT_RESUME, (run_id,)))[0]
         loader = StateLoader(self.sync, run_id)
-        history = [_history_record(r, loader) for r in await self._read(_sql.SELECT_STEP_META, (run_id,))]
+        history = [_history_record(r, loader) for r in await self._read(_sql.SELECT_LAST_STEP_META, (run_id,))]
         next_from = _sql.start_point(stored_next, history[-1].step_n if history else None)
         blob = input_blob
         if next_from >= 0:
             stored = await self.stored_state(run_id, next_from)
             blob = input_blob if stored is None else stored
-        return ResumePoint(info, state_type, blob, next_from, history)
+        return ResumePoint(info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0)
+
+    async def step_history(self, run_id: str, before: int) -> list[StepRecord]:
+        """The run's steps numbered below ``before``, in order (states loaded lazily)."""
+        loader = StateLoader(self.sync, run_id)
+        return [_history_record(r, loader) for r in await self._read(_sql.SELECT_STEP_META_BEFORE, (run_id, before))]
 
     async def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
         """The child run a parent step started as its ``call_index``-th nested loop."""

@@ -203,6 +203,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             _codec._seen_types[state_type] = type(req.state)
         state = _codec.decode(rp.start_blob, state_type)
         history = list(rp.history)
+        partial = rp.partial  # only the last step: the earlier ones are read when first needed
         if history and history[-1].step_n == rp.next_from and history[-1].error is None:
             history[-1].state = state  # already decoded: detectors need not read it back
         # A finished child of a re-run parent step returns its outcome without running again
@@ -210,6 +211,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         if info.status is RunStatus.COMPLETED or (nested and info.status is RunStatus.STALLED):
             if nested and parent is not None and carried:
                 parent.charge(carried, enforce=False)
+            if partial:
+                history[:0] = yield StoreOp(store, "step_history", (run_id, history[0].step_n))
             best = best_step(history)
             return RunResult(
                 run_id, info.status, state, info.steps, info.cost_usd,
@@ -222,6 +225,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     else:
         state = req.state
         history = []
+        partial = False
         usage = Usage()
         next_from = -1
         parent_run_id = parent_ctx.run_id if nested and parent_ctx is not None else None
@@ -247,14 +251,23 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     iterations, max_step_cost, wall_base = usage.iterations, usage.max_step_cost, usage.wall_s
     attempt_start = history[-1].step_n + 1 if history else 0
     step_n = attempt_start
-    best = best_step(history)
+    best = best_step(history)  # of the steps in memory (a resumed run's earlier ones are read later)
     best_state: Any = None
     have_best_state = False
+    policy = spec.policy
+    needs_history = policy.converge_on is not None or bool(policy.backtrack) or policy.on_stall is not None
     mark_active(run_id, True)
 
-    def result(status: RunStatus, reason: str | None, error: BaseException | None = None) -> RunResult:
+    def earlier_steps() -> Generator[Any, Any, None]:
+        nonlocal partial
+        if partial:
+            partial = False
+            history[:0] = yield StoreOp(store, "step_history", (run_id, history[0].step_n))
+
+    def result(status: RunStatus, reason: str | None, error: BaseException | None = None) -> Generator[Any, Any, RunResult]:
+        yield from earlier_steps()
         b = best_step(history)
-        bstate = best_state if have_best_state else (b.state if b is not None else None)
+        bstate = best_state if (have_best_state and b is best) else (b.state if b is not None else None)
         return RunResult(run_id, status, state, iterations, ledger.spent, bstate, b.score if b else None, reason, error, history)
 
     try:
@@ -269,7 +282,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                             refused.used, refused.cap, refused.owner)
             if stop is not None:
                 yield StoreOp(store, "finish_run", (run_id, stop.status, stop.reason, used.wall_s))
-                return result(stop.status, stop.reason, _budget_error(stop, run_id, state))
+                return (yield from result(stop.status, stop.reason, _budget_error(stop, run_id, state)))
 
             ctx.begin_step(step_n)
             ctx.notes = []
@@ -322,7 +335,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 wall = wall_base + (ended - t0)
                 yield StoreOp(store, "finish_run", (run_id, RunStatus.FAILED, f"error: {exc}", wall))
                 state = stored_state
-                return result(RunStatus.FAILED, f"error: {exc}", exc)
+                return (yield from result(RunStatus.FAILED, f"error: {exc}", exc))
 
             ts = now_iso()
             record = StepRecord(step_n, stored_state, cost, score, ts, _error_text(error) if error else None)
@@ -330,9 +343,11 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             if budget_stop is not None:
                 verdict_event, verdict_next, stop = None, start_from, budget_stop
             else:
+                if needs_history:
+                    yield from earlier_steps()
                 token = _parent_ledger.set(ledger)  # a judge's own LLM call is charged to this run
                 try:
-                    verdict = after_step(spec.policy, history, start_from=start_from, attempt_start=attempt_start)
+                    verdict = after_step(policy, history, start_from=start_from, attempt_start=attempt_start)
                 except BudgetExhausted as exc:  # the judge's call did not fit: keep the step, stop the run
                     verdict = Verdict(None, step_n, Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}", exc.limit,
                                                          exc.used, exc.cap, exc.owner if exc.owner != run_id else None))
@@ -377,8 +392,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 if stop.status is RunStatus.BUDGET_EXHAUSTED:
                     # a child's BudgetExhausted (an enclosing cap) is re-issued for this run
                     own = isinstance(error, BudgetExhausted) and error.run_id in (None, run_id)
-                    return result(stop.status, stop.reason, error if own else _budget_error(stop, run_id, state))
-                return result(stop.status, stop.reason, error)
+                    return (yield from result(stop.status, stop.reason, error if own else _budget_error(stop, run_id, state)))
+                return (yield from result(stop.status, stop.reason, error))
     finally:
         ledger.release_step()
         mark_active(run_id, False)

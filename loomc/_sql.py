@@ -122,6 +122,12 @@ ADD_COST = "UPDATE runs SET cost_usd = cost_usd + ?, updated_at = ? WHERE id = ?
 SELECT_STEP_META = (
     "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? ORDER BY step_n"
 )
+SELECT_LAST_STEP_META = (
+    "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? ORDER BY step_n DESC LIMIT 1"
+)
+SELECT_STEP_META_BEFORE = (
+    "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? AND step_n < ? ORDER BY step_n"
+)
 SELECT_STEPS_FULL = (
     f"SELECT s.step_n, {STATE_OF}, s.cost_usd, s.score, s.timestamp, s.error, s.event FROM steps s "
     "WHERE s.run_id = ? ORDER BY s.step_n"

@@ -74,13 +74,18 @@ class NewRun:
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a run picks up: the state the next step starts from and its history."""
+    """Where a run picks up: the state the next step starts from and its history.
+
+    With ``partial``, ``history`` holds only the last step; the engine reads the earlier
+    ones (``step_history``) when a strategy, a detector or the result first needs them.
+    """
 
     info: RunInfo
     state_type: str | None
     start_blob: str | bytes | None
     next_from: int
     history: list[StepRecord]
+    partial: bool = False
 
 
 @runtime_checkable
@@ -517,20 +522,25 @@ class SQLiteStore:
         return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     def resume_point(self, run_id: str) -> ResumePoint:
-        """The run's info, its history (states loaded lazily) and the state to start from."""
+        """The run's info, its last step and the state to start from (earlier steps: ``step_history``)."""
         info = self.get_run(run_id)
         if info is None:
             raise RunNotFound(run_id, where=str(self.path))
         state_type, input_blob, next_from = self._read(_sql.SELECT_RESUME, (run_id,))[0]
         loader = StateLoader(self, run_id)
-        history = [_history_record(r, loader) for r in self._read(_sql.SELECT_STEP_META, (run_id,))]
+        history = [_history_record(r, loader) for r in self._read(_sql.SELECT_LAST_STEP_META, (run_id,))]
         next_from = _sql.start_point(next_from, history[-1].step_n if history else None)
         if next_from < 0:
             blob = input_blob
         else:
             blob = self.stored_state(run_id, next_from)
             blob = input_blob if blob is None else blob
-        return ResumePoint(info, state_type, blob, next_from, history)
+        return ResumePoint(info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0)
+
+    def step_history(self, run_id: str, before: int) -> list[StepRecord]:
+        """The run's steps numbered below ``before``, in order (states loaded lazily)."""
+        loader = StateLoader(self, run_id)
+        return [_history_record(r, loader) for r in self._read(_sql.SELECT_STEP_META_BEFORE, (run_id, before))]
 
     def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
         """The child run a parent step started as its ``call_index``-th nested loop."""
@@ -785,6 +795,10 @@ class MemoryStore:
         loader = StateLoader(self, run_id)
         history = [_history_record((s.step_n, s.cost_usd, s.score, s.timestamp, s.error, s.event), loader) for s in rows]
         return ResumePoint(info, state_type, blob, next_from, history)
+
+    def step_history(self, run_id: str, before: int) -> list[StepRecord]:
+        """The run's steps numbered below ``before``, in order."""
+        return [h for h in self.resume_point(run_id).history if h.step_n < before]
 
     def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
         """The child run keyed by (parent, parent step, call order)."""

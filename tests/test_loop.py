@@ -357,13 +357,14 @@ def test_memory_checkpoint(tmp_path: Path) -> None:
 # -- resume equivalence: an interrupted-and-resumed run equals an uninterrupted one -------
 
 
-def _make_runner(db: str, scores: list[float], errors: set[int], interrupt_at: list[int]) -> Any:
+def _make_runner(db: str, scores: list[float], errors: set[int], interrupt_at: list[int], policy: bool = True) -> Any:
+    # without a policy, nothing reads a resumed run's earlier steps until its result is built
     @loop(
         checkpoint=db,
         budget=Budget(iterations=len(scores), usd=100.0),
         scorer=lambda s: s["score"],
-        backtrack=[BestScore(), LastGood(max_consecutive_errors=len(scores) + 1)],
-        converge_on=score_plateau(patience=4, min_delta=0.001),
+        backtrack=[BestScore(), LastGood(max_consecutive_errors=len(scores) + 1)] if policy else None,
+        converge_on=score_plateau(patience=4, min_delta=0.001) if policy else None,
         name="equivalence",
     )
     def step(state: dict[str, Any]) -> dict[str, Any]:
@@ -385,16 +386,18 @@ def _make_runner(db: str, scores: list[float], errors: set[int], interrupt_at: l
     scores=st.lists(st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]), min_size=2, max_size=12),
     errors=st.sets(st.integers(min_value=0, max_value=11), max_size=3),
     k=st.integers(min_value=0, max_value=11),
+    policy=st.booleans(),
 )
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 def test_resume_after_any_step_equals_uninterrupted(
-    tmp_path_factory: pytest.TempPathFactory, scores: list[float], errors: set[int], k: int
+    tmp_path_factory: pytest.TempPathFactory, scores: list[float], errors: set[int], k: int, policy: bool
 ) -> None:
-    """Interrupt after any step k, resume: same step history, same final state, same cost."""
+    """Interrupt after any step k, resume: same step history, same final state, same cost,
+    same best step (the resumed run's earlier steps are read from the store when needed)."""
     d = tmp_path_factory.mktemp("eq")
-    whole = _make_runner(str(d / "a.db"), scores, errors, []).run({"trail": [], "score": 0.0})
+    whole = _make_runner(str(d / "a.db"), scores, errors, [], policy).run({"trail": [], "score": 0.0})
     k = k % whole.steps  # interrupt before a step the whole run did start
-    runner = _make_runner(str(d / "b.db"), scores, errors, [k])
+    runner = _make_runner(str(d / "b.db"), scores, errors, [k], policy)
     with pytest.raises(KeyboardInterrupt):
         runner.run({"trail": [], "score": 0.0})
     rid = SQLiteStore(d / "b.db").list_runs()[0].id
@@ -403,3 +406,5 @@ def test_resume_after_any_step_equals_uninterrupted(
     assert resumed.status == whole.status
     assert resumed.cost_usd == pytest.approx(whole.cost_usd)
     assert rows(str(d / "b.db"), rid) == rows(str(d / "a.db"), whole.run_id)
+    assert [(h.step_n, h.score, h.error) for h in resumed.history] == [(h.step_n, h.score, h.error) for h in whole.history]
+    assert (resumed.best_score, resumed.best_state) == (whole.best_score, whole.best_state)
