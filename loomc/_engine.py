@@ -254,7 +254,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     best = best_step(history)  # of the steps in memory (a resumed run's earlier ones are read later)
     best_state: Any = None
     have_best_state = False
-    policy = spec.policy
+    policy, retry = spec.policy, spec.retry
     needs_history = policy.converge_on is not None or bool(policy.backtrack) or policy.on_stall is not None
     mark_active(run_id, True)
 
@@ -293,7 +293,10 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             budget_stop: Stop | None = None
             new_state: Any = state
             try:
-                new_state = yield from _attempts(spec.retry, ctx, ledger, state, spent_before, max_step_cost, deadline)
+                if retry is None:
+                    new_state = yield CallOp(state, ledger, deadline)
+                else:
+                    new_state = yield from _attempts(retry, ctx, ledger, state, spent_before, max_step_cost, deadline)
             except WallClockExceeded:
                 error = BudgetExhausted("wall_clock", wall_base + (time.monotonic() - t0), wall_cap or 0.0, run_id=run_id)
                 budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, "budget: wall_clock", "wall_clock",
@@ -342,6 +345,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             history.append(record)
             if budget_stop is not None:
                 verdict_event, verdict_next, stop = None, start_from, budget_stop
+            elif error is None and not needs_history:  # what after_step decides with no strategies
+                verdict_event, verdict_next, stop = None, step_n, None
             else:
                 if needs_history:
                     yield from earlier_steps()

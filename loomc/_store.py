@@ -210,6 +210,7 @@ class SQLiteStore:
         self.durability: Durability = durability
         self.create = create
         self._conn: sqlite3.Connection | None = None
+        self._cur: sqlite3.Cursor | None = None  # the commit path's cursor (one per connection)
         self._ident: tuple[int, int] | None = None
         self._next_check = 0.0  # monotonic time of the next file-identity check
         self._lock = threading.RLock()
@@ -332,7 +333,7 @@ class SQLiteStore:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
-                self._conn = None
+                self._conn = self._cur = None
 
     def check_file(self) -> None:
         """Raise :class:`StoreError` if the open database file was deleted or replaced under us.
@@ -456,12 +457,15 @@ class SQLiteStore:
         """Write one step and the run's totals in one transaction."""
         # What ``_tx`` does, spelled out: this runs once per step, and is the hot path.
         with self._lock:
-            conn = self._conn or self.conn
+            cur = self._cur
+            if cur is None:
+                cur = self._cur = self.conn.cursor()  # Connection.execute makes a cursor per call
+            conn = self.conn
             self.check_file_soon()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                row.write(conn.execute, run_id, time.time())
-                conn.execute("COMMIT")
+                cur.execute("BEGIN IMMEDIATE")
+                row.write(cur.execute, run_id, time.time())
+                cur.execute("COMMIT")
             except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
