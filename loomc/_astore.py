@@ -19,8 +19,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from loomc import _sql
@@ -221,31 +220,6 @@ class AsyncSQLiteStore:
                 raise StoreError(f"cannot read {self.path}: {exc}") from exc
             raise
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction, alone on the connection and shielded from cancellation."""
-        import anyio
-
-        conn, lock = await self._connect()
-        with anyio.CancelScope(shield=True):
-            async with lock:
-                try:
-                    await conn.execute("BEGIN IMMEDIATE")
-                except Exception as exc:
-                    raise self._wrap(exc) from exc
-                try:
-                    yield conn
-                except BaseException:
-                    if conn.in_transaction:
-                        await conn.execute("ROLLBACK")
-                    raise
-                try:
-                    await conn.execute("COMMIT")
-                except Exception as exc:
-                    if conn.in_transaction:
-                        await conn.execute("ROLLBACK")
-                    raise self._wrap(exc) from exc
-
     def _wrap(self, exc: Exception) -> Exception:
         if not _is_db_error(exc):
             return exc
@@ -259,8 +233,8 @@ class AsyncSQLiteStore:
     async def begin_run(self, new: NewRun) -> str:
         """Create a run from ``new``, owned by ``new.owner``; returns its id."""
         run_id = new.run_id or new_run_id()
-        async with self._tx() as conn:
-            await conn.execute(_sql.INSERT_RUN, _sql.begin_run_args(new, run_id, time.time()))
+        args = _sql.begin_run_args(new, run_id, time.time())
+        await self._write(lambda execute, beat: execute(_sql.INSERT_RUN, args))
         return run_id
 
     async def get_run(self, run_id: str) -> RunInfo | None:
@@ -286,23 +260,35 @@ class AsyncSQLiteStore:
 
     async def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
         """Set a run's status."""
-        async with self._tx() as conn:
-            await conn.execute(_sql.UPDATE_STATUS, (RunStatus(status).value, _sql.now_iso(), run_id))
+        args = (RunStatus(status).value, _sql.now_iso(), run_id)
+        await self._write(lambda execute, beat: execute(_sql.UPDATE_STATUS, args))
 
     async def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
         """Take the run's lease for ``owner`` (raises :class:`~loomc.RunLocked` if a live process holds it)."""
-        async with self._tx() as conn:
-            async with conn.execute(_sql.SELECT_LEASE, (run_id,)) as cur:
-                row = await cur.fetchone()
-            _sql.check_lease(run_id, tuple(row) if row is not None else None, owner, owner_token(), _in_process(run_id), str(self.path))
-            await conn.execute(_sql.ACQUIRE, _sql.acquire_args(run_id, owner, budget, time.time()))
+        me, here, where = owner_token(), _in_process(run_id), str(self.path)
+
+        def take(execute: Any, beat: float) -> None:
+            row = execute(_sql.SELECT_LEASE, (run_id,)).fetchone()
+            _sql.check_lease(run_id, tuple(row) if row is not None else None, owner, me, here, where)
+            execute(_sql.ACQUIRE, _sql.acquire_args(run_id, owner, budget, beat))
+
+        await self._write(take)
 
     async def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
         """Write one step and the run's totals in one transaction; returns once it is committed.
 
-        Steps that tasks of this event loop commit while a transaction is under way are
-        committed together in the next one (a group commit: one trip to the database
-        thread and one fsync for all of them).
+        Steps (and other writes) that tasks of this event loop make while a transaction is
+        under way are committed together in the next one: a group commit, one trip to the
+        database thread and one fsync for all of them.
+        """
+        await self._write(lambda execute, beat: row.write(execute, run_id, beat))
+
+    async def _write(self, op: Callable[[Any, float], Any]) -> Any:
+        """Run ``op(execute, heartbeat)`` in a write transaction, group-committed; its result.
+
+        Each write of a group runs under its own savepoint, so one that fails (a lease held
+        by a live process, a duplicate id) fails alone; a failed commit fails them all.
+        The caller waits, shielded from cancellation, until its group is committed.
         """
         import anyio
 
@@ -310,7 +296,8 @@ class AsyncSQLiteStore:
         batch = self._batch
         if batch is None or batch.taken:
             batch = self._batch = _Batch()
-        batch.rows.append((run_id, row))
+        i = len(batch.ops)
+        batch.ops.append(op)
         with anyio.CancelScope(shield=True):
             async with lock:
                 if not batch.taken:
@@ -318,52 +305,60 @@ class AsyncSQLiteStore:
                     if self._batch is batch:
                         self._batch = None
                     try:
-                        await conn._execute(self._commit_rows, conn, batch.rows)  # type: ignore[no-untyped-call]
-                    except BaseException as exc:
+                        await conn._execute(self._commit_batch, conn, batch)  # type: ignore[no-untyped-call]
+                    except BaseException as exc:  # noqa: BLE001 - the database thread never ran it: fails every write
                         batch.error = exc
-                        raise
-                    return
-        if batch.error is not None:
-            err = batch.error
+        err = batch.error or batch.errors.get(i)
+        if err is not None:
             if isinstance(err, StoreError):
                 raise StoreError(str(err)) from err
             raise err
+        return batch.results.get(i)
 
-    def _commit_rows(self, conn: aiosqlite.Connection, rows: list[tuple[str, _sql.StepRow]]) -> None:
-        # Runs in aiosqlite's thread: one BEGIN ... COMMIT for every step of the batch.
+    def _commit_batch(self, conn: aiosqlite.Connection, batch: _Batch) -> None:
+        # Runs in aiosqlite's thread: one BEGIN ... COMMIT for every write of the batch.
         import sqlite3
 
         db = conn._conn  # the sqlite3 connection aiosqlite drives
-        self.sync.check_file_soon()
-        beat = time.time()
+        cur = db.cursor()
+        execute = cur.execute
+        ops, results, errors = batch.ops, batch.results, batch.errors
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for run_id, row in rows:
-                row.write(db.execute, run_id, beat)
-            db.execute("COMMIT")
-        except BaseException as exc:
+            self.sync.check_file_soon()
+            beat = time.time()
+            execute("BEGIN IMMEDIATE")
+            if len(ops) == 1:
+                results[0] = ops[0](execute, beat)
+            else:
+                for i, op in enumerate(ops):
+                    execute("SAVEPOINT w")
+                    try:
+                        results[i] = op(execute, beat)
+                    except Exception as exc:  # noqa: BLE001 - this write fails alone
+                        execute("ROLLBACK TO w")
+                        errors[i] = self.sync._wrap(exc) if isinstance(exc, sqlite3.Error) else exc
+                    execute("RELEASE w")
+            execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001 - handed to every write of the batch
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise self.sync._wrap(exc) from exc
-            raise
+            batch.error = self.sync._wrap(exc) if isinstance(exc, sqlite3.Error) else exc
 
     async def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
         """Record how an attempt ended."""
-        async with self._tx() as conn:
-            await conn.execute(_sql.FINISH, _sql.finish_args(run_id, status, stop_reason, wall_s, time.time()))
+        await self._write(lambda execute, beat: execute(_sql.FINISH, _sql.finish_args(run_id, status, stop_reason, wall_s, beat)))
 
     async def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
         """Replace the run's free-form metadata (JSON)."""
         import json
 
-        async with self._tx() as conn:
-            await conn.execute(_sql.UPDATE_META, (json.dumps(meta), run_id))
+        args = (json.dumps(meta), run_id)
+        await self._write(lambda execute, beat: execute(_sql.UPDATE_META, args))
 
     async def add_cost(self, run_id: str, usd: float) -> None:
         """Add to a run's total cost outside a step."""
-        async with self._tx() as conn:
-            await conn.execute(_sql.ADD_COST, (usd, _sql.now_iso(), run_id))
+        args = (usd, _sql.now_iso(), run_id)
+        await self._write(lambda execute, beat: execute(_sql.ADD_COST, args))
 
     # -- steps ----------------------------------------------------------------------
     async def save_step(self, run_id: str, record: StepRecord) -> None:
@@ -439,14 +434,16 @@ def _is_db_error(exc: BaseException) -> bool:
 
 
 class _Batch:
-    """Steps committed together by :meth:`AsyncSQLiteStore.commit_step`."""
+    """Writes committed together by :meth:`AsyncSQLiteStore._write`."""
 
-    __slots__ = ("error", "rows", "taken")
+    __slots__ = ("error", "errors", "ops", "results", "taken")
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, _sql.StepRow]] = []
+        self.ops: list[Callable[[Any, float], Any]] = []
+        self.results: dict[int, Any] = {}
+        self.errors: dict[int, BaseException] = {}
         self.taken = False
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the whole batch failed
 
 
 class ThreadedStore:

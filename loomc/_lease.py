@@ -24,9 +24,17 @@ def _start_time(pid: int) -> str:
         return ""
 
 
+_own: tuple[int, str] = (-1, "")
+
+
 def owner_token(pid: int | None = None) -> str:
     """``host:pid:start`` naming this process as the owner of a lease."""
-    pid = os.getpid() if pid is None else pid
+    global _own
+    if pid is None:
+        pid = os.getpid()
+        if _own[0] != pid:  # read once per process (a forked child has its own pid)
+            _own = (pid, f"{_HOST}:{pid}:{_start_time(pid)}")
+        return _own[1]
     return f"{_HOST}:{pid}:{_start_time(pid)}"
 
 

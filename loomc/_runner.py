@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import os
 import signal
 import threading
 import time
@@ -58,6 +59,7 @@ class _BaseRunner(Generic[S]):
     def __init__(self, fn: Callable[..., Any], spec: RunSpec) -> None:
         self._fn = fn
         self.spec = spec
+        self._resolved: dict[str, Any] = {}  # absolute database path -> its store
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     @property
@@ -71,6 +73,15 @@ class _BaseRunner(Generic[S]):
     def store(self) -> Any:
         """The checkpoint store this loop writes to (opened on first use)."""
         return open_store(self.spec.checkpoint, self.spec.durability)  # type: ignore[arg-type]
+
+    def _fixed_path(self) -> str | None:
+        """The database path when it cannot change between runs (absolute), else ``None``."""
+        cp = self.spec.checkpoint
+        if cp is None or cp == "sqlite":
+            cp = os.environ.get("LOOMC_DB")
+        if isinstance(cp, (str, os.PathLike)) and cp != "memory" and os.path.isabs(cp):
+            return os.fspath(cp)
+        return None
 
     def _request(self, state: Any, run_id: str | None, resume: bool, budget: Budget | None, force: bool) -> RunRequest:
         if budget is not None and not isinstance(budget, Budget):
@@ -285,8 +296,16 @@ class AsyncLoopRunner(_BaseRunner[S]):
 
         parent = _parent_ledger.get()
         nested = parent is not None and parent.context is not None and parent.context.in_step
-        # resolving the database path touches the file system: not on the event loop
-        store = None if nested else await anyio.to_thread.run_sync(self.store)
+        store = None
+        if not nested:
+            # resolving the database path touches the file system: not on the event loop,
+            # and for a fixed absolute path, once
+            key = self._fixed_path()
+            store = self._resolved.get(key) if key is not None else None
+            if store is None:
+                store = await anyio.to_thread.run_sync(self.store)
+                if key is not None:
+                    self._resolved[key] = store
         if isinstance(store, AsyncSQLiteStore):
             store = store.sync  # the protocol names sync stores; the driver picks their async twin
         gen = run_protocol(self.spec, req, parent, store)

@@ -349,6 +349,46 @@ async def test_async_sqlite_store_matches_the_sync_store(tmp_path: Path, anyio_b
     await sync.close()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_concurrent_writes_share_a_transaction_and_fail_alone(tmp_path: Path, anyio_backend: str) -> None:
+    """Writes made while a transaction is under way are committed together; within such a
+    group, a write that fails (a duplicate run id, a lease held elsewhere) fails alone."""
+    from loomc import RunLocked, StoreError
+
+    async with AsyncSQLiteStore(tmp_path / "g.db") as astore:
+        held = await astore.begin_run(NewRun(spec_hash="h", run_id="held"))
+        await astore.acquire(held, "otherhost:2:2")  # a fresh heartbeat from another host: alive
+        outcomes: dict[str, Any] = {}
+
+        async def attempt(name: str, coro: Any) -> None:
+            try:
+                outcomes[name] = await coro
+            except Exception as exc:
+                outcomes[name] = exc
+
+        calls = {
+            "first": astore.begin_run(NewRun(spec_hash="h", run_id="first")),
+            "dup": astore.begin_run(NewRun(spec_hash="h", run_id="held")),
+            "ok": astore.begin_run(NewRun(spec_hash="h", run_id="ok")),
+            "locked": astore.acquire(held, "somehost:1:1"),
+            "meta": astore.set_meta(held, {"k": "v"}),
+        }
+        async with anyio.create_task_group() as tg:
+            for name, coro in calls.items():
+                tg.start_soon(attempt, name, coro)
+        assert outcomes["first"] == "first"
+        assert outcomes["ok"] == "ok"
+        assert outcomes["meta"] is None
+        assert isinstance(outcomes["dup"], StoreError)
+        assert isinstance(outcomes["locked"], RunLocked)
+        ids = {r.id for r in await astore.list_runs()}
+        assert ids == {"held", "first", "ok"}
+        info = await astore.get_run(held)
+        assert info is not None
+        assert info.meta == {"k": "v"}
+        assert info.owner == "otherhost:2:2"
+
+
 async def test_nested_async_runs_resume_after_an_outer_cancel(db: str) -> None:
     """Cancel a parent while its async child runs; resuming the parent resumes the child, paying once."""
     ran: list[int] = []
