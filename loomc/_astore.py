@@ -131,7 +131,8 @@ class AsyncSQLiteStore:
         self.sync = sync if sync is not None else SQLiteStore(path, durability=durability, create=create)
         self._conn: aiosqlite.Connection | None = None
         self._lock: anyio.Lock | None = None
-        self._batch: _Batch | None = None  # steps waiting for the next group commit
+        self._batch: _Batch | None = None  # writes waiting for the next group commit
+        self._writing = False  # a batch is in the database thread
         self._loop: Any = None
         self._users = 0
 
@@ -286,34 +287,71 @@ class AsyncSQLiteStore:
     async def _write(self, op: Callable[[Any, float], Any]) -> Any:
         """Run ``op(execute, heartbeat)`` in a write transaction, group-committed; its result.
 
-        Each write of a group runs under its own savepoint, so one that fails (a lease held
-        by a live process, a duplicate id) fails alone; a failed commit fails them all.
-        The caller waits, shielded from cancellation, until its group is committed.
+        One transaction is in the database thread at a time; writes made meanwhile wait in
+        the next batch, sent as soon as the current one lands. Each write of a batch runs
+        under its own savepoint, so one that fails (a lease held by a live process, a
+        duplicate id) fails alone; a failed commit fails them all. The caller waits until
+        its batch is committed, even if it is cancelled meanwhile (then it re-raises the
+        cancellation): a write is never left half done or unknown.
         """
-        import anyio
+        import asyncio
 
-        conn, lock = await self._connect()
+        conn, _ = await self._connect()
         batch = self._batch
-        if batch is None or batch.taken:
-            batch = self._batch = _Batch()
+        if batch is None:
+            batch = self._batch = _Batch(self._loop.create_future())
         i = len(batch.ops)
         batch.ops.append(op)
-        with anyio.CancelScope(shield=True):
-            async with lock:
-                if not batch.taken:
-                    batch.taken = True
-                    if self._batch is batch:
-                        self._batch = None
-                    try:
-                        await conn._execute(self._commit_batch, conn, batch)  # type: ignore[no-untyped-call]
-                    except BaseException as exc:  # noqa: BLE001 - the database thread never ran it: fails every write
-                        batch.error = exc
+        if not self._writing:  # send it on the loop's next turn: writes made in this one join it
+            self._writing = True
+            self._loop.call_soon(self._send, conn)
+        done = batch.done
+        cancelled = False
+        while not done.done():
+            try:
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
         err = batch.error or batch.errors.get(i)
         if err is not None:
             if isinstance(err, StoreError):
                 raise StoreError(str(err)) from err
             raise err
         return batch.results.get(i)
+
+    def _send(self, conn: aiosqlite.Connection) -> None:
+        """Hand the waiting batch to the database thread (on the event loop, no await)."""
+        import asyncio
+        import functools
+
+        batch, self._batch = self._batch, None
+        assert batch is not None
+        self._writing = True
+        loop = self._loop
+        fn = functools.partial(self._commit_batch, conn, batch)
+        try:
+            if getattr(conn, "_running", False) and getattr(conn, "_connection", None) is not None and hasattr(conn, "_tx"):
+                fut = loop.create_future()  # aiosqlite's own hand-off, without a task per batch
+                conn._tx.put_nowait((fut, fn))
+            else:  # a closed connection (its _execute says so), or an aiosqlite without that queue
+                fut = asyncio.ensure_future(conn._execute(fn))  # type: ignore[no-untyped-call]
+        except Exception as exc:  # noqa: BLE001 - the batch fails, its writers are woken
+            fut = loop.create_future()
+            fut.set_exception(exc)
+        fut.add_done_callback(functools.partial(self._landed, conn, batch))
+
+    def _landed(self, conn: aiosqlite.Connection, batch: _Batch, fut: Any) -> None:
+        """The database thread is done with ``batch``: wake its writers, send the next one."""
+        if fut.cancelled():
+            batch.error = StoreError(f"the write to {self.path} was abandoned (its event loop is closing)")
+        elif fut.exception() is not None:
+            batch.error = fut.exception()
+        batch.done.set_result(None)
+        self._writing = False
+        if self._batch is not None:
+            self._send(conn)
 
     def _commit_batch(self, conn: aiosqlite.Connection, batch: _Batch) -> None:
         # Runs in aiosqlite's thread: one BEGIN ... COMMIT for every write of the batch.
@@ -436,14 +474,14 @@ def _is_db_error(exc: BaseException) -> bool:
 class _Batch:
     """Writes committed together by :meth:`AsyncSQLiteStore._write`."""
 
-    __slots__ = ("error", "errors", "ops", "results", "taken")
+    __slots__ = ("done", "error", "errors", "ops", "results")
 
-    def __init__(self) -> None:
+    def __init__(self, done: Any) -> None:
         self.ops: list[Callable[[Any, float], Any]] = []
         self.results: dict[int, Any] = {}
         self.errors: dict[int, BaseException] = {}
-        self.taken = False
         self.error: BaseException | None = None  # the whole batch failed
+        self.done = done  # an asyncio future, set when the batch has landed
 
 
 class ThreadedStore:
