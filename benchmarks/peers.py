@@ -37,6 +37,9 @@ CHILD = textwrap.dedent(
     peer, kind, steps, db = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     sys.path.insert(0, sys.argv[5])
     from run_all import SMALL, bump, document, edit
+    # run_all puts this repository first on sys.path: only "loomc-this" may import its loomc
+    repo = os.path.dirname(os.path.realpath(sys.argv[5]))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != repo]
 
     if kind == "small":
         start = dict(SMALL)
@@ -74,8 +77,11 @@ CHILD = textwrap.dedent(
         step.run(start)
         el = time.perf_counter() - t0
     elif peer == "loomc-0.3.0":
+        import loomc
         from loomc import Budget, BudgetExhausted, loop
         from loomc.checkpoint import SQLiteCheckpointStore
+
+        assert "site-packages" in loomc.__file__, f"loomc 0.3.0 expected, imported {loomc.__file__}"
 
         store = SQLiteCheckpointStore(db_path=db)
 

@@ -88,6 +88,13 @@ def committed(db: Path, run_id: str) -> dict[int, tuple[float, str]]:
     return out
 
 
+def stored_kinds(db: Path) -> dict[bytes, int]:
+    """How many stored large states are keyframes (``b"Z"``) and deltas (``b"D"``)."""
+    with sqlite3.connect(db) as c:
+        rows = c.execute("SELECT substr(data, 1, 1), count(*) FROM blobs GROUP BY 1").fetchall()
+    return {bytes(k): n for k, n in rows}
+
+
 def integrity(db: Path) -> str:
     """``PRAGMA integrity_check`` of the database (``ok`` when sound)."""
     with sqlite3.connect(db) as c:

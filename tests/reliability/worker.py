@@ -29,6 +29,18 @@ def payload(n: int) -> str:
     return random.Random(n).randbytes(size // 2).hex()
 
 
+def document() -> str:
+    """A 20 KB text the steps edit a little each (so most large states are stored as deltas)."""
+    rng = random.Random(7)
+    return " ".join(rng.choice(["plan", "draft", "check", "fix", "score", "tool", "answer"]) for _ in range(3500))
+
+
+def revise(doc: str, n: int) -> str:
+    """Overwrite one word of ``doc``, deterministically."""
+    at = random.Random(n).randrange(0, len(doc) - 10)
+    return doc[:at] + f"step{n}" + doc[at + 5 :]
+
+
 def digest(state: dict[str, Any]) -> str:
     """A short fingerprint of a state."""
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
@@ -42,7 +54,8 @@ def make(db: str, target: int, jitter: float, flavor: str = "sync-power") -> Any
 
     def advance(state: dict[str, Any]) -> dict[str, Any]:
         n = state["n"]
-        return {"n": n + 1, "acc": state["acc"] + n * n, "blob": payload(n), "trail": [*state["trail"][-20:], n]}
+        return {"n": n + 1, "acc": state["acc"] + n * n, "blob": payload(n), "trail": [*state["trail"][-20:], n],
+                "doc": revise(state["doc"], n)}
 
     if flavor == "async-process":
 
@@ -84,7 +97,7 @@ def main() -> None:
     flavor = line[5] if len(line) > 5 else "sync-power"
     work = make(db, int(target), jitter, flavor)
     store = work.store()
-    start = {"n": 0, "acc": 0, "blob": "", "trail": []}
+    start = {"n": 0, "acc": 0, "blob": "", "trail": [], "doc": document()}
     fresh = store.get_run(run_id) is None
     if flavor == "async-process":
         import asyncio
