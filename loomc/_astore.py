@@ -365,9 +365,18 @@ class AsyncSQLiteStore:
             self.sync.check_file_soon()
             beat = time.time()
             execute("BEGIN IMMEDIATE")
-            if len(ops) == 1:
-                results[0] = ops[0](execute, beat)
-            else:
+            try:
+                for i, op in enumerate(ops):
+                    results[i] = op(execute, beat)
+            except Exception:
+                if len(ops) == 1:
+                    raise
+                # One write failed: undo the batch, then give each write its own savepoint
+                # so that it fails alone (the common case above pays for no savepoints).
+                results.clear()
+                if db.in_transaction:
+                    execute("ROLLBACK")
+                execute("BEGIN IMMEDIATE")
                 for i, op in enumerate(ops):
                     execute("SAVEPOINT w")
                     try:
