@@ -139,6 +139,9 @@ def _budget_error(stop: Stop, run_id: str, state: Any) -> BudgetExhausted:
     return BudgetExhausted(stop.limit or "usd", stop.used, stop.cap, run_id=run_id, owner=stop.owner or run_id, state=state)
 
 
+_RUNNING = RunStatus.RUNNING.value
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -285,7 +288,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 return (yield from result(stop.status, stop.reason, _budget_error(stop, run_id, state)))
 
             ctx.begin_step(step_n)
-            ctx.notes = []
+            if ctx.notes:
+                ctx.notes = []
             spent_before = ledger.spent
             started = time.monotonic()
             start_from = next_from
@@ -366,11 +370,11 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             else:
                 record.event = verdict_event
             max_step_cost = max(max_step_cost, cost)
-            status = stop.status if stop is not None else RunStatus.RUNNING
             wall = wall_base + (ended - t0)
             row = StepRow(
                 step_n, blob, cost, score, ts, record.error, record.event, verdict_next, ended - started,
-                ledger.spent, iterations, wall, max_step_cost, status.value, stop.reason if stop else None,
+                ledger.spent, iterations, wall, max_step_cost, _RUNNING if stop is None else stop.status.value,
+                None if stop is None else stop.reason,
             )
             yield StoreOp(store, "commit_step", (run_id, row))
             if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume
