@@ -213,3 +213,17 @@ def test_threads_encode_and_read_large_states_at_once(tmp_path: Path) -> None:
         t.join()
     assert errors == []
     assert results == dict.fromkeys(range(8), True)
+
+
+def test_a_store_without_delta_support_gets_whole_states() -> None:
+    """A store that does not declare supports_deltas is only ever given stand-alone states."""
+
+    class PlainStore(MemoryStore):
+        supports_deltas = False
+
+    store = PlainStore()
+    start = text(20_000, 8)
+    res = editing_loop(store, 10).run({"doc": start, "n": 0})
+    blobs = [row.state_blob for row in store._steps[res.run_id].values()]
+    assert all(isinstance(b, bytes) and b[:1] == b"Z" for b in blobs)
+    assert [r.state for r in store.load_steps(res.run_id)] == expected_states(10, start)
