@@ -39,7 +39,7 @@ from loomc.circuit_breaker import BreakerState, CircuitBreaker, circuit_breaker
 if TYPE_CHECKING:
     from loomc.adapters import AnthropicAdapter, OpenAIAdapter
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "AmbiguousRunId",
