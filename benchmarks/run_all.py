@@ -383,6 +383,33 @@ def bench_fanout(root: Path, reps: int, loops: int, steps: int, sleep: float) ->
         RESULTS[f"ratio fanout {dur}"] = t / ideal
 
 
+# ------------------------------------------------------------------------------ detectors
+
+
+def bench_detectors(steps: int) -> None:
+    """A long run with BestScore, score_plateau and Escalate: does a step get slower as it grows?"""
+    from loomc import BestScore, Budget, Escalate, MemoryStore, loop, score_plateau
+
+    print(f"\n[detectors] {steps} steps with BestScore, score_plateau and Escalate, memory store")
+    marks: dict[int, float] = {}
+    window = 500
+
+    @loop(checkpoint=MemoryStore(), budget=Budget(iterations=steps), scorer=lambda s: s["score"], backtrack=BestScore(),
+          converge_on=score_plateau(patience=steps), on_stall=Escalate(after=steps), name="bench-detectors")
+    def step(s: dict[str, Any]) -> dict[str, Any]:
+        n = s["n"]
+        if n in (0, window, steps - window, steps - 1):
+            marks[n] = time.perf_counter()
+        return {"n": n + 1, "score": float(n)}
+
+    step.run({"n": 0, "score": 0.0})
+    first = (marks[window] - marks[0]) / window
+    last = (marks[steps - 1] - marks[steps - window]) / (window - 1)
+    report(f"per step, steps 0-{window}", first * 1e6, "us")
+    report(f"per step, the last {window} steps", last * 1e6, "us", f"= {last / first:.2f}x the first ones")
+    RESULTS["detectors last/first"] = last / first
+
+
 # -------------------------------------------------------------------------------- start-up
 
 
@@ -407,7 +434,7 @@ def bench_startup(reps: int) -> None:
 def main() -> None:
     """Run the selected benchmarks."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="step,text,memory,resume,fanout,startup")
+    ap.add_argument("--only", default="step,text,memory,resume,fanout,detectors,startup")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--resume-steps", type=int, default=10_000)
@@ -431,6 +458,8 @@ def main() -> None:
         bench_resume(root, args.reps, args.resume_steps)
     if "fanout" in only:
         bench_fanout(root, max(1, args.reps // 2), 100, 50, 0.010)
+    if "detectors" in only:
+        bench_detectors(10_000)
     if "startup" in only:
         bench_startup(max(args.reps, 7))
     if args.json:

@@ -4,12 +4,19 @@ Every object here is a pure function of the run's history (a list of
 :class:`~loomc.StepRecord`): no hidden state, so a resumed run decides exactly as the
 original would have. Detectors compose: ``a | b`` stops when either does, ``a & b``
 when both do; plain callables ``history -> bool`` are accepted anywhere.
+
+The engine's history is a :class:`~loomc._types.History` (a list) that keeps, per
+detector, how far it has been read: a detector called after every step reads only the
+new records, so a long run costs O(1) per step rather than O(steps). What is kept is
+derived from the records alone; when the list changed other than by appending (a resumed
+run's earlier steps read in front), it is recomputed from scratch.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from loomc._types import StepRecord
 
@@ -30,6 +37,75 @@ __all__ = [
 ]
 
 History = Sequence[StepRecord]
+_T = TypeVar("_T")
+
+
+class _Scan:
+    """How far a detector has read one history, and what it derived from it."""
+
+    __slots__ = ("data", "first", "last", "n")
+
+    def __init__(self, data: Any) -> None:
+        self.data, self.n = data, 0
+        self.first: Any = None
+        self.last: Any = None
+
+
+def _fold(history: History, key: Any, upto: int, init: Callable[[], _T], step: Callable[[_T, StepRecord], None]) -> _T:
+    """``init()`` folded with ``step`` over ``history[:upto]``, resuming the last fold of this history.
+
+    On a plain sequence (no ``scans`` room) the fold starts over at every call.
+    """
+    scans: dict[Any, _Scan] | None = getattr(history, "scans", None)
+    scan = scans.get(key) if scans is not None else None
+    if scan is None or scan.n > upto or (scan.n and (history[0] is not scan.first or history[scan.n - 1] is not scan.last)):
+        scan = _Scan(init())
+    data: _T = scan.data
+    for i in range(scan.n, upto):
+        step(data, history[i])
+    if upto:
+        scan.first, scan.last, scan.n = history[0], history[upto - 1], upto
+    if scans is not None:
+        scans[key] = scan
+    return data
+
+
+class _Tail:
+    """The last ``size`` scores of successful steps, and the best of those before them."""
+
+    __slots__ = ("before", "count", "counted", "recent", "since")
+
+    def __init__(self, size: int, since: int = 0) -> None:
+        self.recent: deque[float] = deque(maxlen=size)
+        self.before: float | None = None  # best score older than ``recent``
+        self.count = 0  # scored steps
+        self.since, self.counted = since, 0  # scored steps numbered ``since`` or later
+
+    def add(self, h: StepRecord) -> None:
+        if h.score is None or h.error is not None:
+            return
+        recent = self.recent
+        if len(recent) == recent.maxlen:
+            old = recent[0]
+            self.before = old if self.before is None else max(self.before, old)
+        recent.append(h.score)
+        self.count += 1
+        if h.step_n >= self.since:
+            self.counted += 1
+
+
+class _Best:
+    """The best-scoring successful step so far (the earliest on ties)."""
+
+    __slots__ = ("score", "step_n")
+
+    def __init__(self) -> None:
+        self.step_n: int | None = None
+        self.score: float | None = None
+
+    def add(self, h: StepRecord) -> None:
+        if h.score is not None and h.error is None and (self.score is None or h.score > self.score):
+            self.step_n, self.score = h.step_n, h.score
 
 
 class Detector:
@@ -102,10 +178,6 @@ class All(Detector):
         return " & ".join(f"({d!r})" if isinstance(d, Any_) else repr(d) for d in self.detectors)
 
 
-def _scores(history: History) -> list[float]:
-    return [h.score for h in history if h.score is not None and h.error is None]
-
-
 class ScorePlateau(Detector):
     """Stop when the score has not improved by ``min_delta`` for ``patience`` scored steps."""
 
@@ -118,11 +190,12 @@ class ScorePlateau(Detector):
         self.min_delta = min_delta
 
     def __call__(self, history: History) -> bool:
-        scores = _scores(history)
-        if len(scores) < self.patience + 1:
+        tail = _fold(history, self, len(history), lambda: _Tail(self.patience), _Tail.add)
+        if tail.count < self.patience + 1:
             return False
-        best = max(scores[: -self.patience])
-        return all(s - best < self.min_delta for s in scores[-self.patience :])
+        best = tail.before  # the best of all but the last ``patience`` scores
+        assert best is not None
+        return all(s - best < self.min_delta for s in tail.recent)
 
     def __repr__(self) -> str:
         return f"score_plateau(patience={self.patience}, min_delta={self.min_delta})"
@@ -190,12 +263,9 @@ class BestScore:
         last = history[-1] if history else None
         if last is None or last.error is not None or last.score is None:
             return None
-        best_n, best = None, None
-        for h in history[:-1]:
-            if h.score is not None and h.error is None and (best is None or h.score > best):
-                best_n, best = h.step_n, h.score
-        if best is not None and last.score < best:
-            return best_n
+        best = _fold(history, self, len(history) - 1, _Best, _Best.add)  # every step but the last
+        if best.score is not None and last.score < best.score:
+            return best.step_n
         return None
 
     def should_backtrack(self, history: History) -> tuple[bool, int | None]:
@@ -244,30 +314,15 @@ class Escalate:
 
     def stalled(self, history: History, since: int = 0) -> bool:
         """True when the last ``after`` scored steps (from ``since`` on) beat no earlier score."""
-        window: list[float] = []
-        baseline: float | None = None
-        for h in history:
-            if h.score is None or h.error is not None:
-                continue
-            if h.step_n >= since:
-                window.append(h.score)
-        if len(window) < self.after:
+        tail = _fold(history, (self, since), len(history), lambda: _Tail(self.after, since), _Tail.add)
+        if tail.counted < self.after:
             return False
-        recent = window[-self.after :]
-        first_recent_pos = len(window) - self.after
-        # best score before the window: everything scored before it, earlier attempts included
-        seen = 0
-        for h in history:
-            if h.score is None or h.error is not None:
-                continue
-            if h.step_n >= since:
-                if seen >= first_recent_pos:
-                    break
-                seen += 1
-            baseline = h.score if baseline is None else max(baseline, h.score)
+        # the window's last ``after`` scores against the best of everything scored before
+        # them, earlier attempts included
+        baseline = tail.before
         if baseline is None:
             return False
-        return all(s <= baseline for s in recent)
+        return all(s <= baseline for s in tail.recent)
 
     def __repr__(self) -> str:
         return f"Escalate(after={self.after})"

@@ -21,7 +21,7 @@ from loomc._lease import owner_token
 from loomc._policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
 from loomc._sql import StepRow, now_iso
 from loomc._store import NewRun, ResumePoint, StateLoader, mark_active
-from loomc._types import RunInfo, RunResult, RunStatus, StepRecord
+from loomc._types import History, RunInfo, RunResult, RunStatus, StepRecord
 
 __all__ = ["CallOp", "RunContext", "RunRequest", "RunSpec", "SleepOp", "StoreOp", "WallClockExceeded", "run_protocol"]
 
@@ -205,7 +205,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         if state_type and state_type != "json" and _codec.resolve_type(state_type) is None and not isinstance(req.state, type(None)):
             _codec._seen_types[state_type] = type(req.state)
         state = _codec.decode(rp.start_blob, state_type)
-        history = list(rp.history)
+        history = History(rp.history)
         partial = rp.partial  # only the last step: the earlier ones are read when first needed
         if history and history[-1].step_n == rp.next_from and history[-1].error is None:
             history[-1].state = state  # already decoded: detectors need not read it back
@@ -227,7 +227,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         parent_run_id = info.parent_run_id
     else:
         state = req.state
-        history = []
+        history = History()
         partial = False
         usage = Usage()
         next_from = -1

@@ -172,6 +172,20 @@ class RunInfo:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class History(list):  # type: ignore[type-arg]
+    """A run's step records, in order: a list, with room for what detectors have read of it.
+
+    ``scans`` maps a detector to how far it has read this list and what it derived
+    (see ``loomc._detectors``), so one called after every step reads only the new records.
+    """
+
+    __slots__ = ("scans",)
+
+    def __init__(self, records: Any = ()) -> None:
+        super().__init__(records)
+        self.scans: dict[Any, Any] = {}
+
+
 @dataclass
 class RunResult:
     """What a finished (or stopped) run produced; ``LoopRunner.run`` returns it."""

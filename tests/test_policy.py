@@ -147,3 +147,63 @@ def test_known_costs_never_cross_the_cap(costs: list[float], cap: float) -> None
             break  # the first step's cost is unknown before it runs
         used = Usage(used.usd + c, used.iterations + 1, 0.0, max(used.max_step_cost, c))
     assert used.usd <= cap + 1e-9
+
+
+# -- detectors read a growing history incrementally; they must decide as a full scan does ---
+
+
+def _plateau_by_scan(h: list[StepRecord], patience: int, min_delta: float) -> bool:
+    scores = [r.score for r in h if r.score is not None and r.error is None]
+    if len(scores) < patience + 1:
+        return False
+    best = max(scores[:-patience])
+    return all(s - best < min_delta for s in scores[-patience:])
+
+
+def _best_target_by_scan(h: list[StepRecord]) -> int | None:
+    last = h[-1]
+    if last.error is not None or last.score is None:
+        return None
+    best_n, best = None, None
+    for r in h[:-1]:
+        if r.score is not None and r.error is None and (best is None or r.score > best):
+            best_n, best = r.step_n, r.score
+    return best_n if best is not None and last.score < best else None
+
+
+def _stalled_by_scan(h: list[StepRecord], after: int, since: int) -> bool:
+    scored = [r for r in h if r.score is not None and r.error is None]
+    if len([r for r in scored if r.step_n >= since]) < after:
+        return False
+    before = [r.score for r in scored[:-after]]
+    return bool(before) and all(r.score <= max(before) for r in scored[-after:])  # type: ignore[operator]
+
+
+@given(
+    steps=st.lists(st.tuples(st.sampled_from([None, 0.1, 0.2, 0.5, 0.5, 0.9]), st.booleans()), min_size=1, max_size=40),
+    patience=st.integers(1, 4),
+    since=st.integers(0, 30),
+    resumed_at=st.integers(0, 40),
+)
+@settings(max_examples=150, deadline=None)
+def test_incremental_detectors_decide_as_a_full_scan(
+    steps: list[tuple[float | None, bool]], patience: int, since: int, resumed_at: int
+) -> None:
+    """Called after every step on the engine's growing History — including one whose earlier
+    steps are read in front of it later, as a resumed run's are — score_plateau, BestScore
+    and Escalate give what a scan of the whole list gives, and so they do on a plain list."""
+    from loomc._types import History
+
+    records = [StepRecord(step_n=i, score=s, error="E: x" if failed else None) for i, (s, failed) in enumerate(steps)]
+    plateau, best, stall = score_plateau(patience=patience, min_delta=0.05), BestScore(), Escalate(after=patience)
+    cut = min(resumed_at, len(records) - 1)
+    grown = History(records[cut:cut + 1])  # a resumed run: its last step first, the rest read later
+    for i in range(cut + 1, len(records) + 1):
+        if i == cut + 2 or (i == len(records) and cut):
+            grown[:0] = records[: grown[0].step_n]  # the earlier steps, read in front
+        for h in (grown, list(grown)):
+            assert plateau(h) == _plateau_by_scan(list(h), patience, 0.05)
+            assert best.target(h) == _best_target_by_scan(list(h))
+            assert stall.stalled(h, since) == _stalled_by_scan(list(h), patience, since)
+        if i < len(records):
+            grown.append(records[i])
