@@ -130,7 +130,7 @@ class AsyncSQLiteStore:
         # lazily-read history states; its own connection opens only if that happens.
         self.sync = sync if sync is not None else SQLiteStore(path, durability=durability, create=create)
         self._conn: aiosqlite.Connection | None = None
-        self._lock: anyio.Lock | None = None
+        self._lock: anyio.Lock | None = None  # held while the connection opens
         self._batch: _Batch | None = None  # writes waiting for the next group commit
         self._writing = False  # a batch is in the database thread
         self._loop: Any = None
@@ -172,7 +172,7 @@ class AsyncSQLiteStore:
             self._users = 0
             await self.aclose()
 
-    async def _connect(self) -> tuple[aiosqlite.Connection, anyio.Lock]:
+    async def _connect(self) -> aiosqlite.Connection:
         loop = _current_loop()
         if self._conn is not None:
             if self._loop is not loop:
@@ -180,8 +180,7 @@ class AsyncSQLiteStore:
                     f"{self!r} is open in another event loop; use one AsyncSQLiteStore per event loop "
                     "(loomc's async loops do this by themselves)"
                 )
-            assert self._lock is not None
-            return self._conn, self._lock
+            return self._conn
         import aiosqlite
         import anyio
 
@@ -193,7 +192,7 @@ class AsyncSQLiteStore:
                 with anyio.CancelScope(shield=True):
                     self._conn = await conn
         assert self._conn is not None
-        return self._conn, lock
+        return self._conn
 
     def _open_sync(self) -> sqlite3.Connection:
         # Runs in aiosqlite's thread: the sync store's own open + schema check/migration.
@@ -212,10 +211,9 @@ class AsyncSQLiteStore:
             self._loop = self._lock = None
 
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        conn, lock = await self._connect()
+        conn = await self._connect()  # one call, one trip: aiosqlite's thread runs them in order
         try:
-            async with lock:
-                return list(await conn.execute_fetchall(sql, args))
+            return list(await conn.execute_fetchall(sql, args))
         except Exception as exc:
             if _is_db_error(exc):
                 raise StoreError(f"cannot read {self.path}: {exc}") from exc
@@ -296,7 +294,7 @@ class AsyncSQLiteStore:
         """
         import asyncio
 
-        conn, _ = await self._connect()
+        conn = await self._connect()
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch(self._loop.create_future())
