@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from loomc import _sql
 from loomc._codec import decode, delta_base, encode, expand
 from loomc._errors import RunNotFound, StoreError
-from loomc._lease import owner_token
 from loomc._store import (
     Durability,
     NewRun,
@@ -33,7 +32,6 @@ from loomc._store import (
     SQLiteStore,
     StateLoader,
     _history_record,
-    _in_process,
     _nearest,
     expand_rows,
     new_run_id,
@@ -232,8 +230,8 @@ class AsyncSQLiteStore:
     async def begin_run(self, new: NewRun) -> str:
         """Create a run from ``new``, owned by ``new.owner``; returns its id."""
         run_id = new.run_id or new_run_id()
-        args = _sql.begin_run_args(new, run_id, time.time())
-        await self._write(lambda execute, beat: execute(_sql.INSERT_RUN, args))
+        where = str(self.path)
+        await self._write(lambda execute, beat: _sql.insert_run(execute, new, run_id, beat, where))
         return run_id
 
     async def get_run(self, run_id: str) -> RunInfo | None:
@@ -264,11 +262,11 @@ class AsyncSQLiteStore:
 
     async def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
         """Take the run's lease for ``owner`` (raises :class:`~loomc.RunLocked` if a live process holds it)."""
-        me, here, where = owner_token(), _in_process(run_id), str(self.path)
+        where = str(self.path)
 
         def take(execute: Any, beat: float) -> None:
             row = execute(_sql.SELECT_LEASE, (run_id,)).fetchone()
-            _sql.check_lease(run_id, tuple(row) if row is not None else None, owner, me, here, where)
+            _sql.check_lease(run_id, tuple(row) if row is not None else None, owner, where)
             execute(_sql.ACQUIRE, _sql.acquire_args(run_id, owner, budget, beat))
 
         await self._write(take)
@@ -304,19 +302,22 @@ class AsyncSQLiteStore:
             self._writing = True
             self._loop.call_soon(self._send, conn)
         done = batch.done
-        cancelled = False
+        cancelled: asyncio.CancelledError | None = None
         while not done.done():
             try:
                 await asyncio.shield(done)
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
+            except asyncio.CancelledError as exc:
+                cancelled = exc
         err = batch.error or batch.errors.get(i)
+        # A write that failed says so even when cancelled meanwhile (a cancellation that
+        # lands on a write therefore means the write was made: the caller can rely on it).
         if err is not None:
             if isinstance(err, StoreError):
                 raise StoreError(str(err)) from err
             raise err
+        if cancelled is not None:
+            # the cancellation itself, not a new one: anyio tells its cancel scopes' own apart by it
+            raise cancelled
         return batch.results.get(i)
 
     def _send(self, conn: aiosqlite.Connection) -> None:

@@ -129,7 +129,12 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
     from loomc._runner import AsyncLoopRunner
 
     if info.parent_run_id:
-        raise LoomcError(f"run {info.id} is nested in run {info.parent_run_id}; resume the root run (it resumes its nested runs)")
+        from loomc._engine import nested_resume_error
+
+        root = info
+        while root.parent_run_id and (up := store.get_run(root.parent_run_id)) is not None:
+            root = up
+        raise nested_resume_error(info, root)
     if info.kind == "graph":
         raise LoomcError(f"run {info.id} is a graph run; resume it with `loomc graph run PIPELINE.py --resume {info.id}`")
     if info.status is RunStatus.RUNNING:

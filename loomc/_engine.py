@@ -16,14 +16,17 @@ from typing import Any
 from loomc import _codec
 from loomc._budget import Budget
 from loomc._context import Ledger, RunView, _parent_ledger
-from loomc._errors import BudgetExhausted, SpecMismatch, StateError
-from loomc._lease import owner_token
+from loomc._errors import BudgetExhausted, LoomcError, SpecMismatch, StateError, StoreError
+from loomc._lease import Claim, claim, owner_token
 from loomc._policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
 from loomc._sql import StepRow, now_iso
-from loomc._store import NewRun, ResumePoint, StateLoader, mark_active
+from loomc._store import NewRun, ResumePoint, StateLoader, new_run_id
 from loomc._types import History, RunInfo, RunResult, RunStatus, StepRecord
 
-__all__ = ["CallOp", "RunContext", "RunRequest", "RunSpec", "SleepOp", "StoreOp", "WallClockExceeded", "run_protocol"]
+__all__ = [
+    "CallOp", "RunContext", "RunRequest", "RunSpec", "SleepOp", "StoreOp", "WallClockExceeded", "nested_resume_error",
+    "run_protocol",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +149,39 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def nested_resume_error(info: RunInfo, root: RunInfo) -> LoomcError:
+    """The error for resuming ``info``, a nested run, on its own; ``root`` is the top of its tree.
+
+    A nested run resumed alone would run as a top-level run, outside its ancestors' caps;
+    resuming the root resumes it in place, within every ancestor's budget.
+    """
+    how = (
+        f"graph.resume({root.id!r}) or `loomc graph run PIPELINE.py --resume {root.id}`" if root.kind == "graph"
+        else f"fn.resume({root.id!r}) on {root.name or 'its function'} or `loomc resume {root.id}`"
+    )
+    return LoomcError(
+        f"run {info.id} is nested in run {info.parent_run_id}; resume the root run {root.id} instead (it resumes "
+        f"its nested runs in place, within every ancestor's budget): {how}"
+    )
+
+
 def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: Any) -> Generator[Any, Any, RunResult]:
-    """Drive one run to its end; yields :class:`StoreOp`/:class:`CallOp`, returns the result."""
+    """Drive one run to its end; yields :class:`StoreOp`/:class:`CallOp`, returns the result.
+
+    The run is claimed in this process before its row is read (:func:`loomc._lease.claim`:
+    a second thread or task resuming it gets ``RunLocked``) and let go when this ends.
+    """
+    claims: list[Claim] = []
+    try:
+        return (yield from _run(spec, req, parent, store, claims))
+    finally:
+        for held in claims:
+            held.release()
+
+
+def _run(
+    spec: RunSpec, req: RunRequest, parent: Ledger | None, store: Any, claims: list[Claim]
+) -> Generator[Any, Any, RunResult]:
     owner = owner_token()
     parent_ctx: RunContext | None = parent.context if parent is not None else None
     nested = parent_ctx is not None and parent_ctx.in_step
@@ -161,35 +195,52 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         idx = req.call_index if req.call_index is not None else parent_ctx.next_call_index()
         existing: RunInfo | None = yield StoreOp(store, "find_child", (parent_ctx.run_id, parent_ctx.step_n, idx))
         if existing is not None:
+            claims.append(claim(store, existing.id, owner))
             rp = yield StoreOp(store, "resume_point", (existing.id,))
             carried = existing.cost_usd
         else:
             start_blob = _codec.encode(req.state)
-            run_id = yield StoreOp(store, "begin_run", (NewRun(
-                spec_hash=spec.spec_hash, name=spec.name, kind=spec.kind, parent_run_id=parent_ctx.run_id,
+            run_id = new_run_id()
+            claims.append(claim(store, run_id, owner))
+            run_id = yield from _take(StoreOp(store, "begin_run", (NewRun(
+                spec_hash=spec.spec_hash, name=spec.name, kind=spec.kind, run_id=run_id, parent_run_id=parent_ctx.run_id,
                 parent_step=parent_ctx.step_n, call_index=idx, root_run_id=parent_ctx.root_run_id,
                 state_type=_codec.type_ref(req.state),
                 input_blob=start_blob, budget=budget.to_dict(), meta=spec.meta or None, owner=owner,
-            ),))
+            ),), True), run_id, 0.0)
     else:
         target = req.run_id
         if target is not None:
             if req.resume:
                 target = yield StoreOp(store, "resolve", (target,))
+            # claimed before the row is read: what it says cannot change under this attempt
+            claims.append(claim(store, target, owner))
+            if req.resume:
                 rp = yield StoreOp(store, "resume_point", (target,))
             else:
                 info = yield StoreOp(store, "get_run", (target,))
                 if info is not None:
                     rp = yield StoreOp(store, "resume_point", (target,))
+            if rp is not None and rp.info.parent_run_id:
+                root = rp.info
+                while root.parent_run_id:
+                    up = yield StoreOp(store, "get_run", (root.parent_run_id,))
+                    if up is None:
+                        break
+                    root = up
+                raise nested_resume_error(rp.info, root)
         if rp is None:
             if target is not None and not _valid_id(target):
                 raise ValueError(f"run_id={target!r}: use 1-64 letters, digits, '-', '_' or '.'")
             start_blob = _codec.encode(req.state)
-            run_id = yield StoreOp(store, "begin_run", (NewRun(
+            if target is None:
+                target = new_run_id()
+                claims.append(claim(store, target, owner))
+            run_id = yield from _take(StoreOp(store, "begin_run", (NewRun(
                 spec_hash=spec.spec_hash, name=spec.name, kind=spec.kind, run_id=target,
                 state_type=_codec.type_ref(req.state), input_blob=start_blob, budget=budget.to_dict(),
                 meta=spec.meta or None, owner=owner,
-            ),))
+            ),), True), target, 0.0)
 
     if rp is not None:
         info = rp.info
@@ -221,7 +272,9 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 run_id, info.status, state, info.steps, info.cost_usd,
                 best.state if best else None, best.score if best else None, info.stop_reason, None, history,
             )
-        yield StoreOp(store, "acquire", (run_id, owner, req.budget.to_dict() if req.budget is not None else None))
+        yield from _take(StoreOp(
+            store, "acquire", (run_id, owner, req.budget.to_dict() if req.budget is not None else None), True
+        ), run_id, info.wall_s)
         usage = Usage(info.cost_usd, info.steps, info.wall_s, info.max_step_cost)
         next_from = rp.next_from
         parent_run_id = info.parent_run_id
@@ -259,7 +312,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     have_best_state = False
     policy, retry = spec.policy, spec.retry
     needs_history = policy.converge_on is not None or bool(policy.backtrack) or policy.on_stall is not None
-    mark_active(run_id, True)
+    recorded = False  # the run's outcome is written: an interruption after it changes nothing
 
     def earlier_steps() -> Generator[Any, Any, None]:
         nonlocal partial
@@ -284,7 +337,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 stop = Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: usd (enclosing run {refused.owner})", "usd",
                             refused.used, refused.cap, refused.owner)
             if stop is not None:
-                yield StoreOp(store, "finish_run", (run_id, stop.status, stop.reason, used.wall_s))
+                recorded = True  # (a cancellation landing on a write lands after it is made)
+                yield StoreOp(store, "finish_run", (run_id, stop.status, stop.reason, used.wall_s), True)
                 return (yield from result(stop.status, stop.reason, _budget_error(stop, run_id, state)))
 
             ctx.begin_step(step_n)
@@ -313,11 +367,6 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                         f" (enclosing run {outer})" if outer else ""), exc.limit, exc.used, exc.cap, outer)
             except Exception as exc:  # noqa: BLE001 - recorded with the step, re-raised by __call__
                 error = exc
-            except BaseException as exc:
-                ctx.in_step = False
-                wall = wall_base + (time.monotonic() - t0)
-                yield StoreOp(store, "finish_run", (run_id, RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}", wall), True)
-                raise
             finally:
                 ctx.in_step = False
                 ledger.settle_open()  # a hold the step never settled counts in full
@@ -340,7 +389,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 blob = encoder.encode(stored_state, step_n) if encoder is not None else _codec.encode(stored_state)
             except StateError as exc:
                 wall = wall_base + (ended - t0)
-                yield StoreOp(store, "finish_run", (run_id, RunStatus.FAILED, f"error: {exc}", wall))
+                recorded = True
+                yield StoreOp(store, "finish_run", (run_id, RunStatus.FAILED, f"error: {exc}", wall), True)
                 state = stored_state
                 return (yield from result(RunStatus.FAILED, f"error: {exc}", exc))
 
@@ -376,7 +426,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 ledger.spent, iterations, wall, max_step_cost, _RUNNING if stop is None else stop.status.value,
                 None if stop is None else stop.reason,
             )
-            yield StoreOp(store, "commit_step", (run_id, row))
+            recorded = stop is not None  # the last commit is the run's outcome
+            yield StoreOp(store, "commit_step", (run_id, row), recorded)
             if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume
                 ctx.meta_dirty = False
                 yield StoreOp(store, "set_meta", (run_id, dict(ctx.meta)))
@@ -403,9 +454,45 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                     own = isinstance(error, BudgetExhausted) and error.run_id in (None, run_id)
                     return (yield from result(stop.status, stop.reason, error if own else _budget_error(stop, run_id, state)))
                 return (yield from result(stop.status, stop.reason, error))
+    except BaseException as exc:
+        # Cancelled or interrupted anywhere (in the step, or while loomc awaited the store),
+        # or failed in loomc's own code: record it, so the run is never left `running`
+        # under a live owner. A store that failed cannot record anything.
+        if recorded or isinstance(exc, (GeneratorExit, StoreError)):
+            raise
+        wall = wall_base + (time.monotonic() - t0)
+        status, reason = (
+            (RunStatus.FAILED, f"error: {_error_text(exc)}") if isinstance(exc, Exception)
+            else (RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}")
+        )
+        try:
+            yield StoreOp(store, "finish_run", (run_id, status, reason, wall), True)
+        except Exception:  # noqa: BLE001, S110 - the exception being raised says what went wrong
+            pass
+        if isinstance(exc, KeyboardInterrupt) and not nested:  # Ctrl-C, SIGTERM: say how to go on
+            exc.add_note(
+                f"loomc: run {run_id} ({spec.name}) was interrupted; its committed steps are kept. "
+                f"Resume it with .resume({run_id!r}) on that loop, or `loomc resume {run_id} --run`"
+            )
+        raise
     finally:
         ledger.release_step()
-        mark_active(run_id, False)
+
+
+def _take(op: StoreOp, run_id: str, wall_s: float) -> Generator[Any, Any, Any]:
+    """Create or take the lease of ``run_id`` with ``op`` (shielded from cancel scopes).
+
+    A cancellation that still lands on it (asyncio's own ``task.cancel()``, which no cancel
+    scope holds back) means the write was made — loomc's stores finish a write, and report
+    its failure, before re-raising a cancellation — so the run is recorded `interrupted`.
+    """
+    try:
+        return (yield op)
+    except BaseException as exc:
+        if not isinstance(exc, (Exception, GeneratorExit)):
+            reason = f"interrupted: {type(exc).__name__}"
+            yield StoreOp(op.store, "finish_run", (run_id, RunStatus.INTERRUPTED, reason, wall_s), True)
+        raise
 
 
 def _attempts(

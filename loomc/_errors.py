@@ -147,13 +147,17 @@ class AmbiguousRunId(LoomcError, LookupError):
 class RunLocked(LoomcError):
     """The run is held by a live process; only one process may advance a run."""
 
-    def __init__(self, run_id: str, owner: str) -> None:
+    def __init__(self, run_id: str, owner: str, *, here: bool = False) -> None:
         self.run_id = run_id
         self.owner = owner
-        super().__init__(
-            f"run {run_id} is running in live process {owner}; wait for it to finish "
-            "or stop that process, then resume"
-        )
+        if here:
+            msg = (
+                f"run {run_id} is already being driven by another thread or task of this process ({owner}); "
+                "only one may advance a run: wait for that call to return, then resume"
+            )
+        else:
+            msg = f"run {run_id} is running in live process {owner}; wait for it to finish or stop that process, then resume"
+        super().__init__(msg)
 
 
 class SpecMismatch(LoomcError):

@@ -102,6 +102,7 @@ ACQUIRE = (
     "attempts = attempts + 1, stop_reason = NULL, budget = COALESCE(?, budget) WHERE id = ?"
 )
 SELECT_LEASE = "SELECT status, owner, heartbeat FROM runs WHERE id = ?"
+RENEW_LEASE = "UPDATE runs SET heartbeat = ? WHERE id = ? AND owner = ? AND status = 'running'"
 INSERT_STEP = (
     "INSERT OR REPLACE INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, "
     "event, next_from, duration_s, blob_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
@@ -232,9 +233,11 @@ class StepRow:
 
     def step_args(self, run_id: str, blob_id: int | None = None) -> tuple[Any, ...]:
         """Parameters of ``INSERT_STEP`` (with ``blob_id``, the state lives in ``blobs``)."""
+        error, event = self.error, self.event
         return (
             run_id, self.step_n, None if blob_id is not None else self.state_blob, self.cost_usd, self.score,
-            self.timestamp, self.error, self.event, self.next_from, self.duration_s, blob_id,
+            self.timestamp, error if error is None else storable(error), event if event is None else storable(event),
+            self.next_from, self.duration_s, blob_id,
         )
 
     def write(self, execute: Any, run_id: str, heartbeat: float) -> None:
@@ -251,20 +254,61 @@ class StepRow:
 
     def totals_args(self, run_id: str, heartbeat: float) -> tuple[Any, ...]:
         """Parameters of ``UPDATE_TOTALS``."""
+        reason = self.stop_reason
         return (
             self.total_cost, self.total_steps, self.total_wall_s, self.max_step_cost, self.next_from,
-            self.status, self.stop_reason, self.timestamp, heartbeat, run_id,
+            self.status, reason if reason is None else storable(reason), self.timestamp, heartbeat, run_id,
         )
 
 
 # -- pure parts of the store methods, shared by the sync and async SQLite stores ----------
 
 
+def storable(text: str) -> str:
+    """``text`` as SQLite can store it: a lone surrogate (``"\\udcff"``) becomes its escape.
+
+    Python strings may hold lone surrogates (an exception message built from undecodable
+    bytes, a file name); UTF-8 cannot. Every text column loomc writes goes through here.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _opt_text(text: str | None) -> str | None:
+    return None if text is None else storable(text)
+
+
+def insert_run(execute: Any, new: Any, run_id: str, heartbeat: float, where: str) -> None:
+    """Insert the row of a new run, inside the caller's write transaction.
+
+    Raises:
+        RunLocked: a run with this id is running in a live process.
+        LoomcError: a run with this id already exists (it is not changed).
+    """
+    from loomc._errors import LoomcError, RunLocked
+
+    row = execute(SELECT_LEASE, (run_id,)).fetchone()
+    if row is not None:
+        status, held_by, beat = row
+        if status == RunStatus.RUNNING.value and held_by and is_alive(held_by, beat):
+            raise RunLocked(run_id, held_by)
+        raise LoomcError(
+            f"run id {run_id!r} already exists in {where} (status {status}); resume it "
+            f"(fn.resume({run_id!r}) or `loomc resume {run_id}`) or choose another id"
+        )
+    execute(INSERT_RUN, begin_run_args(new, run_id, heartbeat))
+
+
 def begin_run_args(new: Any, run_id: str, heartbeat: float) -> tuple[Any, ...]:
     """Parameters of ``INSERT_RUN`` for a ``NewRun``."""
     now = now_iso()
     return (
-        run_id, new.spec_hash, RunStatus.RUNNING.value, now, now, new.name, new.kind,
+        run_id, new.spec_hash, RunStatus.RUNNING.value, now, now, storable(new.name), new.kind,
         new.parent_run_id, new.parent_step, new.call_index, new.root_run_id, new.state_type,
         new.input_blob, json.dumps(new.budget) if new.budget is not None else None, new.owner,
         heartbeat, json.dumps(new.meta) if new.meta else None, 1 if new.owner else 0, new.cost_usd,
@@ -301,12 +345,16 @@ def filter_listed(runs: list[RunInfo], status: str | None, limit: int | None) ->
     return runs[:limit] if limit is not None else runs
 
 
-def check_lease(run_id: str, row: tuple[Any, ...] | None, owner: str, me: str, in_process: bool, where: str) -> None:
+def check_lease(run_id: str, row: tuple[Any, ...] | None, owner: str, where: str) -> None:
     """May ``owner`` take the lease of a run whose ``SELECT_LEASE`` row is ``row``?
+
+    Another thread or task of this process is kept out before this, by the process's
+    claim on the run (``_lease.claim``): a row naming ``owner`` itself is a lease this
+    process left behind, and is taken over.
 
     Raises:
         RunNotFound: no such run.
-        RunLocked: a live process (or this one, still driving it) holds the run.
+        RunLocked: another live process holds the run.
     """
     from loomc._errors import RunLocked, RunNotFound
 
@@ -314,8 +362,6 @@ def check_lease(run_id: str, row: tuple[Any, ...] | None, owner: str, me: str, i
         raise RunNotFound(run_id, where=where)
     status, held_by, heartbeat = row
     if status == RunStatus.RUNNING.value and held_by and held_by != owner and is_alive(held_by, heartbeat):
-        raise RunLocked(run_id, held_by)
-    if status == RunStatus.RUNNING.value and held_by == owner and owner == me and in_process:
         raise RunLocked(run_id, held_by)
 
 
@@ -326,7 +372,7 @@ def acquire_args(run_id: str, owner: str, budget: dict[str, Any] | None, heartbe
 
 def finish_args(run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float, heartbeat: float) -> tuple[Any, ...]:
     """Parameters of ``FINISH``."""
-    return (status.value, stop_reason, wall_s, now_iso(), heartbeat, run_id)
+    return (status.value, _opt_text(stop_reason), wall_s, now_iso(), heartbeat, run_id)
 
 
 def legacy_step_row(info: RunInfo, record: Any, blob: str | bytes | None) -> StepRow:

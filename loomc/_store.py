@@ -23,8 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from loomc import _sql
 from loomc._codec import decode, delta_base, encode, expand
-from loomc._errors import AmbiguousRunId, RunLocked, RunNotFound, SchemaTooNew, StoreError
-from loomc._lease import owner_token
+from loomc._errors import AmbiguousRunId, LoomcError, RunNotFound, SchemaTooNew, StoreError
 from loomc._types import _MISSING, RunInfo, RunStatus, StepRecord
 
 __all__ = [
@@ -413,7 +412,7 @@ class SQLiteStore:
         """Create a run from ``new``, owned by ``new.owner``; returns its id."""
         run_id = new.run_id or new_run_id()
         with self._tx() as conn:
-            conn.execute(_sql.INSERT_RUN, _sql.begin_run_args(new, run_id, time.time()))
+            _sql.insert_run(conn.execute, new, run_id, time.time(), str(self.path))
         return run_id
 
     def get_run(self, run_id: str) -> RunInfo | None:
@@ -450,8 +449,14 @@ class SQLiteStore:
         """Take the run's lease for ``owner`` (raises :class:`RunLocked` if a live process holds it)."""
         with self._tx() as conn:
             row = conn.execute(_sql.SELECT_LEASE, (run_id,)).fetchone()
-            _sql.check_lease(run_id, row, owner, owner_token(), _in_process(run_id), str(self.path))
+            _sql.check_lease(run_id, row, owner, str(self.path))
             conn.execute(_sql.ACQUIRE, _sql.acquire_args(run_id, owner, budget, time.time()))
+
+    def renew_leases(self, owner: str, run_ids: list[str]) -> None:
+        """Refresh the heartbeat of the runs in ``run_ids`` that ``owner`` still holds (the heartbeat thread)."""
+        beat = time.time()
+        with self._tx() as conn:
+            conn.executemany(_sql.RENEW_LEASE, [(beat, run_id, owner) for run_id in run_ids])
 
     def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
         """Write one step and the run's totals in one transaction."""
@@ -596,25 +601,6 @@ class StateLoader:
         return self.store.load_state(self.run_id, step_n)
 
 
-# Runs currently driven by this process (to refuse a second driver of the same run).
-_active_runs: set[str] = set()
-_active_lock = threading.Lock()
-
-
-def _in_process(run_id: str) -> bool:
-    with _active_lock:
-        return run_id in _active_runs
-
-
-def mark_active(run_id: str, active: bool) -> None:
-    """Note that this process is (or no longer is) driving ``run_id``."""
-    with _active_lock:
-        if active:
-            _active_runs.add(run_id)
-        else:
-            _active_runs.discard(run_id)
-
-
 def _nearest(run_id: str, ids: list[str]) -> list[str]:
     import difflib
 
@@ -665,6 +651,10 @@ class MemoryStore:
         run_id = new.run_id or new_run_id()
         now = _sql.now_iso()
         with self._lock:
+            if run_id in self._runs:
+                raise LoomcError(
+                    f"run id {run_id!r} already exists in this memory store; resume it or choose another id"
+                )
             self._runs[run_id] = {
                 "id": run_id, "spec_hash": new.spec_hash, "status": RunStatus.RUNNING.value,
                 "created_at": now, "updated_at": now, "name": new.name, "kind": new.kind,
@@ -715,8 +705,6 @@ class MemoryStore:
             r = self._runs.get(run_id)
             if r is None:
                 raise RunNotFound(run_id, where="memory")
-            if r["status"] == RunStatus.RUNNING.value and _in_process(run_id):
-                raise RunLocked(run_id, r["owner"] or owner)
             r.update(status=RunStatus.RUNNING.value, owner=owner, stop_reason=None)
             if budget is not None:
                 r["budget"] = budget

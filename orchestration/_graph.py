@@ -28,10 +28,10 @@ from loomc._context import Ledger, _lock, _parent_ledger
 from loomc._detectors import predicate
 from loomc._engine import RunContext
 from loomc._errors import SpecMismatch
-from loomc._lease import owner_token
+from loomc._lease import Claim, claim, owner_token
 from loomc._policy import EPS
 from loomc._runner import AsyncLoopRunner, LoopRunner, loop
-from loomc._store import MemoryStore, NewRun, mark_active, open_store
+from loomc._store import MemoryStore, NewRun, new_run_id, open_store
 from loomc._types import RunInfo, RunResult, RunStatus
 
 __all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]
@@ -363,7 +363,10 @@ class Graph:
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         ex.handle_signals = _signals
         async with ex.astore:
-            return await ex.start(input)
+            try:
+                return await ex.start(input)
+            finally:
+                ex.release()
 
     def resume(
         self,
@@ -413,7 +416,10 @@ class Graph:
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         ex.handle_signals = _signals
         async with ex.astore:
-            return await ex.resume(run_id, budget, force)
+            try:
+                return await ex.resume(run_id, budget, force)
+            finally:
+                ex.release()
 
     def _check_not_empty(self) -> None:
         if not self._nodes:
@@ -449,6 +455,13 @@ class _Execution:
         self.run_id = ""
         self.ledger = Ledger("")
         self.slots: dict[str, _Slot] = {}
+        self.claim: Claim | None = None  # this process's hold on the graph run
+
+    def release(self) -> None:
+        """Let go of the graph run in this process (the attempt is over)."""
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     # -- entry points ---------------------------------------------------------------
     async def start(self, graph_input: Any) -> GraphResult:
@@ -457,16 +470,22 @@ class _Execution:
             {"name": n.name, "index": i, "loop": n.runner.spec.name, "after": list(n.after)}
             for i, n in enumerate(g._nodes.values())
         ], "max_concurrency": g.max_concurrency}
-        run_id = await self.astore.begin_run(NewRun(
-            spec_hash=g.structure_hash, name=g.name, kind="graph", state_type=_codec.type_ref(graph_input),
-            input_blob=_codec.encode(graph_input), budget=g.budget.to_dict(), meta=meta, owner=self.owner,
-        ))
+        new = NewRun(
+            spec_hash=g.structure_hash, name=g.name, kind="graph", run_id=new_run_id(),
+            state_type=_codec.type_ref(graph_input), input_blob=_codec.encode(graph_input), budget=g.budget.to_dict(),
+            meta=meta, owner=self.owner,
+        )
+        assert new.run_id is not None
+        self.claim = claim(self.store, new.run_id, self.owner)
+        with anyio.CancelScope(shield=True):  # once the row exists, the attempt below records how it ends
+            run_id = await self.astore.begin_run(new)
         index = {name: i for i, name in enumerate(g._nodes)}
         return await self._attempt(run_id, graph_input, g.budget, index, {}, 0.0)
 
     async def resume(self, run_id: str, budget: Budget | None, force: bool) -> GraphResult:
         g = self.graph
         run_id = await self.astore.resolve(run_id)
+        self.claim = claim(self.store, run_id, self.owner)  # before reading it: one driver per process
         info: RunInfo = await self.astore.get_run(run_id)
         if info.kind != "graph":
             raise SpecMismatch(
@@ -482,8 +501,20 @@ class _Execution:
                 f"graph {g.name!r} changed since run {run_id} started (its nodes, their loops or edges differ); "
                 "resume it with the graph as it was, or call graph.resume(run_id, force=True) to continue with this one"
             )
-        await self.astore.acquire(run_id, self.owner, budget.to_dict() if budget is not None else None)
+        with anyio.CancelScope(shield=True):
+            await self.astore.acquire(run_id, self.owner, budget.to_dict() if budget is not None else None)
+        try:
+            graph_input, index, existing = await self._prepare_resume(run_id, info)
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # cancelled before the attempt began: still recorded
+                await self.astore.finish_run(run_id, RunStatus.INTERRUPTED, "interrupted", info.wall_s)
+            raise
         limits = budget if budget is not None else Budget.from_dict(info.budget)
+        return await self._attempt(run_id, graph_input, limits, index, existing, info.wall_s)
+
+    async def _prepare_resume(self, run_id: str, info: RunInfo) -> tuple[Any, dict[str, int], dict[str, RunInfo]]:
+        """The graph input, each node's call index and the node runs already started."""
+        g = self.graph
         graph_input = await self.astore.load_state(run_id, -1)
         old = {n["name"]: int(n["index"]) for n in info.meta.get("nodes", []) if "name" in n and "index" in n}
         index: dict[str, int] = {}
@@ -507,7 +538,7 @@ class _Execution:
         self.orphan_cost = sum(c.cost_usd for i, c in children.items() if i not in used)
         self.db_cost = info.cost_usd
         existing = {name: children[i] for name, i in index.items() if i in children}
-        return await self._attempt(run_id, graph_input, limits, index, existing, info.wall_s)
+        return graph_input, index, existing
 
     # -- the attempt ----------------------------------------------------------------
     async def _attempt(
@@ -533,7 +564,6 @@ class _Execution:
         self.ledger, self.slots, self.run_id = ledger, slots, run_id
         self.done = {name: anyio.Event() for name in g._nodes}
         limiter = anyio.CapacityLimiter(g.max_concurrency) if g.max_concurrency else None
-        mark_active(run_id, True)
         try:
             self._emit(None, RunStatus.RUNNING.value, run_id)
             await self._sync_cost()
@@ -562,13 +592,11 @@ class _Execution:
                 wall = wall_base + (time.monotonic() - t0)
                 await self._sync_cost()
                 await self.astore.finish_run(run_id, RunStatus.INTERRUPTED, "interrupted", wall)
-                mark_active(run_id, False)
             raise
         status, reason = self._verdict()
         wall = wall_base + (time.monotonic() - t0)
         await self._sync_cost()
         await self.astore.finish_run(run_id, status, reason, wall)
-        mark_active(run_id, False)
         nodes = {name: self.infos[name] for name in g._nodes}
         return GraphResult(run_id, status, dict(self.outputs), self._total(), nodes, reason)
 

@@ -516,7 +516,9 @@ def test_an_ancestors_wall_clock_cancels_an_async_child_mid_step(db: str, backen
     assert first.stop_reason == "budget: wall_clock"
     assert first.state == {"n": 0}
     (kid_row,) = (r for r in runs_table(db) if r["name"] == "kid")
-    assert kid_row["status"] == "interrupted"  # cancelled from outside its own scope
+    # cancelled from outside its own scope; when its own copy of the root's deadline fires first,
+    # it records that step and stops on the enclosing wall clock instead: either way resumable
+    assert kid_row["status"] in ("interrupted", "budget_exhausted")
     assert 1 <= kid_row["steps"] <= 4
     with sqlite3.connect(db) as c:
         (err,) = c.execute("SELECT error FROM steps WHERE run_id=?", (first.run_id,)).fetchone()
@@ -525,7 +527,7 @@ def test_an_ancestors_wall_clock_cancels_an_async_child_mid_step(db: str, backen
     final = anyio.run(lambda: root.resume(first.run_id, budget=Budget(wall_clock="10s")), backend=backend)
     assert final == {"n": 6}
     kids = [r for r in runs_table(db) if r["name"] == "kid"]
-    assert [(k["parent_step"], k["status"]) for k in kids] == [(0, "interrupted"), (1, "completed")]
+    assert [(k["parent_step"], k["status"]) for k in kids] == [(0, kid_row["status"]), (1, "completed")]
 
 
 def test_a_stalled_child_of_a_rerun_step_is_not_run_again(db: str) -> None:
