@@ -42,7 +42,7 @@ def _spec(
         meta["file"] = code.co_filename
     return RunSpec(
         name=qualname,
-        spec_hash=hashlib.sha256(qualname.encode()).hexdigest()[:12],
+        spec_hash=hashlib.sha256(qualname.encode(errors="backslashreplace")).hexdigest()[:12],
         policy=policy,
         scorer=scorer,
         cost_fn=cost_fn,
@@ -128,40 +128,54 @@ class _BaseRunner(Generic[S]):
 
 
 class _SigTerm:
-    """Turn SIGTERM into KeyboardInterrupt while a root run is driven on the main thread."""
+    """Turn SIGTERM and SIGINT (Ctrl-C) into KeyboardInterrupt where the run can record it.
+
+    Active while a root run is driven on the main thread, for each signal whose handler is
+    Python's default (a handler the application installed is left alone).
+    """
 
     def __init__(self) -> None:
-        self.prev: Any = None
-        self.active = False
+        self.prev: dict[int, Any] = {}
 
-    # While the main thread is inside a store call, a SIGTERM is held (so a commit is never
+    # While the main thread is inside a store call, a signal is held (so a commit is never
     # cut short) and delivered where the run can record it: instead of the next step.
     defer = False
-    pending = False
+    pending: int | None = None  # the signal held, if any
 
     def __enter__(self) -> None:
         if threading.current_thread() is threading.main_thread():
             try:
-                if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-                    self.prev = signal.signal(signal.SIGTERM, _raise_interrupt)
-                    self.active = True
-                    _SigTerm.pending = False
+                for signum, default in ((signal.SIGTERM, (signal.SIG_DFL, None)), (signal.SIGINT, (signal.default_int_handler,))):
+                    if signal.getsignal(signum) in default:
+                        self.prev[signum] = signal.signal(signum, _raise_interrupt)
+                if self.prev:
+                    _SigTerm.pending = None
             except ValueError:  # pragma: no cover - not the main interpreter
                 pass
 
     def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            signal.signal(signal.SIGTERM, self.prev)
-            if _SigTerm.pending:  # held while the run ended with an error: deliver it now
-                _SigTerm.pending = False
-                raise KeyboardInterrupt("SIGTERM")
+        for signum, prev in self.prev.items():
+            signal.signal(signum, prev)
+        if self.prev and _SigTerm.pending is not None:  # held while the run ended with an error: deliver it now
+            raise _interrupt(_take_pending())
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _take_pending() -> int:
+    signum = _SigTerm.pending
+    _SigTerm.pending = None
+    assert signum is not None
+    return signum
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     if _SigTerm.defer:
-        _SigTerm.pending = True
+        _SigTerm.pending = signum
         return
-    raise KeyboardInterrupt("SIGTERM")
+    raise _interrupt(signum)
 
 
 class LoopRunner(_BaseRunner[S]):
@@ -231,9 +245,8 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
             try:
                 op = gen.throw(throw) if throw is not None else gen.send(send)
             except StopIteration as stop:
-                if main and _SigTerm.pending and not outer:
-                    _SigTerm.pending = False
-                    raise KeyboardInterrupt("SIGTERM") from None
+                if main and _SigTerm.pending is not None and not outer:
+                    raise _interrupt(_take_pending()) from None
                 return stop.value  # type: ignore[no-any-return]
             send, throw = None, None
             if type(op) is StoreOp:
@@ -241,14 +254,18 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
                     send = getattr(op.store, op.method)(*op.args)
                 except BaseException as exc:  # noqa: BLE001 - raised inside the protocol, so its cleanup runs now
                     throw = exc
-            elif main and _SigTerm.pending:
-                _SigTerm.pending = False
-                throw = KeyboardInterrupt("SIGTERM")  # held outside the step: it interrupts this one
+            elif main and _SigTerm.pending is not None:
+                throw = _interrupt(_take_pending())  # held outside the step: it interrupts this one
             elif type(op) is SleepOp:
+                if main:
+                    _SigTerm.defer = False  # a backoff, like the step, may be cut short at once
                 try:
                     time.sleep(op.seconds)
                 except BaseException as exc:  # noqa: BLE001 - an interrupted backoff ends the run like an interrupted step
                     throw = exc
+                finally:
+                    if main:
+                        _SigTerm.defer = True
             else:
                 assert type(op) is CallOp
                 token = _parent_ledger.set(op.ledger)
@@ -341,14 +358,13 @@ async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], 
             if type(op) is StoreOp:
                 try:
                     astore = opened.get(id(op.store))
-                    if astore is None:
-                        astore = opened[id(op.store)] = await stores.enter_async_context(twin(op.store))
-                    method = getattr(astore, op.method)
-                    if op.shield:
-                        with anyio.CancelScope(shield=True):
-                            send = await method(*op.args)
+                    if astore is not None and not op.shield:  # the common case: no scope to enter
+                        send = await getattr(astore, op.method)(*op.args)
                     else:
-                        send = await method(*op.args)
+                        with anyio.CancelScope(shield=op.shield):
+                            if astore is None:
+                                astore = opened[id(op.store)] = await stores.enter_async_context(twin(op.store))
+                            send = await getattr(astore, op.method)(*op.args)
                 except BaseException as exc:  # noqa: BLE001 - raised inside the protocol, so its cleanup runs now
                     throw = exc
             elif type(op) is SleepOp:
