@@ -127,7 +127,7 @@ class RunContext:
         assert led is not None
         now = time.monotonic()
         room = led.headroom(now, include_self=True)
-        iters = None if self.budget.iterations is None else max(0, self.budget.iterations - self.iterations)
+        iters = None if self.budget.iterations is None else max(0, int(self.budget.iterations) - self.iterations)
         return RunView(
             run_id=self.run_id, name=self.name, step=self.step_n, parent_run_id=self.parent_run_id,
             usd_spent=led.spent, usd_remaining=led.available(), iterations_remaining=iters,
@@ -199,8 +199,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 f"run {run_id} was started by {info.name}, not {spec.name}; resume it with that function, "
                 "or pass force=True to continue it with this one"
             )
-        if req.budget is None and info.budget:
-            budget = Budget.from_dict(info.budget)
+        # The run's own limits, with those the caller names replaced (inf removes one).
+        budget = Budget.merged(info.budget or spec.policy.budget, req.budget)
         state_type = rp.state_type
         if state_type and state_type != "json" and _codec.resolve_type(state_type) is None and not isinstance(req.state, type(None)):
             _codec._seen_types[state_type] = type(req.state)
@@ -221,7 +221,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 run_id, info.status, state, info.steps, info.cost_usd,
                 best.state if best else None, best.score if best else None, info.stop_reason, None, history,
             )
-        yield StoreOp(store, "acquire", (run_id, owner, req.budget.to_dict() if req.budget is not None else None))
+        yield StoreOp(store, "acquire", (run_id, owner, budget.to_dict() if req.budget is not None else None))
         usage = Usage(info.cost_usd, info.steps, info.wall_s, info.max_step_cost)
         next_from = rp.next_from
         parent_run_id = info.parent_run_id

@@ -186,8 +186,9 @@ class LoopRunner(_BaseRunner[S]):
 
         Args:
             run_id: the run's id or a unique prefix of it.
-            budget: new limits (the only way to get more); by default the run's own,
-                with what it already used carried over.
+            budget: new limits (the only way to get more): the limits it names replace the
+                run's own, those it leaves as ``None`` are kept, ``math.inf`` removes one.
+                What the run already used is carried over either way.
             force: continue a run started by a different function.
         """
         return self._unwrap(self.resume_run(run_id, budget=budget, force=force))  # type: ignore[no-any-return]

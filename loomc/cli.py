@@ -362,22 +362,22 @@ def resume(
     run: Annotated[bool, typer.Option("--run", help="Import the run's function (from the working directory) and resume it now.")] = False,
     usd: Annotated[
         float | None,
-        typer.Option("--usd", help="With --run: a new USD limit (the only way to get more).", show_default=False),
+        typer.Option("--usd", help="With --run: a new USD limit (the only way to get more; inf: no limit).", show_default=False),
     ] = None,
     iterations: Annotated[
-        int | None,
-        typer.Option("--iterations", help="With --run: a new iteration limit.", show_default=False),
+        float | None,
+        typer.Option("--iterations", metavar="N", help="With --run: a new iteration limit (inf: no limit).", show_default=False),
     ] = None,
     wall_clock: Annotated[
         str | None,
-        typer.Option("--wall-clock", help="With --run: a new wall-clock limit (30s, 10m, 1h30m).", show_default=False),
+        typer.Option("--wall-clock", help="With --run: a new wall-clock limit (30s, 10m, 1h30m; inf: no limit).", show_default=False),
     ] = None,
     db: DbOpt = None,
 ) -> None:
     """How to resume a run, and what is left of its budget; --run resumes it here, with live progress."""
     from loomc import _cli_render as r
 
-    new_limits = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
+    new_limits: dict[str, Any] = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
     if new_limits and not run:
         raise typer.BadParameter("new limits apply to a resume: add --run", param_hint="--usd/--iterations/--wall-clock")
     store = _open(db)
@@ -388,8 +388,9 @@ def resume(
 
         budget = None
         if new_limits:
+            # Only the limits named here: the resume keeps the others (Budget.merged).
             try:
-                budget = Budget.from_dict({**(info.budget or {}), **new_limits})
+                budget = Budget(**new_limits)
             except (TypeError, ValueError) as exc:
                 raise typer.BadParameter(str(exc), param_hint="--usd/--iterations/--wall-clock") from exc
         raise typer.Exit(resume_here(store, info, budget))

@@ -382,7 +382,8 @@ class Graph:
 
         Args:
             run_id: the graph run's id or a unique prefix of it.
-            budget: new graph limits (the only way to get more).
+            budget: new graph limits (the only way to get more): those it names replace the
+                run's own, those left as ``None`` are kept, ``math.inf`` removes one.
             force: continue even though the graph's structure changed since the run.
             store: the store to read (default: the graph's ``checkpoint``).
             on_progress: ``hook(ProgressEvent)`` as the graph and its nodes start and finish.
@@ -482,8 +483,8 @@ class _Execution:
                 f"graph {g.name!r} changed since run {run_id} started (its nodes, their loops or edges differ); "
                 "resume it with the graph as it was, or call graph.resume(run_id, force=True) to continue with this one"
             )
-        await self.astore.acquire(run_id, self.owner, budget.to_dict() if budget is not None else None)
-        limits = budget if budget is not None else Budget.from_dict(info.budget)
+        limits = Budget.merged(info.budget, budget)
+        await self.astore.acquire(run_id, self.owner, limits.to_dict() if budget is not None else None)
         graph_input = await self.astore.load_state(run_id, -1)
         old = {n["name"]: int(n["index"]) for n in info.meta.get("nodes", []) if "name" in n and "index" in n}
         index: dict[str, int] = {}
