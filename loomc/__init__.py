@@ -29,6 +29,7 @@ from loomc._errors import (
     StallError,
     StateError,
     StoreError,
+    UnboundedLoopWarning,
 )
 from loomc._retry import Retry
 from loomc._semantic import SemanticDelta, semantic_delta
@@ -77,6 +78,7 @@ __all__ = [
     "StateError",
     "StepRecord",
     "StoreError",
+    "UnboundedLoopWarning",
     "charge",
     "circuit_breaker",
     "current_run",

@@ -14,6 +14,9 @@ Every error a user can cause derives from :class:`LoomcError`::
     │   └── SchemaTooNew         the database was written by a newer loomc
     └── CircuitOpenError         a circuit breaker refused a call
 
+One warning, :class:`UnboundedLoopWarning` (a ``UserWarning``), flags a ``@loop`` that
+nothing but an error can stop.
+
 Exceptions raised by the user's own step pass through unchanged, with a note naming
 the run and how to resume it.
 """
@@ -34,6 +37,7 @@ __all__ = [
     "StallError",
     "StateError",
     "StoreError",
+    "UnboundedLoopWarning",
 ]
 
 
@@ -179,3 +183,7 @@ class CircuitOpenError(LoomcError):
         self.name = name
         self.retry_after = retry_after
         super().__init__(f"Circuit breaker open for {name!r}, retry after {retry_after:.1f}s")
+
+
+class UnboundedLoopWarning(UserWarning):
+    """A ``@loop`` has no budget limit and no ``converge_on``: only an error would end it."""

@@ -14,13 +14,14 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar, overload
 
 from loomc._budget import Budget
 from loomc._context import _parent_ledger
 from loomc._engine import CallOp, RunRequest, RunSpec, SleepOp, StoreOp, WallClockExceeded, run_protocol
-from loomc._errors import BudgetExhausted, StallError
+from loomc._errors import BudgetExhausted, StallError, UnboundedLoopWarning
 from loomc._policy import Policy
 from loomc._retry import Retry, as_retry
 from loomc._store import open_store
@@ -429,6 +430,13 @@ def loop(
 
     Returns:
         A :class:`LoopRunner`, or an :class:`AsyncLoopRunner` for an ``async def``.
+
+    Raises:
+        ValueError: a bad argument, or ``score_plateau``, ``BestScore`` or ``Escalate``
+            without a ``scorer`` (they would never act).
+
+    Warns:
+        UnboundedLoopWarning: no budget limit and no ``converge_on``.
     """
     if durability is not None and durability not in ("power", "process"):
         raise ValueError(f"durability={durability!r}: use 'power' or 'process'")
@@ -437,16 +445,29 @@ def loop(
     if cost_fn is not None and not callable(cost_fn):
         raise TypeError(f"cost_fn={cost_fn!r}: expected a callable state -> float")
     policy = Policy.build(budget, converge_on, backtrack, on_stall)
+    if scorer is None and policy.scored_parts:
+        raise ValueError(
+            f"@loop({', '.join(policy.scored_parts)}) decides from step scores, but no scorer= is given, "
+            "so no step has a score and it would never act: pass scorer=lambda state: ... (a float per state)"
+        )
     retry_policy = as_retry(retry)
 
-    def decorate(func: Callable[..., Any]) -> Any:
+    def decorate(func: Callable[..., Any], stacklevel: int = 2) -> Any:
         if not callable(func):
             raise TypeError(f"@loop expects a function, got {func!r}")
+        if policy.unbounded:
+            warnings.warn(
+                f"@loop {getattr(func, '__qualname__', func)} has no budget limit and no converge_on: only an error "
+                "will stop it. Bound it with budget=Budget(iterations=..., usd=..., wall_clock=...) "
+                "or converge_on=... (or filter UnboundedLoopWarning if that is meant)",
+                UnboundedLoopWarning,
+                stacklevel=stacklevel,
+            )
         spec = _spec(func, policy, scorer, cost_fn, checkpoint, durability, name, retry_policy)
         if inspect.iscoroutinefunction(func):
             return AsyncLoopRunner(func, spec)
         return LoopRunner(func, spec)
 
-    return decorate(fn) if fn is not None else decorate
+    return decorate(fn, stacklevel=3) if fn is not None else decorate
 
 
