@@ -167,10 +167,10 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
         follower.poll()
         follower.close()
     if result.error is not None and result.status is RunStatus.FAILED:
-        sys.stderr.write(f"loomc: run {info.id} failed: {type(result.error).__name__}: {result.error}\n")
+        sys.stderr.write(f"loomc: run {info.id} failed: {r.clip(f'{type(result.error).__name__}: {result.error}', 2000)}\n")
     elif result.status is RunStatus.BUDGET_EXHAUSTED:
         sys.stderr.write(
-            f"loomc: run {info.id} stopped ({result.stop_reason}); give it more with "
+            f"loomc: run {info.id} stopped ({r.clip(result.stop_reason)}); give it more with "
             f"`loomc resume {info.id} --run --usd/--iterations/--wall-clock ...`\n"
         )
     return 0 if result.status is RunStatus.COMPLETED else 1

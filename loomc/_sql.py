@@ -128,6 +128,12 @@ SELECT_LAST_STEP_META = (
 SELECT_STEP_META_BEFORE = (
     "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? AND step_n < ? ORDER BY step_n"
 )
+#: Step metadata for the CLI, windowed so a long run is never read whole: ``{error}`` is
+#: the error column, or ``substr(error, 1, N)`` to read only as much as a table shows.
+STEP_META_WINDOW = "SELECT step_n, cost_usd, score, timestamp, {error}, event FROM steps WHERE run_id = ? "
+STEP_META_AFTER = STEP_META_WINDOW + "AND step_n > ? ORDER BY step_n LIMIT ?"
+STEP_META_LAST = STEP_META_WINDOW + "ORDER BY step_n DESC LIMIT ?"
+STEP_TOTALS_BEFORE = "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM steps WHERE run_id = ? AND step_n < ?"
 SELECT_STEPS_FULL = (
     f"SELECT s.step_n, {STATE_OF}, s.cost_usd, s.score, s.timestamp, s.error, s.event FROM steps s "
     "WHERE s.run_id = ? ORDER BY s.step_n"

@@ -56,7 +56,10 @@ class _Fail(Exception):
 
 
 def _die(message: str, code: int = 1) -> None:
-    sys.stderr.write(f"loomc: {message}\n")
+    from loomc._cli_render import clip
+
+    # Messages can quote stored text (a step's error, a run's name): escaped, and cut.
+    sys.stderr.write(f"loomc: {clip(message, 2000)}\n")
     sys.stderr.flush()
     raise SystemExit(code)
 
@@ -160,7 +163,7 @@ def runs(
         what = f"{status.value} " if status else ""
         sys.stderr.write(f"loomc: no {what}runs in {store.path}\n")
         return
-    rows = [[i.id, out.status(i.status), str(i.steps), r.money(i.cost_usd), r.when(i.created_at), i.name] for i in found]
+    rows = [[i.id, out.status(i.status), str(i.steps), r.money(i.cost_usd), r.when(i.created_at), r.clip(i.name, 120)] for i in found]
     out.table(r.RUN_COLS, rows)
     if out.tty and limit and len(found) == limit:
         out.console.print(f"[dim]newest {limit} shown; --limit N for more, --all for nested runs[/dim]")
@@ -186,9 +189,10 @@ def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo]) -> Any:
     from loomc import _cli_render as r
 
     label = Text()
-    label.append(info.id, style="bold")
+    label.append(r.visible(info.id), style="bold")
     node = info.meta.get("node")
-    label.append(f"  {info.kind} {node} ({info.name})  " if info.kind == "node" and node else f"  {info.kind} {info.name}  ")
+    name = r.clip(info.name, 120)
+    label.append(f"  {info.kind} {r.clip(str(node), 120)} ({name})  " if info.kind == "node" and node else f"  {info.kind} {name}  ")
     label.append_text(Text(info.status.value, style=r.STATUS_STYLE.get(info.status, "") if out.tty else ""))
     label.append(f"  steps {info.steps}  own {r.money(r.own_cost(info, kids))}  total {r.money(info.cost_usd)}")
     if info.parent_step is not None and info.kind != "node":
@@ -254,10 +258,67 @@ def _header(info: RunInfo, out: Any) -> list[tuple[str, Any]]:
     return pairs
 
 
+def _window(first: int | None, last: int | None, all_: bool, tty: bool) -> tuple[int | None, int | None]:
+    """``(first, last)`` steps to show: as asked, else the last few on a terminal, else all."""
+    if all_:
+        if first is not None or last is not None:
+            raise typer.BadParameter("--all shows every step: drop --first/--last, or drop --all", param_hint="--all")
+        return None, None
+    if first is None and last is None and tty:
+        from loomc._cli_render import TTY_STEPS
+
+        return None, TTY_STEPS
+    return first, last
+
+
+
+def _step_rows(
+    store: SQLiteStore, run_id: str, first: int | None, last: int | None, *, full: bool
+) -> tuple[list[tuple[Any, float]], int, int, int, int]:
+    """The steps to print with their cumulative cost, and what is left out.
+
+    Returns ``(rows, skipped before, index of the gap, skipped in the gap, skipped after)``.
+    Only the rows shown are read (``LIMIT``); what a window leaves out is counted and
+    summed by SQLite, never loaded.
+    """
+    from loomc import _cli_render as r
+
+    chars = None if full else r.ERROR_READ
+    head = r.read_steps(store, run_id, first=first, error_chars=chars) if first is not None or last is None else []
+    tail = r.read_steps(store, run_id, head[-1].step_n if head else -1, last=last, error_chars=chars) if last is not None else []
+    rows: list[tuple[Any, float]] = []
+    cumul = 0.0
+    for rec in head:
+        cumul += rec.cost_usd
+        rows.append((rec, cumul))
+    before = gap = after = 0
+    if tail:
+        skipped, cumul = r.step_totals(store, run_id, tail[0].step_n)
+        if head:
+            gap = skipped - len(head)
+        else:
+            before = skipped
+        for rec in tail:
+            cumul += rec.cost_usd
+            rows.append((rec, cumul))
+    elif first is not None and head:
+        after = r.step_totals(store, run_id, 2**62)[0] - len(head)
+    return rows, before, len(head), gap, after
+
+
 @app.command()
 def show(
     run_id: RunIdArg,
     tree: Annotated[bool, typer.Option("--tree", "-t", help="Draw the run and all its nested runs.")] = False,
+    first: Annotated[
+        int | None, typer.Option("--first", min=0, help="Only the first N steps (with --last: both ends).", show_default=False)
+    ] = None,
+    last: Annotated[
+        int | None,
+        typer.Option("--last", min=0, help="Only the last N steps [default on a terminal: the last 50].", show_default=False),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Every step, even on a terminal.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Errors and reasons whole, not cut to fit a line.")] = False,
     db: DbOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -274,11 +335,11 @@ def show(
         data = r.run_dict(info)
         kids = store.children(info.id)
         data["own_cost_usd"] = r.own_cost(info, kids)
-        steps, cumul = [], 0.0
-        for rec in r.read_steps(store, info.id):
-            cumul += rec.cost_usd
-            steps.append(r.step_dict(rec, cumul))
-        data["history"] = steps
+        pick_first, pick_last = _window(first, last, all_, tty=False)
+        picked, before, _, gap, after = _step_rows(store, info.id, pick_first, pick_last, full=True)
+        data["history"] = [r.step_dict(rec, cumul) for rec, cumul in picked]
+        if pick_first is not None or pick_last is not None:
+            data["steps_not_shown"] = before + gap + after
         data["children"] = [r.run_dict(k) for k in kids]
         if info.kind == "graph":
             data["nodes"] = [
@@ -297,9 +358,10 @@ def show(
     if tree:
         _show_tree(out, store, info)
         return
-    out.kv(_header(info, out))
+    pick_first, pick_last = _window(first, last, all_, out.tty)
+    out.kv(_header(info, out), width=None if full else r.VALUE_WIDTH)
     kids = store.children(info.id)
-    recs = r.read_steps(store, info.id)
+    picked, before, at, gap, after = _step_rows(store, info.id, pick_first, pick_last, full=full)
     if info.kind == "graph":
         out.line()
         out.table(
@@ -309,14 +371,22 @@ def show(
                 for name, st, steps, cost, rid, after, k in _node_rows(info, kids)
             ],
         )
-    if recs or info.kind != "graph":
+    if picked or info.kind != "graph":
         out.line()
-        if recs:
-            rows, cumul = [], 0.0
-            for rec in recs:
-                cumul += rec.cost_usd
-                rows.append(r.step_cells(rec, cumul))
+        if picked:
+            rows = [r.step_cells(rec, cumul, full=full) for rec, cumul in picked]
+            cut = not full and any(row[4].endswith(r.CUT) for row in rows)
+            if gap:
+                rows.insert(at, ["...", "", "", "", f"{gap} steps not shown", ""])
+            if before:
+                out.line(f"... {before} earlier steps not shown: --all shows every step (--first N, --last N)")
             out.table(r.STEP_COLS, rows)
+            if after:
+                out.line(f"... {after} later steps not shown: --all shows every step (--first N, --last N)")
+            if gap:
+                out.line(f"... {gap} steps not shown: --all shows every step (--first N, --last N)")
+            if cut:
+                out.line(f"errors are cut to fit a line: loomc show {info.id} --full (or loomc export {info.id}) shows them whole")
         else:
             out.line("no steps committed yet")
     if kids and info.kind != "graph":
@@ -324,7 +394,7 @@ def show(
         out.line(f"nested runs: {len(kids)} (loomc show {info.id} --tree)")
         out.table(
             (r.Col("ID"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True), r.Col("STEP", True), r.Col("NAME")),
-            [[k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd), str(k.parent_step), k.name] for k in kids],
+            [[k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd), str(k.parent_step), r.clip(k.name, 120)] for k in kids],
         )
 
 
@@ -508,8 +578,9 @@ def export(
     db: DbOpt = None,
 ) -> None:
     """Export a run and its whole subtree (nested runs), states included, as JSON."""
-    import json
     from datetime import datetime
+
+    from loomc import _cli_render as r
 
     store = _open(db)
     info = _run(store, run_id)
@@ -519,7 +590,7 @@ def export(
         "database": str(store.path),
         "run": _export_node(store, info),
     }
-    text = json.dumps(data, indent=2, ensure_ascii=False)
+    text = r.dumps(data)
     if output is not None:
         try:
             output.write_text(text + "\n", encoding="utf-8")

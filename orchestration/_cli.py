@@ -28,7 +28,9 @@ class CliError(Exception):
 
 
 def _fail(msg: str) -> int:
-    print(f"loomc: {msg}", file=sys.stderr)
+    from loomc._cli_render import clip
+
+    print(f"loomc: {clip(msg, 2000)}", file=sys.stderr)  # it may quote a stored error: escaped, cut
     return 1
 
 
@@ -276,6 +278,9 @@ def _print_end(path: str, progress: _Progress, result: GraphResult) -> None:
     head = f"graph {progress.graph.name}: run {result.run_id} {result.status.value}, cost {money(result.cost_usd)}{cap}"
     if result.stop_reason:
         head += f" ({result.stop_reason})"
+    from loomc._cli_render import clip
+
+    head = clip(head)  # the stop reason can quote a node's error
     if progress.tty:
         from rich.console import Console
 
