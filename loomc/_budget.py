@@ -103,6 +103,11 @@ class Budget:
         seconds = None if self.wall_clock is None else parse_duration(self.wall_clock)
         object.__setattr__(self, "wall_clock_seconds", seconds)
 
+    def __repr__(self) -> str:
+        given = {"usd": self.usd, "iterations": self.iterations, "wall_clock": self.wall_clock}
+        parts = [f"{k}=math.inf" if k in self.removed else f"{k}={v!r}" for k, v in given.items() if v is not None or k in self.removed]
+        return f"Budget({', '.join(parts)})"
+
     def to_dict(self) -> dict[str, float | None]:
         """The limits as plain numbers (seconds for ``wall_clock``)."""
         return {"usd": self.usd, "iterations": self.iterations, "wall_clock": self.wall_clock_seconds}

@@ -59,6 +59,8 @@ def test_budget_accepts_inf_as_no_limit_and_still_refuses_bad_values() -> None:
     assert (b.usd, b.iterations, b.wall_clock_seconds) == (None, None, None)
     assert b.to_dict() == {"usd": None, "iterations": None, "wall_clock": None}
     assert b.removed == {"usd", "iterations", "wall_clock"}
+    assert repr(Budget(usd=1.0, iterations=math.inf)) == "Budget(usd=1.0, iterations=math.inf)"
+    assert Budget(usd=math.inf) != Budget()  # one removes a limit on resume, the other keeps it
     for bad in ({"usd": math.nan}, {"usd": -math.inf}, {"iterations": -math.inf}, {"wall_clock": "-inf"}, {"iterations": 2.5}):
         with pytest.raises(ValueError, match=r"Budget|duration"):
             Budget(**bad)
