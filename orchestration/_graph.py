@@ -411,10 +411,6 @@ class Graph:
         self._check_not_empty()
         if budget is not None and not isinstance(budget, Budget):
             raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
-        if budget is not None and budget.iterations is not None:
-            raise ValueError(
-                f"graph {self.name!r}: a graph budget takes usd and wall_clock; give iterations to each node's @loop"
-            )
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         ex.handle_signals = _signals
         async with ex.astore:
