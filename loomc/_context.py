@@ -48,6 +48,9 @@ class Ledger:
         # What this run holds against its ancestors' caps for the step in flight (its
         # next-step estimate): spending that passes through it draws the hold down first.
         self.step_hold = 0.0
+        # A resumed run's ``spent`` starts at its stored total, which already includes what
+        # the children of its uncommitted step spent: re-found children carry from this.
+        self.prepaid = 0.0
 
     @property
     def total_cost_usd(self) -> float:
@@ -134,6 +137,21 @@ class Ledger:
             self._consume(chain, covered, takes)
             for led in chain:
                 led.spent = round(led.spent + usd, 12)
+
+    def carry(self, usd: float) -> None:
+        """Count a re-found child's earlier spending on this run and its ancestors, once.
+
+        Each ledger in the chain takes ``usd`` from its ``prepaid`` first (spending its
+        stored total already holds) and records only the rest. Never refused: the money
+        was spent before.
+        """
+        with _lock:
+            for led in self.chain():
+                take = min(led.prepaid, usd)
+                if take > 0:
+                    led.prepaid = round(led.prepaid - take, 12)
+                if usd - take > 0:
+                    led.spent = round(led.spent + usd - take, 12)
 
     def reserve(self, usd: float) -> Reservation:
         """Hold ``usd`` against every cap in the chain until settled."""

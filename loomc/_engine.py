@@ -162,7 +162,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         existing: RunInfo | None = yield StoreOp(store, "find_child", (parent_ctx.run_id, parent_ctx.step_n, idx))
         if existing is not None:
             rp = yield StoreOp(store, "resume_point", (existing.id,))
-            carried = existing.cost_usd
+            # what it had committed; its own re-found children carry the rest
+            carried = round(existing.cost_usd - rp.in_flight_usd, 12)
         else:
             start_blob = _codec.encode(req.state)
             run_id = yield StoreOp(store, "begin_run", (NewRun(
@@ -213,7 +214,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         # (a stalled one too: continuing it would not be what the original run did).
         if info.status is RunStatus.COMPLETED or (nested and info.status is RunStatus.STALLED):
             if nested and parent is not None and carried:
-                parent.charge(carried, enforce=False)
+                parent.carry(carried)
             if partial:
                 history[:0] = yield StoreOp(store, "step_history", (run_id, history[0].step_n))
             best = best_step(history)
@@ -247,9 +248,15 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
         deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
     )
+    if rp is not None:
+        ledger.prepaid = rp.in_flight_usd  # already in ``usage.usd``: re-found children take from it
     if nested and parent is not None and carried:
-        parent.charge(carried, enforce=False)
+        parent.carry(carried)
     ctx.ledger = ledger
+    # the runs above this one, whose stored totals each committed step raises too
+    ancestors = tuple(
+        dict.fromkeys(led.run_id for led in parent.chain() if led.run_id and led.run_id != run_id)
+    ) if nested and parent is not None else ()
     deadline = ledger.deadline_in_chain()  # this run's or an ancestor's, whichever comes first
     iterations, max_step_cost, wall_base = usage.iterations, usage.max_step_cost, usage.wall_s
     attempt_start = history[-1].step_n + 1 if history else 0
@@ -290,7 +297,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             ctx.begin_step(step_n)
             if ctx.notes:
                 ctx.notes = []
-            spent_before = ledger.spent
+            # a step costs what it spent plus what re-found children carried from ``prepaid``
+            spent_before = ledger.spent - ledger.prepaid
             started = time.monotonic()
             start_from = next_from
             error: BaseException | None = None
@@ -333,7 +341,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 except Exception as exc:  # noqa: BLE001 - a failing scorer fails the step
                     error = exc
             iterations += 1
-            cost = round(ledger.spent - spent_before, 12)
+            cost = round(ledger.spent - ledger.prepaid - spent_before, 12)
             ended = time.monotonic()
             stored_state = state if error is not None else new_state
             try:
@@ -363,7 +371,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 finally:
                     _parent_ledger.reset(token)
                 verdict_event, verdict_next, stop = verdict.event, verdict.next_from, verdict.stop
-                cost = record.cost_usd = round(ledger.spent - spent_before, 12)
+                cost = record.cost_usd = round(ledger.spent - ledger.prepaid - spent_before, 12)
             ledger.release_step()
             if ctx.notes:  # retries, breaker transitions
                 record.event = "; ".join([*ctx.notes, verdict_event] if verdict_event else ctx.notes)
@@ -374,7 +382,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             row = StepRow(
                 step_n, blob, cost, score, ts, record.error, record.event, verdict_next, ended - started,
                 ledger.spent, iterations, wall, max_step_cost, _RUNNING if stop is None else stop.status.value,
-                None if stop is None else stop.reason,
+                None if stop is None else stop.reason, ancestors,
             )
             yield StoreOp(store, "commit_step", (run_id, row))
             if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume
@@ -428,7 +436,7 @@ def _attempts(
                 raise
             failed += 1
             room = ledger.headroom(time.monotonic(), include_self=True)
-            estimate = max(max_step_cost, (ledger.spent - spent_before) / failed)
+            estimate = max(max_step_cost, (ledger.spent - ledger.prepaid - spent_before) / failed)
             decision = retry.decide(exc, failed, usd_left=room.usd, step_estimate=estimate, wall_left=room.wall_s)
             if decision.note:
                 ctx.notes.append(decision.note)
