@@ -353,7 +353,9 @@ class Graph:
 
         Args:
             run_id: the graph run's id or a unique prefix of it.
-            budget: new graph limits (the only way to get more).
+            budget: new graph limits (the only way to get more): ``usd`` and ``wall_clock``
+                for the graph; ``iterations`` (a graph has none of its own) becomes the
+                iteration limit of each node that resumes.
             force: continue even though the graph's structure changed since the run.
             store: the store to read (default: the graph's ``checkpoint``).
             on_progress: ``hook(ProgressEvent)`` as the graph and its nodes start and finish.
@@ -419,6 +421,7 @@ class _Execution:
         self.run_id = ""
         self.ledger = Ledger("")
         self.priors: dict[str, RunInfo] = {}
+        self.node_iterations: int | None = None  # a resume's new iteration limit for resumed nodes
 
     # -- entry points ---------------------------------------------------------------
     async def start(self, graph_input: Any) -> GraphResult:
@@ -454,6 +457,7 @@ class _Execution:
             )
         await self.astore.acquire(run_id, self.owner, budget.to_dict() if budget is not None else None)
         limits = budget if budget is not None else Budget.from_dict(info.budget)
+        self.node_iterations = limits.iterations
         graph_input = await self.astore.load_state(run_id, -1)
         old = {n["name"]: int(n["index"]) for n in info.meta.get("nodes", []) if "name" in n and "index" in n}
         index: dict[str, int] = {}
@@ -678,12 +682,15 @@ class _Execution:
         if not reused:
             self._emit(name, RunStatus.RUNNING.value, prior.id if prior else None)
         meta = {"node": name, "graph": self.graph.name}
+        limits = None
+        if prior is not None and not reused and self.node_iterations is not None:
+            limits = Budget.from_dict({**prior.budget, "iterations": self.node_iterations})
         token = _parent_ledger.set(self.ledger)
         try:
             if node.is_async:
-                result: RunResult = await node.runner._run_child(state, call_index=idx, meta=meta)
+                result: RunResult = await node.runner._run_child(state, call_index=idx, meta=meta, budget=limits)
             else:
-                call = functools.partial(node.runner._run_child, state, call_index=idx, meta=meta)
+                call = functools.partial(node.runner._run_child, state, call_index=idx, meta=meta, budget=limits)
                 # A thread cannot be cancelled: on cancellation the node stops at its next step
                 # boundary (see _abort) and its result is still recorded.
                 with anyio.CancelScope(shield=True):
