@@ -422,3 +422,37 @@ def test_graph_resumed_after_its_wall_clock_ran_out_keeps_its_nodes(db: str) -> 
     assert (node.run_id, node.steps) == (ran.run_id, ran.steps)
     assert again.outputs["slow"] == first.outputs["slow"] == {"v": ran.steps}
     assert again.nodes["after"].status == "pending"
+
+
+def test_memory_store_parent_total_follows_its_child_and_resume_is_exact() -> None:
+    """On a memory store too: a parent's total covers its child's commits mid-step, and a resume pays once."""
+    store = loomc.MemoryStore()
+    seen: list[float] = []
+    state = {"fail": True}
+
+    @loop(budget=Budget(iterations=3), converge_on=predicate(lambda h: len(h) >= 3), checkpoint=store)
+    def child(s: dict[str, Any]) -> dict[str, Any]:
+        if s["n"]:
+            top = next(r for r in store.list_runs() if r.parent_run_id is None)
+            seen.append(top.cost_usd)
+        loomc.charge(0.1)
+        return {"n": s["n"] + 1}
+
+    @loop(budget=Budget(iterations=3), converge_on=predicate(_done), checkpoint=store)
+    def parent(s: dict[str, Any]) -> dict[str, Any]:
+        child.run({"n": 0})
+        if state["fail"]:
+            raise KeyboardInterrupt
+        return {"ok": True}
+
+    with pytest.raises(KeyboardInterrupt):
+        parent.run({})
+    assert seen == [pytest.approx(0.1), pytest.approx(0.2)]
+    pid = next(r.id for r in store.list_runs() if r.parent_run_id is None)
+    assert store.get_run(pid).cost_usd == pytest.approx(0.3)  # type: ignore[union-attr]
+    state["fail"] = False
+    result = parent.resume_run(pid)
+    assert result.status is RunStatus.COMPLETED
+    assert result.cost_usd == pytest.approx(0.3)
+    assert store.get_run(pid).cost_usd == pytest.approx(0.3)  # type: ignore[union-attr]
+    assert [h.cost_usd for h in store.load_steps(pid)] == [pytest.approx(0.3)]
