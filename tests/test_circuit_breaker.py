@@ -538,6 +538,18 @@ class TestInsideALoop:
         assert first.state["log"] == ["failed"]
         assert second.state["log"] == ["refused"]
 
+    def test_a_stored_status_older_than_the_breakers_own_is_not_restored(self, tmp_path: Path) -> None:
+        """A shared breaker reset after a run stored it open (then used by another run) stays closed when that run resumes."""
+        tool = Tool(failures=1)
+        cb = circuit_breaker(tool, fail_threshold=1, cooldown="60s", name="shared")
+        first = tool_loop(str(tmp_path / "a.db"), cb, 1).run({"log": []})
+        other = tool_loop(str(tmp_path / "b.db"), cb, 1).run({"log": []})
+        assert (first.state["log"], other.state["log"]) == (["failed"], ["refused"])
+        cb.reset()  # the tool is known to be back
+        resumed = tool_loop(str(tmp_path / "a.db"), cb, 2).resume_run(first.run_id, budget=Budget(iterations=2))
+        assert resumed.state["log"] == ["failed", "ok"]
+        assert tool.calls == 2
+
     def test_breaker_failing_the_step_with_last_good(self, tmp_path: Path) -> None:
         """Without catching, CircuitOpenError fails the step; LastGood carries on and the row names it."""
         fn = Tool(failures=100)
