@@ -299,7 +299,9 @@ class CircuitBreaker(Generic[P, R]):
         self._transitions: deque[dict[str, Any]] = deque(maxlen=_KEPT_TRANSITIONS)
         self._changed_at: float | None = None  # wall time of this object's last change of status
         self._seen: object = None  # the stored entry last compared with, so it is read once
-        functools.update_wrapper(self, fn)
+        # Name, doc and __wrapped__ only: merging fn's __dict__ would let a wrapped object
+        # (another breaker, say) overwrite this breaker's own attributes.
+        functools.update_wrapper(self, fn, updated=())
 
     def __repr__(self) -> str:
         status = self._status

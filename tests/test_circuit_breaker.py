@@ -373,6 +373,23 @@ def test_the_ways_to_build_one() -> None:
     assert "'lookup' closed" in repr(called)
 
 
+def test_a_breaker_around_a_breaker_keeps_its_own_state() -> None:
+    """Wrapping a breaker (a per-call one inside a per-service one) gives two independent machines."""
+    clock = Clock()
+    inner = circuit_breaker(Tool(failures=99), fail_threshold=1, cooldown=10, name="inner", clock=clock)
+    outer = circuit_breaker(inner, fail_threshold=3, cooldown=60, name="outer", clock=clock)
+    with pytest.raises(ToolDown):
+        outer()
+    with pytest.raises(CircuitOpenError) as refused:
+        outer()
+    assert refused.value.name == "inner"
+    assert (inner.state, outer.state) == (OPEN, CLOSED)
+    assert outer.name == "outer"
+    assert outer.policy == BreakerPolicy(3, 60.0)
+    assert outer.consecutive_failures == 2
+    assert inner.consecutive_failures == 1
+
+
 @pytest.mark.parametrize(
     ("settings", "error", "match"),
     [
