@@ -174,6 +174,13 @@ def _note(name: str, old: BreakerStatus, new: BreakerStatus) -> str:
     return text
 
 
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` gives a coroutine: an ``async def``, an object with one as ``__call__``, an async breaker."""
+    if isinstance(fn, CircuitBreaker):
+        return fn._is_async
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
 def _seconds(argument: str, value: Duration) -> float:
     try:
         return parse_duration(value)
@@ -293,7 +300,7 @@ class CircuitBreaker(Generic[P, R]):
         self._fn = fn
         self._is_failure = is_failure
         self._clock = clock
-        self._is_async = inspect.iscoroutinefunction(fn)
+        self._is_async = _is_async(fn)
         self._status = BreakerStatus(cooldown=base)
         self._lock = threading.RLock()
         self._transitions: deque[dict[str, Any]] = deque(maxlen=_KEPT_TRANSITIONS)

@@ -455,6 +455,30 @@ async def test_an_async_tool_gets_the_same_machine() -> None:
 
 
 @pytest.mark.anyio
+async def test_async_callables_that_are_not_functions_are_awaited() -> None:
+    """An object with ``async def __call__``, and a breaker around an async breaker, count what the await raises."""
+
+    class Client:
+        calls = 0
+
+        async def __call__(self) -> str:
+            self.calls += 1
+            await anyio.sleep(0)
+            raise ToolDown
+
+    client = Client()
+    inner = circuit_breaker(client, fail_threshold=5, cooldown=10, name="inner")
+    outer = circuit_breaker(inner, fail_threshold=2, cooldown=10, name="outer")
+    for _ in range(2):
+        with pytest.raises(ToolDown):
+            await outer()
+    with pytest.raises(CircuitOpenError) as refused:
+        await outer()
+    assert refused.value.name == "outer"
+    assert (client.calls, inner.consecutive_failures, outer.state) == (2, 2, OPEN)
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_async_trial_leaves_the_next_call_to_be_the_trial() -> None:
     """Cancelling the trial (a timeout around the call) is not a verdict on the tool."""
     clock = Clock()
