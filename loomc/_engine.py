@@ -314,6 +314,13 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             partial = False
             history[:0] = yield StoreOp(store, "step_history", (run_id, history[0].step_n))
 
+    def interrupted(exc: BaseException) -> Generator[Any, Any, None]:
+        """The step (its call, cost_fn or scorer) was interrupted: record the run as interrupted."""
+        ctx.leave_step()
+        ledger.settle_open()
+        wall = wall_base + (time.monotonic() - t0)
+        yield StoreOp(store, "finish_run", (run_id, RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}", wall), True)
+
     def result(status: RunStatus, reason: str | None, error: BaseException | None = None) -> Generator[Any, Any, RunResult]:
         yield from earlier_steps()
         b = best_step(history)
@@ -357,10 +364,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             except Exception as exc:  # noqa: BLE001 - recorded with the step, re-raised by __call__
                 error = exc
             except BaseException as exc:
-                ctx.leave_step()
-                ledger.settle_open()
-                wall = wall_base + (time.monotonic() - t0)
-                yield StoreOp(store, "finish_run", (run_id, RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}", wall), True)
+                yield from interrupted(exc)
                 raise
 
             # cost_fn and scorer are part of the step: this run's ledger is current, so what
@@ -380,9 +384,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                     error, budget_stop = exc, _refused(exc, ledger)
                 except Exception as exc:  # noqa: BLE001 - a failing cost_fn or scorer fails the step
                     error = exc
-                except BaseException:
-                    ctx.leave_step()
-                    ledger.settle_open()
+                except BaseException as exc:
+                    yield from interrupted(exc)
                     raise
                 finally:
                     _parent_ledger.reset(token)

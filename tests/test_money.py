@@ -366,6 +366,23 @@ def test_a_loop_started_by_a_scorer_is_a_child_of_the_step(db: str) -> None:
     assert {k.parent_run_id for k in kids} == {result.run_id}
 
 
+def test_a_scorer_interrupted_by_ctrl_c_leaves_the_run_interrupted(db: str) -> None:
+    """KeyboardInterrupt inside the scorer is handled as in the step: the run is recorded interrupted."""
+
+    def grade(state: dict[str, int]) -> float:
+        raise KeyboardInterrupt
+
+    @loop(checkpoint=db, budget=Budget(iterations=3), scorer=grade, name="ctrl_c_grader")
+    def step(state: dict[str, int]) -> dict[str, int]:
+        return state
+
+    with pytest.raises(KeyboardInterrupt):
+        step.run({})
+    (run,) = SQLiteStore(db).list_runs()
+    assert run.status is RunStatus.INTERRUPTED
+    loomc.charge(1.0)  # no step left counted in flight: a no-op outside a run
+
+
 # -- threads that do not carry the step's context -----------------------------------------------
 
 
