@@ -15,13 +15,15 @@ from loomc.loop import AsyncLoopRunner, LoopRunner, loop  # isort: skip
 from loomc import circuit_breaker as _circuit_breaker_module  # isort: skip
 from loomc._astore import AsyncCheckpointStore, AsyncSQLiteStore
 from loomc._budget import Budget
-from loomc._context import Reservation, RunView, charge, current_run, reserve
+from loomc._context import Reservation, RunView, charge, current_run, reserve, with_run_context
 from loomc._detectors import BestScore, Escalate, JudgeDetector, LastGood, judge, predicate, score_plateau
 from loomc._errors import (
     AmbiguousRunId,
     BudgetExhausted,
     CircuitOpenError,
+    CostError,
     LoomcError,
+    RunContextLost,
     RunLocked,
     RunNotFound,
     SchemaTooNew,
@@ -55,6 +57,7 @@ __all__ = [
     "CheckpointStore",
     "CircuitBreaker",
     "CircuitOpenError",
+    "CostError",
     "Escalate",
     "JudgeDetector",
     "LastGood",
@@ -64,6 +67,7 @@ __all__ = [
     "OpenAIAdapter",
     "Reservation",
     "Retry",
+    "RunContextLost",
     "RunInfo",
     "RunLocked",
     "RunNotFound",
@@ -88,6 +92,7 @@ __all__ = [
     "reserve",
     "score_plateau",
     "semantic_delta",
+    "with_run_context",
 ]
 
 _LAZY = {"AnthropicAdapter": "loomc.adapters", "OpenAIAdapter": "loomc.adapters"}

@@ -455,7 +455,11 @@ class AsyncSQLiteStore:
         if next_from >= 0:
             stored = await self.stored_state(run_id, next_from)
             blob = input_blob if stored is None else stored
-        return ResumePoint(info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0)
+        in_flight = (await self._read(_sql.IN_FLIGHT, (run_id, history[-1].step_n + 1 if history else 0)))[0][0]
+        return ResumePoint(
+            info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0,
+            in_flight_usd=float(in_flight),
+        )
 
     async def step_history(self, run_id: str, before: int) -> list[StepRecord]:
         """The run's steps numbered below ``before``, in order (states loaded lazily)."""

@@ -139,8 +139,9 @@ class Budget:
             return base
         kept = base.to_dict()
         named = {"usd": given.usd, "iterations": given.iterations, "wall_clock": given.wall_clock}
+        # A removed limit stays marked as removed, so merging the result again changes nothing.
         limits: dict[str, Any] = {
-            name: None if name in given.removed else (kept[name] if named[name] is None else named[name])
+            name: math.inf if name in given.removed else (kept[name] if named[name] is None else named[name])
             for name in LIMITS
         }
         return cls(**limits)

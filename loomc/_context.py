@@ -9,16 +9,26 @@ so concurrent charges can never together cross a cap.
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from loomc._errors import BudgetExhausted, LoomcError
+from loomc._errors import BudgetExhausted, LoomcError, RunContextLost
+from loomc._money import check_usd
 from loomc._policy import EPS, Headroom
 
-__all__ = ["Ledger", "Reservation", "RunView", "charge", "current_ledger", "current_run", "reserve"]
+__all__ = [
+    "Ledger", "Reservation", "RunView", "charge", "current_ledger", "current_run", "reserve", "step_ended",
+    "step_started", "with_run_context",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _lock = threading.RLock()
 _NO_LIMITS = Headroom()
@@ -48,6 +58,9 @@ class Ledger:
         # What this run holds against its ancestors' caps for the step in flight (its
         # next-step estimate): spending that passes through it draws the hold down first.
         self.step_hold = 0.0
+        # A resumed run's ``spent`` starts at its stored total, which already includes what
+        # the children of its uncommitted step spent: re-found children carry from this.
+        self.prepaid = 0.0
 
     @property
     def total_cost_usd(self) -> float:
@@ -135,6 +148,21 @@ class Ledger:
             for led in chain:
                 led.spent = round(led.spent + usd, 12)
 
+    def carry(self, usd: float) -> None:
+        """Count a re-found child's earlier spending on this run and its ancestors, once.
+
+        Each ledger in the chain takes ``usd`` from its ``prepaid`` first (spending its
+        stored total already holds) and records only the rest. Never refused: the money
+        was spent before.
+        """
+        with _lock:
+            for led in self.chain():
+                take = min(led.prepaid, usd)
+                if take > 0:
+                    led.prepaid = round(led.prepaid - take, 12)
+                if usd - take > 0:
+                    led.spent = round(led.spent + usd - take, 12)
+
     def reserve(self, usd: float) -> Reservation:
         """Hold ``usd`` against every cap in the chain until settled."""
         with _lock:
@@ -212,7 +240,7 @@ class Reservation:
 
     def settle(self, actual: float) -> None:
         """Replace the reservation by the real cost (recorded even if it exceeds the hold)."""
-        actual = _check_amount(actual)
+        actual = check_usd(actual, "the amount given to Reservation.settle")
         with _lock:
             if self.settled is not None:
                 return
@@ -246,10 +274,36 @@ def current_ledger() -> Ledger | None:
     return _parent_ledger.get()
 
 
-def _check_amount(usd: float) -> float:
-    if isinstance(usd, bool) or not isinstance(usd, (int, float)) or usd != usd or usd < 0:
-        raise ValueError(f"charge({usd!r}): the amount must be a non-negative number of USD")
-    return float(usd)
+# How many steps of this process are executing right now (any run, any thread). A charge
+# made with no run in its context while this is not zero comes from a thread that lost the
+# step's context: refused, never silently dropped. Only that (rare) path reads it.
+_steps_in_flight = 0
+
+
+def step_started() -> None:
+    """A step (its call, cost_fn and scorer) starts executing in this process."""
+    global _steps_in_flight  # one process-wide count, under _lock
+    with _lock:
+        _steps_in_flight += 1
+
+
+def step_ended() -> None:
+    """A step counted by :func:`step_started` is over."""
+    global _steps_in_flight  # one process-wide count, under _lock
+    with _lock:
+        _steps_in_flight -= 1
+
+
+def _no_run(what: str) -> None:
+    """A charge with no run in its context: a no-op, unless some step is running (lost context)."""
+    if _steps_in_flight:
+        raise RunContextLost(
+            f"loomc.{what}() was called with no run in its context while a step is running: it comes from "
+            "a thread that does not carry the step's context (a plain threading.Thread or a "
+            "concurrent.futures executor), so the money cannot be counted against the run. Wrap the "
+            "thread's function: pool.submit(loomc.with_run_context(fn), ...) or "
+            "threading.Thread(target=loomc.with_run_context(fn))"
+        )
 
 
 def charge(usd: float) -> None:
@@ -257,22 +311,81 @@ def charge(usd: float) -> None:
 
     A hard cap: a charge that would cross any cap raises :class:`BudgetExhausted`
     (and is not recorded). Outside a run it does nothing.
+
+    Raises:
+        BudgetExhausted: the charge would cross a cap of the run or an enclosing run.
+        CostError: ``usd`` is not a finite number >= 0.
+        RunContextLost: no run in this context while a step of this process is running
+            (a thread that does not carry the step's context; see :func:`with_run_context`).
     """
-    usd = _check_amount(usd)
+    usd = check_usd(usd, "the amount given to loomc.charge")
     ledger = _parent_ledger.get()
     if ledger is not None:
         ledger.charge(usd)
+    else:
+        _no_run("charge")
 
 
 def reserve(usd: float) -> Reservation:
     """Hold ``usd`` (the most a call can cost) against every cap before the call.
 
-    Raises :class:`BudgetExhausted` if it cannot fit. Settle the real cost after the
-    call with ``reservation.settle(actual)``; use it as a context manager to settle
-    the full amount (or release it on an exception) automatically.
+    Settle the real cost after the call with ``reservation.settle(actual)``; use it as a
+    context manager to settle the full amount (or release it on an exception)
+    automatically. Outside a run the reservation is inert.
+
+    Raises:
+        BudgetExhausted: ``usd`` cannot fit under a cap of the run or an enclosing run.
+        CostError: ``usd`` is not a finite number >= 0.
+        RunContextLost: as for :func:`charge`.
     """
-    usd = _check_amount(usd)
-    return Reservation(None, usd) if (ledger := _parent_ledger.get()) is None else ledger.reserve(usd)
+    usd = check_usd(usd, "the amount given to loomc.reserve")
+    ledger = _parent_ledger.get()
+    if ledger is None:
+        _no_run("reserve")
+        return Reservation(None, usd)
+    return ledger.reserve(usd)
+
+
+def with_run_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` made to run in the caller's run context, from any thread.
+
+    A plain ``threading.Thread`` or a ``concurrent.futures`` executor does not carry the
+    context of the step that starts it, so ``loomc.charge`` (and a wrapped LLM client, and
+    a nested loop) inside it would not know its run. Wrap the function where the step
+    hands it over::
+
+        pool.submit(loomc.with_run_context(call_model), prompt)
+        threading.Thread(target=loomc.with_run_context(call_model), args=(prompt,))
+
+    The context is captured when ``with_run_context`` is called; each call of the
+    returned function runs in its own copy of it (so several threads may call it at
+    once). Join such threads before the step returns: money charged after a step ended
+    is not part of its cost.
+
+    Args:
+        fn: a sync callable (async tasks carry the context already).
+
+    Returns:
+        A callable with ``fn``'s signature.
+
+    Raises:
+        TypeError: ``fn`` is not callable or is an ``async def`` function.
+    """
+    if not callable(fn):
+        raise TypeError(f"with_run_context({fn!r}): expected a callable")
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"with_run_context({fn!r}): an async function already runs in its task's context; "
+            "pass a sync function (for a thread), or await it directly"
+        )
+    captured = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def in_run_context(*args: P.args, **kwargs: P.kwargs) -> R:
+        # A Context can be entered by one thread at a time: each call gets its own copy.
+        return captured.copy().run(fn, *args, **kwargs)
+
+    return in_run_context
 
 
 @dataclass(frozen=True)

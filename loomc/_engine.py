@@ -15,9 +15,10 @@ from typing import Any
 
 from loomc import _codec
 from loomc._budget import Budget
-from loomc._context import Ledger, RunView, _parent_ledger
+from loomc._context import Ledger, RunView, _parent_ledger, step_ended, step_started
 from loomc._errors import BudgetExhausted, SpecMismatch, StateError
 from loomc._lease import owner_token
+from loomc._money import check_usd
 from loomc._policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
 from loomc._sql import StepRow, now_iso
 from loomc._store import NewRun, ResumePoint, StateLoader, mark_active
@@ -100,6 +101,9 @@ class RunContext:
         self.step_n = -1
         self.in_step = False
         self._calls = 0
+        # What each child run of the current step has already put into this run's ledger in
+        # this process: a child found again (a retried attempt) carries only the rest.
+        self.children_paid: dict[str, float] = {}
         self.iterations = 0
         self.ledger: Ledger | None = None
         self.meta: dict[str, Any] = {}
@@ -107,10 +111,37 @@ class RunContext:
         self.notes: list[str] = []  # retries, breaker transitions: joined into the step's event
 
     def begin_step(self, step_n: int) -> None:
-        """A new step starts: nested loops it starts are numbered from 0 again."""
+        """A step (or another attempt of it) starts: nested loops it starts are numbered from 0 again."""
+        if step_n != self.step_n and self.children_paid:
+            self.children_paid = {}
         self.step_n = step_n
         self._calls = 0
         self.in_step = True
+
+    def enter_step(self, step_n: int) -> None:
+        """The run's step ``step_n`` starts executing (counted until :meth:`leave_step`)."""
+        step_started()
+        self.begin_step(step_n)
+
+    def leave_step(self) -> None:
+        """The step's call, ``cost_fn`` and ``scorer`` are over (idempotent)."""
+        if self.in_step:
+            self.in_step = False
+            step_ended()
+
+    def carry(self, child_id: str, child_cost: float) -> float:
+        """What of a found child's stored cost is not yet in this run's ledger (in this process)."""
+        from loomc._context import _lock
+
+        with _lock:
+            return max(0.0, round(child_cost - self.children_paid.get(child_id, 0.0), 12))
+
+    def child_paid(self, child_id: str, child_cost: float) -> None:
+        """A child run of the current step ends with ``child_cost`` in this run's ledger."""
+        from loomc._context import _lock
+
+        with _lock:
+            self.children_paid[child_id] = child_cost
 
     def next_call_index(self) -> int:
         """The call order of the next nested loop started by the current step."""
@@ -133,6 +164,18 @@ class RunContext:
             usd_spent=led.spent, usd_remaining=led.available(), iterations_remaining=iters,
             wall_clock_remaining=room.wall_s,
         )
+
+
+_COST_FN_HINT = "return the USD the step spent (0.0 if it spent nothing)"
+
+
+def _refused(exc: BudgetExhausted, ledger: Ledger) -> Stop | None:
+    """The stop a refused charge calls for: when the cap is this run's or an ancestor's."""
+    if not any(exc.owner == led.run_id for led in ledger.chain()):
+        return None  # a cap of a nested run (inside the step) only: a plain step error
+    outer = exc.owner if exc.owner != ledger.run_id else None
+    return Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}" + (f" (enclosing run {outer})" if outer else ""),
+                exc.limit, exc.used, exc.cap, outer)
 
 
 def _budget_error(stop: Stop, run_id: str, state: Any) -> BudgetExhausted:
@@ -162,7 +205,10 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         existing: RunInfo | None = yield StoreOp(store, "find_child", (parent_ctx.run_id, parent_ctx.step_n, idx))
         if existing is not None:
             rp = yield StoreOp(store, "resume_point", (existing.id,))
-            carried = existing.cost_usd
+            # What it had committed (its own re-found children carry the rest). After a crash
+            # that is not in the parent's ledger yet; after an earlier attempt of the same step
+            # in this process, it (or part of it) is.
+            carried = parent_ctx.carry(existing.id, round(existing.cost_usd - rp.in_flight_usd, 12))
         else:
             start_blob = _codec.encode(req.state)
             run_id = yield StoreOp(store, "begin_run", (NewRun(
@@ -212,8 +258,10 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         # A finished child of a re-run parent step returns its outcome without running again
         # (a stalled one too: continuing it would not be what the original run did).
         if info.status is RunStatus.COMPLETED or (nested and info.status is RunStatus.STALLED):
-            if nested and parent is not None and carried:
-                parent.charge(carried, enforce=False)
+            if nested and parent is not None and parent_ctx is not None:
+                if carried:
+                    parent.carry(carried)
+                parent_ctx.child_paid(run_id, info.cost_usd)
             if partial:
                 history[:0] = yield StoreOp(store, "step_history", (run_id, history[0].step_n))
             best = best_step(history)
@@ -247,9 +295,15 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
         deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
     )
+    if rp is not None:
+        ledger.prepaid = rp.in_flight_usd  # already in ``usage.usd``: re-found children take from it
     if nested and parent is not None and carried:
-        parent.charge(carried, enforce=False)
+        parent.carry(carried)
     ctx.ledger = ledger
+    # the runs above this one, whose stored totals each committed step raises too
+    ancestors = tuple(
+        dict.fromkeys(led.run_id for led in parent.chain() if led.run_id and led.run_id != run_id)
+    ) if nested and parent is not None else ()
     deadline = ledger.deadline_in_chain()  # this run's or an ancestor's, whichever comes first
     iterations, max_step_cost, wall_base = usage.iterations, usage.max_step_cost, usage.wall_s
     attempt_start = history[-1].step_n + 1 if history else 0
@@ -266,6 +320,13 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         if partial:
             partial = False
             history[:0] = yield StoreOp(store, "step_history", (run_id, history[0].step_n))
+
+    def interrupted(exc: BaseException) -> Generator[Any, Any, None]:
+        """The step (its call, cost_fn or scorer) was interrupted: record the run as interrupted."""
+        ctx.leave_step()
+        ledger.settle_open()
+        wall = wall_base + (time.monotonic() - t0)
+        yield StoreOp(store, "finish_run", (run_id, RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}", wall), True)
 
     def result(status: RunStatus, reason: str | None, error: BaseException | None = None) -> Generator[Any, Any, RunResult]:
         yield from earlier_steps()
@@ -287,10 +348,11 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 yield StoreOp(store, "finish_run", (run_id, stop.status, stop.reason, used.wall_s))
                 return (yield from result(stop.status, stop.reason, _budget_error(stop, run_id, state)))
 
-            ctx.begin_step(step_n)
+            ctx.enter_step(step_n)
             if ctx.notes:
                 ctx.notes = []
-            spent_before = ledger.spent
+            # a step costs what it spent plus what re-found children carried from ``prepaid``
+            spent_before = ledger.spent - ledger.prepaid
             started = time.monotonic()
             start_from = next_from
             error: BaseException | None = None
@@ -306,34 +368,39 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, "budget: wall_clock", "wall_clock",
                                    wall_base + (time.monotonic() - t0), wall_cap or 0.0)
             except BudgetExhausted as exc:
-                error = exc
-                if any(exc.owner == led.run_id for led in ledger.chain()):
-                    outer = exc.owner if exc.owner != run_id else None
-                    budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}" + (
-                        f" (enclosing run {outer})" if outer else ""), exc.limit, exc.used, exc.cap, outer)
+                error, budget_stop = exc, _refused(exc, ledger)
             except Exception as exc:  # noqa: BLE001 - recorded with the step, re-raised by __call__
                 error = exc
             except BaseException as exc:
-                ctx.in_step = False
-                wall = wall_base + (time.monotonic() - t0)
-                yield StoreOp(store, "finish_run", (run_id, RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}", wall), True)
+                yield from interrupted(exc)
                 raise
-            finally:
-                ctx.in_step = False
-                ledger.settle_open()  # a hold the step never settled counts in full
 
+            # cost_fn and scorer are part of the step: this run's ledger is current, so what
+            # they charge (an LLM grader) counts in this step's cost, under this run's caps.
             score: float | None = None
-            if error is None:
+            if error is None and (spec.cost_fn is not None or spec.scorer is not None):
+                token = _parent_ledger.set(ledger)
                 try:
                     if spec.cost_fn is not None:
-                        ledger.charge(float(spec.cost_fn(new_state) or 0.0), enforce=False)
+                        # reported after the fact: the money is spent, so it is recorded even past a cap
+                        ledger.charge(check_usd(spec.cost_fn(new_state), f"the cost cost_fn returned for step {step_n}",
+                                                hint=_COST_FN_HINT), enforce=False)
                     if spec.scorer is not None:
                         raw = spec.scorer(new_state)
                         score = None if raw is None else float(raw)
-                except Exception as exc:  # noqa: BLE001 - a failing scorer fails the step
+                except BudgetExhausted as exc:  # the scorer's own call did not fit: as in the step
+                    error, budget_stop = exc, _refused(exc, ledger)
+                except Exception as exc:  # noqa: BLE001 - a failing cost_fn or scorer fails the step
                     error = exc
+                except BaseException as exc:
+                    yield from interrupted(exc)
+                    raise
+                finally:
+                    _parent_ledger.reset(token)
+            ctx.leave_step()
+            ledger.settle_open()  # a hold the step never settled counts in full
             iterations += 1
-            cost = round(ledger.spent - spent_before, 12)
+            cost = round(ledger.spent - ledger.prepaid - spent_before, 12)
             ended = time.monotonic()
             stored_state = state if error is not None else new_state
             try:
@@ -363,7 +430,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 finally:
                     _parent_ledger.reset(token)
                 verdict_event, verdict_next, stop = verdict.event, verdict.next_from, verdict.stop
-                cost = record.cost_usd = round(ledger.spent - spent_before, 12)
+                cost = record.cost_usd = round(ledger.spent - ledger.prepaid - spent_before, 12)
             ledger.release_step()
             if ctx.notes:  # retries, breaker transitions
                 record.event = "; ".join([*ctx.notes, verdict_event] if verdict_event else ctx.notes)
@@ -374,7 +441,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             row = StepRow(
                 step_n, blob, cost, score, ts, record.error, record.event, verdict_next, ended - started,
                 ledger.spent, iterations, wall, max_step_cost, _RUNNING if stop is None else stop.status.value,
-                None if stop is None else stop.reason,
+                None if stop is None else stop.reason, ancestors,
             )
             yield StoreOp(store, "commit_step", (run_id, row))
             if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume
@@ -404,8 +471,11 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                     return (yield from result(stop.status, stop.reason, error if own else _budget_error(stop, run_id, state)))
                 return (yield from result(stop.status, stop.reason, error))
     finally:
+        ctx.leave_step()
         ledger.release_step()
         mark_active(run_id, False)
+        if nested and parent_ctx is not None:
+            parent_ctx.child_paid(run_id, ledger.spent)
 
 
 def _attempts(
@@ -428,7 +498,7 @@ def _attempts(
                 raise
             failed += 1
             room = ledger.headroom(time.monotonic(), include_self=True)
-            estimate = max(max_step_cost, (ledger.spent - spent_before) / failed)
+            estimate = max(max_step_cost, (ledger.spent - ledger.prepaid - spent_before) / failed)
             decision = retry.decide(exc, failed, usd_left=room.usd, step_estimate=estimate, wall_left=room.wall_s)
             if decision.note:
                 ctx.notes.append(decision.note)

@@ -4,6 +4,8 @@ Every error a user can cause derives from :class:`LoomcError`::
 
     LoomcError
     ├── BudgetExhausted          a budget limit stopped the run (or refused a charge)
+    ├── CostError                an amount of money that is NaN, infinite or negative (also a ``ValueError``)
+    ├── RunContextLost           a charge from a thread that does not carry the running step's context
     ├── StallError               no score improvement for ``Escalate(after=n)`` steps
     ├── RunNotFound              no run matches the id (also a ``LookupError``)
     ├── AmbiguousRunId           a prefix matches several runs (also a ``LookupError``)
@@ -29,7 +31,9 @@ __all__ = [
     "AmbiguousRunId",
     "BudgetExhausted",
     "CircuitOpenError",
+    "CostError",
     "LoomcError",
+    "RunContextLost",
     "RunLocked",
     "RunNotFound",
     "SchemaTooNew",
@@ -92,6 +96,23 @@ class BudgetExhausted(LoomcError):
         if run_id is not None:
             msg += f". Run {run_id} keeps its state: resume it with a larger budget, e.g. fn.resume({run_id!r}, budget=Budget(...))"
         super().__init__(msg)
+
+
+class CostError(LoomcError, ValueError):
+    """An amount of money (a charge, a ``cost_fn`` result, a price) is not a finite number >= 0.
+
+    NaN would pass every cap comparison and a negative amount would refill the budget, so
+    such an amount is refused where it enters loomc; nothing is recorded.
+    """
+
+
+class RunContextLost(LoomcError):
+    """A charge was made with no run in its context while a step of this process was running.
+
+    A plain ``threading.Thread`` or a ``concurrent.futures`` executor does not carry the
+    step's context, so loomc cannot tell which run the money belongs to. Wrap the thread's
+    function with ``loomc.with_run_context(fn)``.
+    """
 
 
 class StallError(LoomcError):

@@ -90,15 +90,18 @@ class _BaseRunner(Generic[S]):
         return RunRequest(state=state, run_id=run_id, resume=resume, budget=budget, force=force)
 
     def _child_protocol(
-        self, state: Any, call_index: int, kind: str, meta: dict[str, Any] | None
+        self, state: Any, call_index: int, kind: str, meta: dict[str, Any] | None, budget: Budget | None = None
     ) -> Generator[Any, Any, RunResult]:
-        """The run protocol of this loop as the child at ``call_index`` of the current parent step."""
+        """The run protocol of this loop as the child at ``call_index`` of the current parent step.
+
+        ``budget`` replaces the limits of a child that resumes (a graph resumed with new limits).
+        """
         parent = _parent_ledger.get()
         assert parent is not None
         assert parent.context is not None
         assert parent.context.in_step
         spec = dataclasses.replace(self.spec, kind=kind, meta={**self.spec.meta, **(meta or {})})
-        return run_protocol(spec, RunRequest(state=state, call_index=call_index), parent, None)
+        return run_protocol(spec, RunRequest(state=state, call_index=call_index, budget=budget), parent, None)
 
     def _unwrap(self, result: RunResult) -> Any:
         """The final state, or the exception the outcome calls for."""
@@ -207,10 +210,11 @@ class LoopRunner(_BaseRunner[S]):
             return _drive_sync(gen, self._fn)
 
     def _run_child(
-        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None
+        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None,
+        budget: Budget | None = None,
     ) -> RunResult:
         """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
-        return _drive_sync(self._child_protocol(state, call_index, kind, meta), self._fn)
+        return _drive_sync(self._child_protocol(state, call_index, kind, meta, budget), self._fn)
 
 
 class _nullctx:  # noqa: N801
@@ -314,12 +318,13 @@ class AsyncLoopRunner(_BaseRunner[S]):
         return await _drive_async(gen, self._fn, async_twin)
 
     async def _run_child(
-        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None
+        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None,
+        budget: Budget | None = None,
     ) -> RunResult:
         """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
         from loomc._astore import async_twin
 
-        gen = self._child_protocol(state, call_index, kind, meta)
+        gen = self._child_protocol(state, call_index, kind, meta, budget)
         return await _drive_async(gen, self._fn, async_twin)
 
 

@@ -119,6 +119,25 @@ FINISH = (
 )
 UPDATE_META = "UPDATE runs SET meta = ? WHERE id = ?"
 ADD_COST = "UPDATE runs SET cost_usd = cost_usd + ?, updated_at = ? WHERE id = ?"
+#: What children started by a step not yet committed have spent (``runs_children`` index).
+IN_FLIGHT = "SELECT COALESCE(SUM(cost_usd), 0) FROM runs WHERE parent_run_id = ? AND parent_step >= ?"
+_roll_up: dict[int, str] = {}
+
+
+def roll_up_sql(depth: int) -> str:
+    """``UPDATE`` adding a run's cost increase to its ``depth`` ancestors' totals.
+
+    Parameters: the run's new total, its id, ``updated_at``, then the ancestors' ids. It
+    runs before the run's own ``UPDATE_TOTALS``, so the subquery reads the total before
+    this step: the increase not yet rolled up (its children's commits rolled up theirs).
+    """
+    sql = _roll_up.get(depth)
+    if sql is None:
+        sql = _roll_up[depth] = (
+            "UPDATE runs SET cost_usd = ROUND(cost_usd + ? - (SELECT cost_usd FROM runs WHERE id = ?), 12), "
+            f"updated_at = ? WHERE id IN ({', '.join('?' * depth)})"
+        )
+    return sql
 SELECT_STEP_META = (
     "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? ORDER BY step_n"
 )
@@ -235,6 +254,9 @@ class StepRow:
     max_step_cost: float
     status: str
     stop_reason: str | None
+    #: The runs above this one (parent first): the step's cost is added to their totals as
+    #: it commits, so a parent's stored total never lags what its descendants committed.
+    ancestors: tuple[str, ...] = ()
 
     def step_args(self, run_id: str, blob_id: int | None = None) -> tuple[Any, ...]:
         """Parameters of ``INSERT_STEP`` (with ``blob_id``, the state lives in ``blobs``)."""
@@ -248,11 +270,14 @@ class StepRow:
 
         A compressed state goes to ``blobs`` and the step row points at it, so ``steps``
         rows stay small: the history of a long run is read without touching its states.
+        A nested run's cost increase is rolled up into its ancestors' totals here too.
         """
         blob_id = None
         if isinstance(self.state_blob, (bytes, bytearray)):
             blob_id = execute(INSERT_BLOB, (self.state_blob,)).lastrowid
         execute(INSERT_STEP, self.step_args(run_id, blob_id))
+        if self.ancestors:
+            execute(roll_up_sql(len(self.ancestors)), (self.total_cost, run_id, self.timestamp, *self.ancestors))
         execute(UPDATE_TOTALS, self.totals_args(run_id, heartbeat))
 
     def totals_args(self, run_id: str, heartbeat: float) -> tuple[Any, ...]:

@@ -78,6 +78,9 @@ class ResumePoint:
 
     With ``partial``, ``history`` holds only the last step; the engine reads the earlier
     ones (``step_history``) when a strategy, a detector or the result first needs them.
+    ``in_flight_usd`` is what the children of the step not yet committed have spent: the
+    run's stored total includes it (children roll their spending up as they commit), and a
+    re-found child's spending is taken from it rather than counted again.
     """
 
     info: RunInfo
@@ -86,6 +89,7 @@ class ResumePoint:
     next_from: int
     history: list[StepRecord]
     partial: bool = False
+    in_flight_usd: float = 0.0
 
 
 @runtime_checkable
@@ -539,7 +543,11 @@ class SQLiteStore:
         else:
             blob = self.stored_state(run_id, next_from)
             blob = input_blob if blob is None else blob
-        return ResumePoint(info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0)
+        in_flight = self._read(_sql.IN_FLIGHT, (run_id, history[-1].step_n + 1 if history else 0))[0][0]
+        return ResumePoint(
+            info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0,
+            in_flight_usd=float(in_flight),
+        )
 
     def step_history(self, run_id: str, before: int) -> list[StepRecord]:
         """The run's steps numbered below ``before``, in order (states loaded lazily)."""
@@ -722,8 +730,13 @@ class MemoryStore:
                 r["budget"] = budget
 
     def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
-        """Record one step and the run's totals."""
+        """Record one step and the run's totals (the cost increase rolled up to its ancestors)."""
         with self._lock:
+            if row.ancestors:
+                rise = row.total_cost - self._runs[run_id]["cost_usd"]
+                for up in row.ancestors:
+                    if up in self._runs:
+                        self._runs[up]["cost_usd"] = round(self._runs[up]["cost_usd"] + rise, 12)
             self._steps[run_id][row.step_n] = row
             self._runs[run_id].update(
                 cost_usd=row.total_cost, steps=row.total_steps, wall_s=row.total_wall_s,
@@ -796,9 +809,14 @@ class MemoryStore:
             blob = r["input_blob"] if next_from < 0 else self._whole(run_id, self._steps[run_id][next_from].state_blob)
             info = self._info(r)
             state_type = r["state_type"]
+            first_open = rows[-1].step_n + 1 if rows else 0
+            in_flight = sum(
+                k["cost_usd"] for k in self._runs.values()
+                if k["parent_run_id"] == run_id and k["parent_step"] is not None and k["parent_step"] >= first_open
+            )
         loader = StateLoader(self, run_id)
         history = [_history_record((s.step_n, s.cost_usd, s.score, s.timestamp, s.error, s.event), loader) for s in rows]
-        return ResumePoint(info, state_type, blob, next_from, history)
+        return ResumePoint(info, state_type, blob, next_from, history, in_flight_usd=in_flight)
 
     def step_history(self, run_id: str, before: int) -> list[StepRecord]:
         """The run's steps numbered below ``before``, in order."""

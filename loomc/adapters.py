@@ -24,6 +24,8 @@ from typing import Any
 
 from loomc._context import Reservation, reserve
 from loomc._detectors import JudgeDetector
+from loomc._errors import CostError
+from loomc._money import check_usd
 from loomc._pricing import Price, anthropic_cost, base_name, lookup, openai_cost
 
 __all__ = ["AnthropicAdapter", "OpenAIAdapter", "Price"]
@@ -90,15 +92,29 @@ class _Call:
         self.adapter = adapter
         self.kwargs = kwargs
         self.price = adapter.price_for(kwargs.get("model"))
-        self.max_usd = adapter.max_cost(kwargs, self.price)
+        self.max_usd = check_usd(adapter.max_cost(kwargs, self.price), f"{adapter!r}: the most this call can cost",
+                                 hint="check the request's max_tokens and the adapter's pricing")
         self.reservation: Reservation = reserve(self.max_usd)  # BudgetExhausted: the call is not sent
 
     def settle_usage(self, usage: Any) -> None:
-        """Record the real cost from ``usage`` (the full reservation when there is none)."""
+        """Record the real cost from ``usage`` (the full reservation when there is none).
+
+        Raises:
+            CostError: ``usage`` gives no valid cost; the full reservation is recorded
+                first (the call was made, so its cost is never under-counted).
+        """
         if usage is None:
             self.reservation.settle(self.max_usd)
-        else:
-            self.reservation.settle(self.adapter.usage_cost(usage, self.price, self.kwargs))
+            return
+        what = f"{self.adapter!r}: the cost computed from the response's usage"
+        try:
+            usd = check_usd(self.adapter.usage_cost(usage, self.price, self.kwargs), what)
+        except CostError as exc:
+            self.reservation.settle(self.max_usd)
+            if str(exc).startswith(what):
+                raise
+            raise CostError(f"{self.adapter!r}: {exc}") from exc
+        self.reservation.settle(usd)
 
     def release(self) -> None:
         """The call failed before anything was billed."""

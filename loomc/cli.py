@@ -453,16 +453,12 @@ def resume(
     store = _open(db)
     info = _run(store, run_id)
     if run:
-        from loomc._budget import Budget
-        from loomc._cli_resume import resume_here
+        from loomc._cli_resume import resume_budget, resume_here
 
-        budget = None
-        if new_limits:
-            # Only the limits named here: the resume keeps the others (Budget.merged).
-            try:
-                budget = Budget(**new_limits)
-            except (TypeError, ValueError) as exc:
-                raise typer.BadParameter(str(exc), param_hint="--usd/--iterations/--wall-clock") from exc
+        try:
+            budget = resume_budget(info.budget, usd=usd, iterations=iterations, wall_clock=wall_clock)
+        except (TypeError, ValueError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--usd/--iterations/--wall-clock") from exc
         raise typer.Exit(resume_here(store, info, budget))
     out = r.Output()
     pairs: list[tuple[str, Any]] = [("run", info.id), ("function", info.name or "-")]
@@ -635,11 +631,31 @@ def graph_run(
     force: Annotated[
         bool, typer.Option("--force", help="With --resume: continue even though the graph's structure changed.")
     ] = False,
+    usd: Annotated[
+        float | None,
+        typer.Option("--usd", help="With --resume: a new USD limit for the graph (the only way to get more).",
+                     show_default=False),
+    ] = None,
+    iterations: Annotated[
+        float | None,
+        typer.Option("--iterations", metavar="N", help="With --resume: a new iteration limit for each node that resumes (inf: no limit).",
+                     show_default=False),
+    ] = None,
+    wall_clock: Annotated[
+        str | None,
+        typer.Option("--wall-clock", help="With --resume: a new wall-clock limit for the graph (30s, 10m, 1h30m).",
+                     show_default=False),
+    ] = None,
     db: DbOpt = None,
 ) -> None:
     """Run (or resume) the graph defined in PIPELINE.py, with live progress per node."""
     if input_json is not None and input_file is not None:
         raise typer.BadParameter("give --input or --input-file, not both", param_hint="--input")
+    if resume_id is None and (usd, iterations, wall_clock) != (None, None, None):
+        raise typer.BadParameter(
+            "new limits apply to a resume: add --resume RUN_ID (a new run takes the graph's own budget)",
+            param_hint="--usd/--iterations/--wall-clock",
+        )
     cli = _orchestration_cli()
     raise typer.Exit(
         cli.graph_run(
@@ -650,6 +666,9 @@ def graph_run(
             resume=resume_id,
             db=str(db) if db is not None else None,
             force=force,
+            usd=usd,
+            iterations=iterations,
+            wall_clock=wall_clock,
         )
     )
 

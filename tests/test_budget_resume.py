@@ -182,3 +182,39 @@ def test_cli_resume_limits_follow_the_same_rule(tmp_path: Path) -> None:
     bad = _loomc("resume", run_id, "--run", "--usd", "nan", cwd=tmp_path, db=db)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
+
+
+def test_merging_twice_is_merging_once() -> None:
+    """A merged budget merged again onto the same stored limits changes nothing (a removal stays removed)."""
+    stored = {"usd": 0.5, "iterations": 5, "wall_clock": 60.0}
+    for given in (Budget(usd=math.inf), Budget(iterations=9, wall_clock=math.inf), Budget()):
+        once = Budget.merged(stored, given)
+        assert Budget.merged(stored, once).to_dict() == once.to_dict()
+
+
+GRAPH_FILE = textwrap.dedent(
+    """
+    from loomc import Budget, loop
+    from orchestration import Graph
+
+    @loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.1)
+    def work(state):
+        return state
+
+    graph = Graph("cli-inf", budget=Budget(usd=0.15, wall_clock="1h"))
+    graph.add(work)
+    """
+)
+
+
+def test_cli_graph_resume_inf_removes_the_graph_usd_cap(tmp_path: Path) -> None:
+    """`loomc graph run FILE --resume ID --usd inf` removes the graph's usd cap and keeps its wall clock."""
+    pipeline = tmp_path / "infpipe.py"
+    pipeline.write_text(GRAPH_FILE)
+    db = tmp_path / "graph.db"
+    first = _loomc("graph", "run", str(pipeline), "--input", "{}", cwd=tmp_path, db=db)
+    assert first.returncode == 1, first.stderr
+    run_id = next(r.id for r in SQLiteStore(db, create=False).list_runs() if r.kind == "graph")
+    done = _loomc("graph", "run", str(pipeline), "--resume", run_id, "--usd", "inf", cwd=tmp_path, db=db)
+    assert done.returncode == 0, done.stderr
+    assert _stored_budget(str(db), run_id) == {"usd": None, "iterations": None, "wall_clock": 3600.0}
