@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from loomc import _sql
 from loomc._codec import decode, delta_base, encode, expand
 from loomc._errors import RunNotFound, StoreError
+from loomc._holds import HeldCharge
 from loomc._lease import owner_token
 from loomc._store import (
     Durability,
@@ -35,6 +36,7 @@ from loomc._store import (
     _history_record,
     _in_process,
     _nearest,
+    _sweep,
     expand_rows,
     new_run_id,
 )
@@ -404,6 +406,15 @@ class AsyncSQLiteStore:
         """Add to a run's total cost outside a step."""
         args = (usd, _sql.now_iso(), run_id)
         await self._write(lambda execute, beat: execute(_sql.ADD_COST, args))
+
+    async def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
+        """Commit a reservation of ``run_id`` before the call it pays for is sent (see ``SQLiteStore``)."""
+        args = (hold_id, run_id, usd, _sql.now_iso())
+        await self._write(lambda execute, beat: execute(_sql.INSERT_HOLD, args))
+
+    async def charge_holds(self, run_id: str) -> HeldCharge | None:
+        """Charge the holds left by ``run_id`` and the runs below it to ``run_id`` (see ``SQLiteStore``)."""
+        return await self._write(lambda execute, beat: _sweep(execute, run_id))  # type: ignore[no-any-return]
 
     # -- steps ----------------------------------------------------------------------
     async def save_step(self, run_id: str, record: StepRecord) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from loomc import _sql
 from loomc._codec import decode, delta_base, encode, expand
 from loomc._errors import AmbiguousRunId, RunLocked, RunNotFound, SchemaTooNew, StoreError
+from loomc._holds import HeldCharge, charge_record
 from loomc._lease import owner_token
 from loomc._types import _MISSING, RunInfo, RunStatus, StepRecord
 
@@ -170,6 +171,20 @@ def _migrate_0(conn: sqlite3.Connection) -> None:
         "CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);"
         "CREATE INDEX IF NOT EXISTS runs_children ON runs(parent_run_id, parent_step, call_index);"
     )
+
+
+def _sweep(execute: Any, run_id: str) -> HeldCharge | None:
+    """The body of ``charge_holds`` (inside the caller's transaction), shared with the async store."""
+    rows = execute(_sql.SELECT_TREE_HOLDS, (run_id,)).fetchall()
+    if not rows:
+        return None
+    charge = HeldCharge(round(sum(usd for _, usd in rows), 12), len(rows), _sql.now_iso())
+    meta_row = execute(_sql.SELECT_META, (run_id,)).fetchone()
+    meta = json.loads(meta_row[0]) if meta_row and meta_row[0] else {}
+    for hold_id, _ in rows:
+        execute(_sql.DELETE_HOLD, (hold_id,))
+    execute(_sql.CHARGE_HELD, (charge.usd, json.dumps(charge_record(meta, charge)), charge.at, run_id))
+    return charge
 
 
 def _history_record(row: tuple[Any, ...], loader: Any) -> StepRecord:
@@ -492,6 +507,21 @@ class SQLiteStore:
         with self._tx() as conn:
             conn.execute(_sql.ADD_COST, (usd, _sql.now_iso(), run_id))
 
+    # -- holds (``loomc._holds``) ---------------------------------------------------
+    def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
+        """Commit a reservation of ``run_id`` before the call it pays for is sent."""
+        with self._tx() as conn:
+            conn.execute(_sql.INSERT_HOLD, (hold_id, run_id, usd, _sql.now_iso()))
+
+    def charge_holds(self, run_id: str) -> HeldCharge | None:
+        """Charge every hold left by ``run_id`` and the runs below it to ``run_id``, in full.
+
+        The holds are deleted, the run's cost raised and the charge noted in its
+        ``meta["held_charges"]``, in one transaction. Returns ``None`` when there were none.
+        """
+        with self._tx() as conn:
+            return _sweep(conn.execute, run_id)
+
     # -- steps --------------------------------------------------------------------
     def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
@@ -646,6 +676,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._runs: dict[str, dict[str, Any]] = {}
         self._steps: dict[str, dict[int, _sql.StepRow]] = {}
+        self._holds: dict[int, tuple[str, float]] = {}  # hold id -> (run id, usd)
         self._lock = threading.RLock()
         self.path = None
         self.db_path = ":memory:"
@@ -738,6 +769,9 @@ class MemoryStore:
                     if up in self._runs:
                         self._runs[up]["cost_usd"] = round(self._runs[up]["cost_usd"] + rise, 12)
             self._steps[run_id][row.step_n] = row
+            if row.holds:
+                for hold_id in row.holds:
+                    self._holds.pop(hold_id, None)
             self._runs[run_id].update(
                 cost_usd=row.total_cost, steps=row.total_steps, wall_s=row.total_wall_s,
                 max_step_cost=row.max_step_cost, next_from=row.next_from, status=row.status,
@@ -759,6 +793,31 @@ class MemoryStore:
         """Add to a run's total cost outside a step."""
         with self._lock:
             self._runs[run_id]["cost_usd"] += usd
+
+    def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
+        """Keep a reservation of ``run_id`` until the step that made it commits."""
+        with self._lock:
+            self._holds[hold_id] = (run_id, usd)
+
+    def charge_holds(self, run_id: str) -> HeldCharge | None:
+        """Charge the holds left by ``run_id`` and the runs below it to ``run_id`` (see ``SQLiteStore``)."""
+        with self._lock:
+            tree, frontier = {run_id}, [run_id]
+            while frontier:
+                kids = [r["id"] for r in self._runs.values() if r["parent_run_id"] in frontier]
+                frontier = [k for k in kids if k not in tree]
+                tree.update(frontier)
+            found = [(h, usd) for h, (rid, usd) in self._holds.items() if rid in tree]
+            if not found:
+                return None
+            charge = HeldCharge(round(sum(usd for _, usd in found), 12), len(found), _sql.now_iso())
+            for hold_id, _ in found:
+                del self._holds[hold_id]
+            r = self._runs[run_id]
+            r["cost_usd"] = round(r["cost_usd"] + charge.usd, 12)
+            r["meta"] = charge_record(r["meta"], charge)
+            r["updated_at"] = charge.at
+            return charge
 
     def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record (loomc 0.3.0 API)."""
