@@ -17,6 +17,7 @@ from loomc import _codec
 from loomc._budget import Budget
 from loomc._context import Ledger, RunView, _parent_ledger, step_ended, step_started
 from loomc._errors import BudgetExhausted, SpecMismatch, StateError
+from loomc._holds import HeldCharge, charge_record, supports_holds
 from loomc._lease import owner_token
 from loomc._money import check_usd
 from loomc._policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
@@ -196,6 +197,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     nested = parent_ctx is not None and parent_ctx.in_step
     budget = req.budget if req.budget is not None else spec.policy.budget
     rp: ResumePoint | None = None
+    meta_after: dict[str, Any] | None = None  # the run's meta once held charges were noted in it
     carried = 0.0  # cost already spent by a resumed child, to roll up into its parent
 
     if nested:
@@ -270,7 +272,16 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 best.state if best else None, best.score if best else None, info.stop_reason, None, history,
             )
         yield StoreOp(store, "acquire", (run_id, owner, req.budget.to_dict() if req.budget is not None else None))
-        usage = Usage(info.cost_usd, info.steps, info.wall_s, info.max_step_cost)
+        held = 0.0
+        if supports_holds(store):
+            # Holds still in the store were made by calls in flight when a process died
+            # (or a step that never committed): they may have been billed, so they count.
+            charged: HeldCharge | None = yield StoreOp(store, "charge_holds", (run_id,))
+            if charged is not None:
+                held = charged.usd
+                carried += held  # rolled up to the enclosing runs like the rest of its cost
+                meta_after = charge_record(rp.info.meta, charged)
+        usage = Usage(round(info.cost_usd + held, 12), info.steps, info.wall_s, info.max_step_cost)
         next_from = rp.next_from
         parent_run_id = info.parent_run_id
     else:
@@ -291,6 +302,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     )
     states = StateLoader(store, run_id)  # loads states dropped from memory, on demand
     ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
+    if meta_after is not None:
+        ctx.meta = meta_after  # what the store now holds: a later ``set_meta`` keeps the note
     ledger = Ledger(
         run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
         deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
@@ -443,7 +456,11 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 ledger.spent, iterations, wall, max_step_cost, _RUNNING if stop is None else stop.status.value,
                 None if stop is None else stop.reason, ancestors,
             )
+            if ledger.durable is not None:  # the step reserved: its commit deletes the holds it now pays for
+                row.holds = ledger.take_durable()
             yield StoreOp(store, "commit_step", (run_id, row))
+            if row.holds:
+                ledger.forget_durable(row.holds)
             if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume
                 ctx.meta_dirty = False
                 yield StoreOp(store, "set_meta", (run_id, dict(ctx.meta)))

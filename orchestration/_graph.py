@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -28,6 +28,7 @@ from loomc._context import Ledger, _lock, _parent_ledger
 from loomc._detectors import predicate
 from loomc._engine import RunContext
 from loomc._errors import SpecMismatch
+from loomc._holds import charge_record, supports_holds
 from loomc._lease import owner_token
 from loomc._policy import EPS
 from loomc._runner import AsyncLoopRunner, LoopRunner, loop
@@ -456,6 +457,9 @@ class _Execution:
                 "resume it with the graph as it was, or call graph.resume(run_id, force=True) to continue with this one"
             )
         await self.astore.acquire(run_id, self.owner, budget.to_dict() if budget is not None else None)
+        held = await self.astore.charge_holds(run_id) if supports_holds(self.store) else None
+        if held is not None:  # calls in flight in its nodes when a process died: charged to the graph
+            info = replace(info, meta=charge_record(info.meta, held))
         limits = budget if budget is not None else Budget.from_dict(info.budget)
         self.node_iterations = limits.iterations
         graph_input = await self.astore.load_state(run_id, -1)
@@ -481,7 +485,8 @@ class _Execution:
         # total holds all of it (and what interrupted steps spent); a node no longer in the
         # graph stays counted. Re-found nodes carry their spending from ``carried_in``.
         self.carried_in = round(sum(c.cost_usd for c in children.values()), 12)
-        self.spent_before = max(info.cost_usd, self.carried_in)
+        # holds left by calls in flight when a process died were just added to the stored total
+        self.spent_before = round(max(info.cost_usd, self.carried_in) + (held.usd if held else 0.0), 12)
         existing = {name: children[i] for name, i in index.items() if i in children}
         return await self._attempt(run_id, graph_input, limits, index, existing, info.wall_s)
 
