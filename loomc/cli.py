@@ -248,6 +248,7 @@ def _header(info: RunInfo, out: Any) -> list[tuple[str, Any]]:
     pairs.extend(
         (label, text) for label, text in r.budget_lines(info) if not (info.kind == "graph" and label == "iterations" and "no limit" in text)
     )
+    pairs.extend(r.held_lines(info))
     pairs.append(("created", r.when(info.created_at) + " UTC"))
     if info.parent_run_id:
         pairs.append(("parent", f"{info.parent_run_id} (step {info.parent_step})"))
