@@ -412,6 +412,15 @@ class AsyncSQLiteStore:
         args = (hold_id, run_id, usd, _sql.now_iso())
         await self._write(lambda execute, beat: execute(_sql.INSERT_HOLD, args))
 
+    async def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
+        """Delete holds whose spending is recorded by now (see ``SQLiteStore``)."""
+
+        def drop(execute: Any, beat: float) -> None:
+            for hold_id in hold_ids:
+                execute(_sql.DELETE_HOLD, (hold_id,))
+
+        await self._write(drop)
+
     async def charge_holds(self, run_id: str) -> HeldCharge | None:
         """Charge the holds left by ``run_id`` and the runs below it to ``run_id`` (see ``SQLiteStore``)."""
         return await self._write(lambda execute, beat: _sweep(execute, run_id))  # type: ignore[no-any-return]

@@ -197,6 +197,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     nested = parent_ctx is not None and parent_ctx.in_step
     budget = req.budget if req.budget is not None else spec.policy.budget
     rp: ResumePoint | None = None
+    held = 0.0  # holds left in the store by an earlier attempt, charged when this one took over
     meta_after: dict[str, Any] | None = None  # the run's meta once held charges were noted in it
     carried = 0.0  # cost already spent by a resumed child, to roll up into its parent
 
@@ -272,14 +273,12 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 best.state if best else None, best.score if best else None, info.stop_reason, None, history,
             )
         yield StoreOp(store, "acquire", (run_id, owner, req.budget.to_dict() if req.budget is not None else None))
-        held = 0.0
         if supports_holds(store):
             # Holds still in the store were made by calls in flight when a process died
             # (or a step that never committed): they may have been billed, so they count.
             charged: HeldCharge | None = yield StoreOp(store, "charge_holds", (run_id,))
             if charged is not None:
                 held = charged.usd
-                carried += held  # rolled up to the enclosing runs like the rest of its cost
                 meta_after = charge_record(rp.info.meta, charged)
         usage = Usage(round(info.cost_usd + held, 12), info.steps, info.wall_s, info.max_step_cost)
         next_from = rp.next_from
@@ -312,6 +311,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         ledger.prepaid = rp.in_flight_usd  # already in ``usage.usd``: re-found children take from it
     if nested and parent is not None and carried:
         parent.carry(carried)
+    if nested and parent is not None and held:
+        parent.charge(held, enforce=False)  # charged at the resume: new to the enclosing runs' ledgers
     ctx.ledger = ledger
     # the runs above this one, whose stored totals each committed step raises too
     ancestors = tuple(

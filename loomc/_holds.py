@@ -11,7 +11,10 @@ committed transaction *before* returning, i.e. before the request goes out:
   resume charges it **in full** to the run being resumed (its whole tree is swept), in
   one transaction that also notes the charge in the run's ``meta["held_charges"]``.
 
-A store takes part by having ``put_hold`` and ``charge_holds`` (:class:`HoldStore`);
+A run that records a step's spending without committing a step (a graph storing what its
+nodes spent when they were interrupted) drops the holds that spending covers.
+
+A store takes part by having ``put_hold``, ``charge_holds`` and ``drop_holds`` (:class:`HoldStore`);
 any other store keeps the in-memory reservations only (nothing is written for them).
 """
 
@@ -37,6 +40,7 @@ class HoldStore(Protocol):
 
     def put_hold(self, run_id: str, hold_id: int, usd: float) -> None: ...
     def charge_holds(self, run_id: str) -> HeldCharge | None: ...
+    def drop_holds(self, hold_ids: tuple[int, ...]) -> None: ...
 
 
 @dataclass(frozen=True)

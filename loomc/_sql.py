@@ -174,6 +174,12 @@ SELECT_TREE_HOLDS = (
 )
 SELECT_META = "SELECT meta FROM runs WHERE id = ?"
 CHARGE_HELD = "UPDATE runs SET cost_usd = cost_usd + ?, meta = ?, updated_at = ? WHERE id = ?"
+#: Add to the stored totals of every run above one (they hold their descendants' spending).
+ROLL_UP_HELD = (
+    "WITH RECURSIVE up(id) AS (SELECT parent_run_id FROM runs WHERE id = ? "
+    "UNION SELECT r.parent_run_id FROM runs r JOIN up ON r.id = up.id) "
+    "UPDATE runs SET cost_usd = cost_usd + ? WHERE id IN (SELECT id FROM up)"
+)
 
 
 def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) -> tuple[str, tuple[Any, ...]]:

@@ -184,6 +184,7 @@ def _sweep(execute: Any, run_id: str) -> HeldCharge | None:
     for hold_id, _ in rows:
         execute(_sql.DELETE_HOLD, (hold_id,))
     execute(_sql.CHARGE_HELD, (charge.usd, json.dumps(charge_record(meta, charge)), charge.at, run_id))
+    execute(_sql.ROLL_UP_HELD, (run_id, charge.usd))
     return charge
 
 
@@ -513,6 +514,12 @@ class SQLiteStore:
         with self._tx() as conn:
             conn.execute(_sql.INSERT_HOLD, (hold_id, run_id, usd, _sql.now_iso()))
 
+    def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
+        """Delete holds whose spending is recorded by now (outside a step's commit)."""
+        with self._tx() as conn:
+            for hold_id in hold_ids:
+                conn.execute(_sql.DELETE_HOLD, (hold_id,))
+
     def charge_holds(self, run_id: str) -> HeldCharge | None:
         """Charge every hold left by ``run_id`` and the runs below it to ``run_id``, in full.
 
@@ -799,6 +806,12 @@ class MemoryStore:
         with self._lock:
             self._holds[hold_id] = (run_id, usd)
 
+    def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
+        """Delete holds whose spending is recorded by now."""
+        with self._lock:
+            for hold_id in hold_ids:
+                self._holds.pop(hold_id, None)
+
     def charge_holds(self, run_id: str) -> HeldCharge | None:
         """Charge the holds left by ``run_id`` and the runs below it to ``run_id`` (see ``SQLiteStore``)."""
         with self._lock:
@@ -813,10 +826,13 @@ class MemoryStore:
             charge = HeldCharge(round(sum(usd for _, usd in found), 12), len(found), _sql.now_iso())
             for hold_id, _ in found:
                 del self._holds[hold_id]
-            r = self._runs[run_id]
-            r["cost_usd"] = round(r["cost_usd"] + charge.usd, 12)
-            r["meta"] = charge_record(r["meta"], charge)
-            r["updated_at"] = charge.at
+            run = self._runs[run_id]
+            run["meta"] = charge_record(run["meta"], charge)
+            run["updated_at"] = charge.at
+            up: dict[str, Any] | None = run
+            while up is not None:  # the run and every run above it
+                up["cost_usd"] = round(up["cost_usd"] + charge.usd, 12)
+                up = self._runs.get(up["parent_run_id"]) if up["parent_run_id"] else None
             return charge
 
     def save_step(self, run_id: str, record: StepRecord) -> None:
