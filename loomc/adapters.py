@@ -25,8 +25,8 @@ from typing import Any
 from loomc._context import Reservation, reserve
 from loomc._detectors import JudgeDetector
 from loomc._errors import CostError
-from loomc._money import check_usd
 from loomc._holds import apersist
+from loomc._money import check_usd
 from loomc._pricing import Price, anthropic_cost, base_name, lookup, openai_cost
 
 __all__ = ["AnthropicAdapter", "OpenAIAdapter", "Price"]

@@ -581,6 +581,9 @@ class _Execution:
         delta = round(self._total() - (info.cost_usd if info is not None else 0.0), 12)
         if abs(delta) > EPS:
             await self.astore.add_cost(self.run_id, delta)
+        held = self.ledger.take_durable()  # holds of node steps that never committed: now in the total
+        if held and supports_holds(self.store):
+            await self.astore.drop_holds(held)
 
     def _verdict(self) -> tuple[RunStatus, str | None]:
         order = [n for n in self.graph.nodes if n in self.infos]

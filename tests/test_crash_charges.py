@@ -497,3 +497,33 @@ def test_a_call_in_flight_in_a_graph_node_is_charged_to_the_graph(tmp_path: Path
     assert json.loads(done[-1][5:])["cost"] == pytest.approx(0.70)
     assert meta["held_charges"][0]["usd"] == pytest.approx(0.40)
     assert holds(db) == []
+
+
+def test_a_graph_that_records_an_uncommitted_node_step_drops_its_holds(tmp_path: Path) -> None:
+    """A node step that paid for a call but never committed: the graph's total takes its cost once.
+
+    The graph stores what its nodes spent when it ends; the holds that spending covers go
+    with it, so resuming the graph does not charge the same call a second time.
+    """
+    from orchestration import Graph
+
+    db = tmp_path / "g.db"
+    broken = [True]
+
+    @loop(budget=Budget(usd=5.0, iterations=1), name="unsaved")
+    def unsaved(state: dict[str, Any]) -> dict[str, Any]:
+        with loomc.reserve(0.40) as hold:
+            hold.settle(0.30)
+        return {"bad": object()} if broken[0] else {"ok": True}  # cannot be stored: the step never commits
+
+    graph = Graph("unsaved-graph", budget=Budget(usd=1.0), checkpoint=str(db))
+    graph.add(unsaved)
+    first = graph.run({"x": 1})
+    assert first.status is RunStatus.FAILED
+    assert holds(db) == []
+    assert run_row(db, first.run_id)[1] == pytest.approx(0.30)
+    broken[0] = False
+    again = graph.resume(first.run_id)
+    assert again.status is RunStatus.COMPLETED
+    assert run_row(db, first.run_id)[1] == pytest.approx(0.60)
+    assert "held_charges" not in run_row(db, first.run_id)[2]
