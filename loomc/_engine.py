@@ -142,6 +142,11 @@ def _budget_error(stop: Stop, run_id: str, state: Any) -> BudgetExhausted:
 _RUNNING = RunStatus.RUNNING.value
 
 
+_RETURNED_NONE = (
+    "the step returned None; return the new state (a step is state -> new state: did it forget `return state`?)"
+)
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -204,6 +209,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         state_type = rp.state_type
         if state_type and state_type != "json" and _codec.resolve_type(state_type) is None and not isinstance(req.state, type(None)):
             _codec._seen_types[state_type] = type(req.state)
+        _codec.require_type(state_type, run_id)  # a renamed class must not come back as a dict
         state = _codec.decode(rp.start_blob, state_type)
         history = History(rp.history)
         partial = rp.partial  # only the last step: the earlier ones are read when first needed
@@ -321,6 +327,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             finally:
                 ctx.in_step = False
                 ledger.settle_open()  # a hold the step never settled counts in full
+            if new_state is None and error is None:  # a forgotten `return`: never store (or resume from) null
+                error = StateError(_RETURNED_NONE)
 
             score: float | None = None
             if error is None:
