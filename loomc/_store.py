@@ -630,6 +630,13 @@ def _nearest(run_id: str, ids: list[str]) -> list[str]:
 # Memory
 
 
+_MEMORY_WHERE = "this memory store"
+_MEMORY_HINT = (
+    "runs in a memory store live only in the process (and the loop or store object) that ran them; "
+    'use checkpoint="sqlite" or a file path to resume a run later or from another process'
+)
+
+
 class MemoryStore:
     """A store that keeps runs in memory (``checkpoint="memory"``): nothing survives the process."""
 
@@ -693,7 +700,7 @@ class MemoryStore:
             return matches[0]
         if matches:
             raise AmbiguousRunId(run_id, matches)
-        raise RunNotFound(run_id, _nearest(run_id, ids), "memory")
+        raise RunNotFound(run_id, _nearest(run_id, ids), _MEMORY_WHERE, hint=_MEMORY_HINT)
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
         """Runs newest first."""
@@ -714,7 +721,7 @@ class MemoryStore:
         with self._lock:
             r = self._runs.get(run_id)
             if r is None:
-                raise RunNotFound(run_id, where="memory")
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
             if r["status"] == RunStatus.RUNNING.value and _in_process(run_id):
                 raise RunLocked(run_id, r["owner"] or owner)
             r.update(status=RunStatus.RUNNING.value, owner=owner, stop_reason=None)
