@@ -417,14 +417,17 @@ class AsyncSQLiteStore:
         """Every step of the run, states included, in order."""
         type_rows = await self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         ref = type_rows[0][0] if type_rows else "json"
-        return [_sql.step_record(r, ref) for r in expand_rows(await self._read(_sql.SELECT_STEPS_FULL, (run_id,)))]
+        rows = await self._read(_sql.SELECT_STEPS_FULL, (run_id,))
+        return [_sql.step_record(r, ref) for r in expand_rows(rows, run_id, str(self.path))]
 
     async def stored_state(self, run_id: str, step_n: int) -> str | bytes | None:
-        """A step's state as stored, a delta made whole (``None``: no such step)."""
+        """A step's state as stored, a delta made whole (``None``: no such step; see ``SQLiteStore``)."""
         rows = await self._read(_sql.SELECT_STATE, (run_id, step_n))
         if not rows:
             return None
         blob = rows[0][0]
+        if blob is None:
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=True)
         base = delta_base(blob)
         if base is not None:
             key = await self._read(_sql.SELECT_STATE, (run_id, base))
@@ -439,7 +442,7 @@ class AsyncSQLiteStore:
         ref_rows = await self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         blob = await self.stored_state(run_id, step_n)
         if blob is None:
-            raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=False)
         return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     async def resume_point(self, run_id: str) -> ResumePoint:
@@ -454,7 +457,9 @@ class AsyncSQLiteStore:
         blob = input_blob
         if next_from >= 0:
             stored = await self.stored_state(run_id, next_from)
-            blob = input_blob if stored is None else stored
+            if stored is None:  # never fall back to the input: the run's spending says otherwise
+                raise _sql.missing_state(run_id, next_from, str(self.path), row=False)
+            blob = stored
         return ResumePoint(info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0)
 
     async def step_history(self, run_id: str, before: int) -> list[StepRecord]:

@@ -346,6 +346,21 @@ def start_point(next_from: int | None, last_step: int | None) -> int:
     return last_step if last_step is not None else -1
 
 
+def missing_state(run_id: str, step_n: int, where: str, *, row: bool) -> Any:
+    """The :class:`~loomc.StoreError` for a committed step whose stored state is gone.
+
+    ``row``: the step's row is there but its state (or the blob it points at) is not.
+    """
+    from loomc._errors import StoreError
+
+    what = "its state is missing (the blob it points at was deleted)" if row else "its row is missing"
+    return StoreError(
+        f"run {run_id} committed step {step_n}, but {what} in {where}: the database file is damaged. "
+        "Restore the file from a backup, or start the run again; loomc will not resume it from an "
+        "older state (its spending and step count would no longer match)"
+    )
+
+
 def step_record(row: tuple[Any, ...], ref: str | None) -> Any:
     """A ``StepRecord`` (state decoded) from a ``SELECT_STEPS_FULL`` row."""
     from loomc._codec import decode

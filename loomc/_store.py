@@ -500,14 +500,21 @@ class SQLiteStore:
         """Every step of the run, states included, in order."""
         type_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         ref = type_rows[0][0] if type_rows else "json"
-        return [_sql.step_record(r, ref) for r in expand_rows(self._read(_sql.SELECT_STEPS_FULL, (run_id,)))]
+        rows = self._read(_sql.SELECT_STEPS_FULL, (run_id,))
+        return [_sql.step_record(r, ref) for r in expand_rows(rows, run_id, str(self.path))]
 
     def stored_state(self, run_id: str, step_n: int) -> str | bytes | None:
-        """A step's state as stored, a delta made whole (``None``: no such step)."""
+        """A step's state as stored, a delta made whole (``None``: no such step).
+
+        Raises:
+            StoreError: the step's row is there but its state is not (a damaged file).
+        """
         rows = self._read(_sql.SELECT_STATE, (run_id, step_n))
         if not rows:
             return None
         blob = rows[0][0]
+        if blob is None:
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=True)
         base = delta_base(blob)
         if base is not None:
             key = self._read(_sql.SELECT_STATE, (run_id, base))
@@ -522,7 +529,7 @@ class SQLiteStore:
         ref_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         blob = self.stored_state(run_id, step_n)
         if blob is None:
-            raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=False)
         return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     def resume_point(self, run_id: str) -> ResumePoint:
@@ -538,7 +545,8 @@ class SQLiteStore:
             blob = input_blob
         else:
             blob = self.stored_state(run_id, next_from)
-            blob = input_blob if blob is None else blob
+            if blob is None:  # never fall back to the input: the run's spending says otherwise
+                raise _sql.missing_state(run_id, next_from, str(self.path), row=False)
         return ResumePoint(info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0)
 
     def step_history(self, run_id: str, before: int) -> list[StepRecord]:
@@ -569,12 +577,18 @@ def _file_ident(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def expand_rows(rows: list[Any]) -> list[Any]:
-    """All of a run's step rows ``(step_n, stored state, ...)``, in order, deltas made whole."""
+def expand_rows(rows: list[Any], run_id: str = "", where: str = "the database") -> list[Any]:
+    """All of a run's step rows ``(step_n, stored state, ...)``, in order, deltas made whole.
+
+    Raises:
+        StoreError: a step's state is missing (a damaged file).
+    """
     keys: dict[int, Any] = {}
     out = []
     for r in rows:
         blob = r[1]
+        if blob is None:
+            raise _sql.missing_state(run_id or "?", r[0], where, row=True)
         base = delta_base(blob)
         if base is not None:
             r = (r[0], expand(blob, keys.get(base)), *r[2:])
@@ -772,7 +786,7 @@ class MemoryStore:
         with self._lock:
             ref = self._runs[run_id]["state_type"] if run_id in self._runs else "json"
             rows = sorted(self._steps.get(run_id, {}).values(), key=lambda s: s.step_n)
-        whole = expand_rows([(r.step_n, r.state_blob) for r in rows])
+        whole = expand_rows([(r.step_n, r.state_blob) for r in rows], run_id, "the memory store")
         return [
             StepRecord(
                 r.step_n, decode(w[1], ref), r.cost_usd, r.score,
@@ -784,23 +798,34 @@ class MemoryStore:
     def load_state(self, run_id: str, step_n: int) -> Any:
         """The state a step committed (``-1``: the input)."""
         with self._lock:
-            r = self._runs[run_id]
-            blob = r["input_blob"] if step_n < 0 else self._whole(run_id, self._steps[run_id][step_n].state_blob)
+            r = self._runs.get(run_id)
+            if r is None:
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
+            blob = r["input_blob"] if step_n < 0 else self._whole(run_id, step_n)
             return decode(blob, r["state_type"])
 
-    def _whole(self, run_id: str, blob: Any) -> Any:
+    def _whole(self, run_id: str, step_n: int) -> Any:
+        """A committed step's stored state, a delta made whole."""
+        steps = self._steps[run_id]
+        row = steps.get(step_n)
+        if row is None or row.state_blob is None:
+            raise _sql.missing_state(run_id, step_n, "the memory store", row=row is not None)
+        blob = row.state_blob
         base = delta_base(blob)
-        return blob if base is None else expand(blob, self._steps[run_id][base].state_blob)
+        if base is None or isinstance(blob, str):
+            return blob
+        key = steps.get(base)
+        return expand(blob, key.state_blob if key is not None else None)
 
     def resume_point(self, run_id: str) -> ResumePoint:
         """The run's info, its history and the state to start from."""
         with self._lock:
             r = self._runs.get(run_id)
             if r is None:
-                raise RunNotFound(run_id, where="memory")
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
             rows = sorted(self._steps[run_id].values(), key=lambda s: s.step_n)
             next_from = r["next_from"] if r["next_from"] is not None else (rows[-1].step_n if rows else -1)
-            blob = r["input_blob"] if next_from < 0 else self._whole(run_id, self._steps[run_id][next_from].state_blob)
+            blob = r["input_blob"] if next_from < 0 else self._whole(run_id, next_from)
             info = self._info(r)
             state_type = r["state_type"]
         loader = StateLoader(self, run_id)
