@@ -360,7 +360,7 @@ class AsyncSQLiteStore:
         execute = cur.execute
         ops, results, errors = batch.ops, batch.results, batch.errors
         try:
-            self.sync.check_file_soon()
+            self.sync.check_file_soon(db)
             beat = time.time()
             execute("BEGIN IMMEDIATE")
             try:

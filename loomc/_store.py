@@ -212,6 +212,8 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._cur: sqlite3.Cursor | None = None  # the commit path's cursor (one per connection)
         self._ident: tuple[int, int] | None = None
+        self._wal_ident: tuple[int, int] | None = None
+        self._wal_path = Path(f"{self.path}-wal")
         self._next_check = 0.0  # monotonic time of the next file-identity check
         self._lock = threading.RLock()
 
@@ -258,6 +260,7 @@ class SQLiteStore:
         try:
             self._prepare_when_free(conn)
             self._ident = _file_ident(path)
+            self._wal_ident = _file_ident(self._wal_path)  # WAL mode made it; it lives while we are open
             self._next_check = 0.0
         except BaseException:
             conn.close()
@@ -335,21 +338,56 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = self._cur = None
 
-    def check_file(self) -> None:
-        """Raise :class:`StoreError` if the open database file was deleted or replaced under us.
+    def check_file(self, conn: sqlite3.Connection | None = None) -> None:
+        """Raise :class:`StoreError` if the open database file or its WAL was deleted or replaced.
 
         SQLite keeps writing to a deleted file's inode, so without this check a loop would
-        go on "committing" steps that vanish when the process exits.
+        go on "committing" steps that vanish when the process exits. The same holds for
+        the ``-wal`` file, which holds every step committed since the last checkpoint: when
+        it is gone, ``conn`` (the connection that wrote it, still holding it open) first
+        copies those steps into the database file, so that none is lost, then the write stops.
         """
-        if self._ident is not None and _file_ident(self.path) != self._ident:
+        if self._ident is None:
+            return
+        if _file_ident(self.path) != self._ident:
             self.close()
             raise StoreError(
                 f"the database {self.path} was deleted or replaced while this process was writing to it; "
                 "its runs are gone with it. Restore the file from a backup, or start the run again "
                 "(a new database is created on the next run)"
             )
+        if self._wal_ident is not None and _file_ident(self._wal_path) != self._wal_ident:
+            # Until this connection is reopened (with a new WAL), every write must fail: an
+            # async store's connection stays open, and would write into the deleted file.
+            self._next_check = 0.0
+            saved = self._save_deleted_wal(conn if conn is not None else self._conn)
+            self.close()
+            raise StoreError(
+                f"the write-ahead log {self._wal_path} was deleted or replaced while this process was writing "
+                f"to {self.path}; "
+                + (
+                    "the steps it held were copied into the database file, so none is lost: resume the run "
+                    "(and do not delete -wal files of a database in use)"
+                    if saved
+                    else "the steps committed since the last checkpoint could not be copied back and may be "
+                    "lost: check the run with `loomc show` before resuming it"
+                )
+            )
 
-    def check_file_soon(self) -> None:
+    @staticmethod
+    def _save_deleted_wal(conn: sqlite3.Connection | None) -> bool:
+        """Checkpoint a deleted WAL (still open in ``conn``) into the database file; did it work?"""
+        if conn is None:
+            return False
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return False
+        return not busy
+
+    def check_file_soon(self, conn: sqlite3.Connection | None = None) -> None:
         """:meth:`check_file`, at most every ``FILE_CHECK_S`` seconds (on the commit path).
 
         A ``stat`` right after an fsync costs ~25 us on a journaling filesystem, a tenth of
@@ -359,7 +397,7 @@ class SQLiteStore:
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + FILE_CHECK_S
-            self.check_file()
+            self.check_file(conn)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
