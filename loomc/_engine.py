@@ -70,6 +70,7 @@ class RunSpec:
     kind: str = "loop"
     meta: dict[str, Any] = field(default_factory=dict)
     retry: Any = None  # loomc._retry.Retry | None
+    none_ok: bool = False  # a step may return None (a graph's plain-function node: its output)
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             finally:
                 ctx.in_step = False
                 ledger.settle_open()  # a hold the step never settled counts in full
-            if new_state is None and error is None:  # a forgotten `return`: never store (or resume from) null
+            if new_state is None and error is None and not spec.none_ok:  # a forgotten `return`: no null state
                 error = StateError(_RETURNED_NONE)
 
             score: float | None = None

@@ -230,6 +230,33 @@ async def test_an_async_step_returning_none_fails_that_step(db: str, anyio_backe
         await work({"n": 0})
 
 
+def test_a_graph_plain_function_may_return_none_but_a_loop_node_may_not(db: str) -> None:
+    """A plain function's None is its output (a sink); a @loop node returning None fails its step."""
+    from orchestration import Graph
+
+    sent: list[Any] = []
+
+    def publish(report: dict[str, int]) -> None:
+        sent.append(report)
+
+    @loop(budget=Budget(iterations=3), name="drafting")
+    def draft(state: dict[str, int]) -> dict[str, int] | None:
+        return None if state["n"] == 1 else {"n": state["n"] + 1}
+
+    ok = Graph("sink", checkpoint=db)
+    ok.add(publish)
+    result = ok.run({"n": 7})
+    assert result.status is RunStatus.COMPLETED
+    assert sent == [{"n": 7}]
+    assert result.outputs == {"publish": None}
+
+    bad = Graph("forgets", checkpoint=db)
+    bad.add(draft)
+    failed = bad.run({"n": 0})
+    assert failed.status is RunStatus.FAILED
+    assert "the step returned None" in str(failed.nodes["draft"].error)
+
+
 # -------------------------------------------------------------- values JSON would change
 
 CHANGED: list[tuple[Any, str, str]] = [
