@@ -453,6 +453,7 @@ class AsyncSQLiteStore:
         state_type, input_blob, stored_next = (await self._read(_sql.SELECT_RESUME, (run_id,)))[0]
         loader = StateLoader(self.sync, run_id)
         history = [_history_record(r, loader) for r in await self._read(_sql.SELECT_LAST_STEP_META, (run_id,))]
+        _sql.check_last_step(run_id, info.steps, history[-1].step_n if history else None, str(self.path))
         next_from = _sql.start_point(stored_next, history[-1].step_n if history else None)
         blob = input_blob
         if next_from >= 0:

@@ -361,6 +361,20 @@ def missing_state(run_id: str, step_n: int, where: str, *, row: bool) -> Any:
     )
 
 
+def check_last_step(run_id: str, steps: int, last_step: int | None, where: str) -> None:
+    """Refuse a run whose counted steps reach past its last step row (its last rows are gone).
+
+    Every counted step commits its row in the same transaction as the run's totals, so
+    ``steps`` is the last step number + 1; more counted steps than rows reach means the
+    file lost rows (a resume would renumber over them and forget their spending).
+
+    Raises:
+        StoreError: naming the first missing step.
+    """
+    if steps > (last_step if last_step is not None else -1) + 1:
+        raise missing_state(run_id, steps - 1, where, row=False)
+
+
 def step_record(row: tuple[Any, ...], ref: str | None) -> Any:
     """A ``StepRecord`` (state decoded) from a ``SELECT_STEPS_FULL`` row."""
     from loomc._codec import decode

@@ -578,6 +578,7 @@ class SQLiteStore:
         state_type, input_blob, next_from = self._read(_sql.SELECT_RESUME, (run_id,))[0]
         loader = StateLoader(self, run_id)
         history = [_history_record(r, loader) for r in self._read(_sql.SELECT_LAST_STEP_META, (run_id,))]
+        _sql.check_last_step(run_id, info.steps, history[-1].step_n if history else None, str(self.path))
         next_from = _sql.start_point(next_from, history[-1].step_n if history else None)
         if next_from < 0:
             blob = input_blob
@@ -862,6 +863,7 @@ class MemoryStore:
             if r is None:
                 raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
             rows = sorted(self._steps[run_id].values(), key=lambda s: s.step_n)
+            _sql.check_last_step(run_id, r["steps"], rows[-1].step_n if rows else None, "the memory store")
             next_from = r["next_from"] if r["next_from"] is not None else (rows[-1].step_n if rows else -1)
             blob = r["input_blob"] if next_from < 0 else self._whole(run_id, next_from)
             info = self._info(r)

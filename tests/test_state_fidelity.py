@@ -79,6 +79,21 @@ def test_resume_refuses_a_run_whose_last_step_row_is_gone(db: str, big: bool) ->
         assert c.execute("SELECT count(*), max(step_n) FROM steps WHERE run_id = 'r1'").fetchone() == (4, 3)
 
 
+def test_resume_refuses_a_run_whose_failed_last_step_row_is_gone(db: str) -> None:
+    """With LastGood the last step (failed) is not the resume point; its row gone is still a StoreError."""
+
+    @loop(checkpoint=db, budget=Budget(iterations=4), backtrack=LastGood(), name="flaky")
+    def work(state: dict[str, int]) -> dict[str, int]:
+        if state["n"] == 2:
+            raise RuntimeError("rate limit")
+        return {"n": state["n"] + 1}
+
+    finished(work, {"n": 0}, "lg")  # steps 0, 1 good; 2, 3 failed: the next step starts from step 1
+    sql(db, "DELETE FROM steps WHERE run_id = 'lg' AND step_n >= 2")
+    with pytest.raises(StoreError, match=r"run lg committed step 3, but its row is missing .* damaged"):
+        work.resume("lg", budget=Budget(iterations=10))
+
+
 def test_resume_refuses_a_run_whose_last_state_blob_is_gone(db: str) -> None:
     """The blob the last step points at deleted: StoreError, on the resume point, history and export alike."""
     work = counter(db, big=True)
