@@ -72,6 +72,7 @@ class RunSpec:
     kind: str = "loop"
     meta: dict[str, Any] = field(default_factory=dict)
     retry: Any = None  # loomc._retry.Retry | None
+    none_ok: bool = False  # a step may return None (a graph's plain-function node: its output)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,11 @@ def _budget_error(stop: Stop, run_id: str, state: Any) -> BudgetExhausted:
 _RUNNING = RunStatus.RUNNING.value
 
 
+_RETURNED_NONE = (
+    "the step returned None; return the new state (a step is state -> new state: did it forget `return state`?)"
+)
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -253,6 +259,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         state_type = rp.state_type
         if state_type and state_type != "json" and _codec.resolve_type(state_type) is None and not isinstance(req.state, type(None)):
             _codec._seen_types[state_type] = type(req.state)
+        _codec.require_type(state_type, run_id)  # a renamed class must not come back as a dict
         state = _codec.decode(rp.start_blob, state_type)
         history = History(rp.history)
         partial = rp.partial  # only the last step: the earlier ones are read when first needed
@@ -388,6 +395,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             except BaseException as exc:
                 yield from interrupted(exc)
                 raise
+            if new_state is None and error is None and not spec.none_ok:  # a forgotten `return`: no null state
+                error = StateError(_RETURNED_NONE)
 
             # cost_fn and scorer are part of the step: this run's ledger is current, so what
             # they charge (an LLM grader) counts in this step's cost, under this run's caps.

@@ -403,6 +403,35 @@ def start_point(next_from: int | None, last_step: int | None) -> int:
     return last_step if last_step is not None else -1
 
 
+def missing_state(run_id: str, step_n: int, where: str, *, row: bool) -> Any:
+    """The :class:`~loomc.StoreError` for a committed step whose stored state is gone.
+
+    ``row``: the step's row is there but its state (or the blob it points at) is not.
+    """
+    from loomc._errors import StoreError
+
+    what = "its state is missing (the blob it points at was deleted)" if row else "its row is missing"
+    return StoreError(
+        f"run {run_id} committed step {step_n}, but {what} in {where}: the database file is damaged. "
+        "Restore the file from a backup, or start the run again; loomc will not resume it from an "
+        "older state (its spending and step count would no longer match)"
+    )
+
+
+def check_last_step(run_id: str, steps: int, last_step: int | None, where: str) -> None:
+    """Refuse a run whose counted steps reach past its last step row (its last rows are gone).
+
+    Every counted step commits its row in the same transaction as the run's totals, so
+    ``steps`` is the last step number + 1; more counted steps than rows reach means the
+    file lost rows (a resume would renumber over them and forget their spending).
+
+    Raises:
+        StoreError: naming the first missing step.
+    """
+    if steps > (last_step if last_step is not None else -1) + 1:
+        raise missing_state(run_id, steps - 1, where, row=False)
+
+
 def step_record(row: tuple[Any, ...], ref: str | None) -> Any:
     """A ``StepRecord`` (state decoded) from a ``SELECT_STEPS_FULL`` row."""
     from loomc._codec import decode

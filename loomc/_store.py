@@ -232,6 +232,8 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._cur: sqlite3.Cursor | None = None  # the commit path's cursor (one per connection)
         self._ident: tuple[int, int] | None = None
+        self._wal_ident: tuple[int, int] | None = None
+        self._wal_path = Path(f"{self.path}-wal")
         self._next_check = 0.0  # monotonic time of the next file-identity check
         self._lock = threading.RLock()
 
@@ -278,6 +280,7 @@ class SQLiteStore:
         try:
             self._prepare_when_free(conn)
             self._ident = _file_ident(path)
+            self._wal_ident = _file_ident(self._wal_path)  # WAL mode made it; it lives while we are open
             self._next_check = 0.0
         except BaseException:
             conn.close()
@@ -355,21 +358,56 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = self._cur = None
 
-    def check_file(self) -> None:
-        """Raise :class:`StoreError` if the open database file was deleted or replaced under us.
+    def check_file(self, conn: sqlite3.Connection | None = None) -> None:
+        """Raise :class:`StoreError` if the open database file or its WAL was deleted or replaced.
 
         SQLite keeps writing to a deleted file's inode, so without this check a loop would
-        go on "committing" steps that vanish when the process exits.
+        go on "committing" steps that vanish when the process exits. The same holds for
+        the ``-wal`` file, which holds every step committed since the last checkpoint: when
+        it is gone, ``conn`` (the connection that wrote it, still holding it open) first
+        copies those steps into the database file, so that none is lost, then the write stops.
         """
-        if self._ident is not None and _file_ident(self.path) != self._ident:
+        if self._ident is None:
+            return
+        if _file_ident(self.path) != self._ident:
             self.close()
             raise StoreError(
                 f"the database {self.path} was deleted or replaced while this process was writing to it; "
                 "its runs are gone with it. Restore the file from a backup, or start the run again "
                 "(a new database is created on the next run)"
             )
+        if self._wal_ident is not None and _file_ident(self._wal_path) != self._wal_ident:
+            # Until this connection is reopened (with a new WAL), every write must fail: an
+            # async store's connection stays open, and would write into the deleted file.
+            self._next_check = 0.0
+            saved = self._save_deleted_wal(conn if conn is not None else self._conn)
+            self.close()
+            raise StoreError(
+                f"the write-ahead log {self._wal_path} was deleted or replaced while this process was writing "
+                f"to {self.path}; "
+                + (
+                    "the steps it held were copied into the database file, so none is lost: resume the run "
+                    "(and do not delete -wal files of a database in use)"
+                    if saved
+                    else "the steps committed since the last checkpoint could not be copied back and may be "
+                    "lost: check the run with `loomc show` before resuming it"
+                )
+            )
 
-    def check_file_soon(self) -> None:
+    @staticmethod
+    def _save_deleted_wal(conn: sqlite3.Connection | None) -> bool:
+        """Checkpoint a deleted WAL (still open in ``conn``) into the database file; did it work?"""
+        if conn is None:
+            return False
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return False
+        return not busy
+
+    def check_file_soon(self, conn: sqlite3.Connection | None = None) -> None:
         """:meth:`check_file`, at most every ``FILE_CHECK_S`` seconds (on the commit path).
 
         A ``stat`` right after an fsync costs ~25 us on a journaling filesystem, a tenth of
@@ -379,7 +417,7 @@ class SQLiteStore:
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + FILE_CHECK_S
-            self.check_file()
+            self.check_file(conn)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -541,14 +579,21 @@ class SQLiteStore:
         """Every step of the run, states included, in order."""
         type_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         ref = type_rows[0][0] if type_rows else "json"
-        return [_sql.step_record(r, ref) for r in expand_rows(self._read(_sql.SELECT_STEPS_FULL, (run_id,)))]
+        rows = self._read(_sql.SELECT_STEPS_FULL, (run_id,))
+        return [_sql.step_record(r, ref) for r in expand_rows(rows, run_id, str(self.path))]
 
     def stored_state(self, run_id: str, step_n: int) -> str | bytes | None:
-        """A step's state as stored, a delta made whole (``None``: no such step)."""
+        """A step's state as stored, a delta made whole (``None``: no such step).
+
+        Raises:
+            StoreError: the step's row is there but its state is not (a damaged file).
+        """
         rows = self._read(_sql.SELECT_STATE, (run_id, step_n))
         if not rows:
             return None
         blob = rows[0][0]
+        if blob is None:
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=True)
         base = delta_base(blob)
         if base is not None:
             key = self._read(_sql.SELECT_STATE, (run_id, base))
@@ -563,7 +608,7 @@ class SQLiteStore:
         ref_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         blob = self.stored_state(run_id, step_n)
         if blob is None:
-            raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=False)
         return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     def resume_point(self, run_id: str) -> ResumePoint:
@@ -574,12 +619,14 @@ class SQLiteStore:
         state_type, input_blob, next_from = self._read(_sql.SELECT_RESUME, (run_id,))[0]
         loader = StateLoader(self, run_id)
         history = [_history_record(r, loader) for r in self._read(_sql.SELECT_LAST_STEP_META, (run_id,))]
+        _sql.check_last_step(run_id, info.steps, history[-1].step_n if history else None, str(self.path))
         next_from = _sql.start_point(next_from, history[-1].step_n if history else None)
         if next_from < 0:
             blob = input_blob
         else:
             blob = self.stored_state(run_id, next_from)
-            blob = input_blob if blob is None else blob
+            if blob is None:  # never fall back to the input: the run's spending says otherwise
+                raise _sql.missing_state(run_id, next_from, str(self.path), row=False)
         in_flight = self._read(_sql.IN_FLIGHT, (run_id, history[-1].step_n + 1 if history else 0))[0][0]
         return ResumePoint(
             info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0,
@@ -614,12 +661,18 @@ def _file_ident(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def expand_rows(rows: list[Any]) -> list[Any]:
-    """All of a run's step rows ``(step_n, stored state, ...)``, in order, deltas made whole."""
+def expand_rows(rows: list[Any], run_id: str = "", where: str = "the database") -> list[Any]:
+    """All of a run's step rows ``(step_n, stored state, ...)``, in order, deltas made whole.
+
+    Raises:
+        StoreError: a step's state is missing (a damaged file).
+    """
     keys: dict[int, Any] = {}
     out = []
     for r in rows:
         blob = r[1]
+        if blob is None:
+            raise _sql.missing_state(run_id or "?", r[0], where, row=True)
         base = delta_base(blob)
         if base is not None:
             r = (r[0], expand(blob, keys.get(base)), *r[2:])
@@ -673,6 +726,13 @@ def _nearest(run_id: str, ids: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------
 # Memory
+
+
+_MEMORY_WHERE = "this memory store"
+_MEMORY_HINT = (
+    "runs in a memory store live only in the process (and the loop or store object) that ran them; "
+    'use checkpoint="sqlite" or a file path to resume a run later or from another process'
+)
 
 
 class MemoryStore:
@@ -739,7 +799,7 @@ class MemoryStore:
             return matches[0]
         if matches:
             raise AmbiguousRunId(run_id, matches)
-        raise RunNotFound(run_id, _nearest(run_id, ids), "memory")
+        raise RunNotFound(run_id, _nearest(run_id, ids), _MEMORY_WHERE, hint=_MEMORY_HINT)
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
         """Runs newest first."""
@@ -760,7 +820,7 @@ class MemoryStore:
         with self._lock:
             r = self._runs.get(run_id)
             if r is None:
-                raise RunNotFound(run_id, where="memory")
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
             if r["status"] == RunStatus.RUNNING.value and _in_process(run_id):
                 raise RunLocked(run_id, r["owner"] or owner)
             r.update(status=RunStatus.RUNNING.value, owner=owner, stop_reason=None)
@@ -853,7 +913,7 @@ class MemoryStore:
         with self._lock:
             ref = self._runs[run_id]["state_type"] if run_id in self._runs else "json"
             rows = sorted(self._steps.get(run_id, {}).values(), key=lambda s: s.step_n)
-        whole = expand_rows([(r.step_n, r.state_blob) for r in rows])
+        whole = expand_rows([(r.step_n, r.state_blob) for r in rows], run_id, "the memory store")
         return [
             StepRecord(
                 r.step_n, decode(w[1], ref), r.cost_usd, r.score,
@@ -865,23 +925,35 @@ class MemoryStore:
     def load_state(self, run_id: str, step_n: int) -> Any:
         """The state a step committed (``-1``: the input)."""
         with self._lock:
-            r = self._runs[run_id]
-            blob = r["input_blob"] if step_n < 0 else self._whole(run_id, self._steps[run_id][step_n].state_blob)
+            r = self._runs.get(run_id)
+            if r is None:
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
+            blob = r["input_blob"] if step_n < 0 else self._whole(run_id, step_n)
             return decode(blob, r["state_type"])
 
-    def _whole(self, run_id: str, blob: Any) -> Any:
+    def _whole(self, run_id: str, step_n: int) -> Any:
+        """A committed step's stored state, a delta made whole."""
+        steps = self._steps[run_id]
+        row = steps.get(step_n)
+        if row is None or row.state_blob is None:
+            raise _sql.missing_state(run_id, step_n, "the memory store", row=row is not None)
+        blob = row.state_blob
         base = delta_base(blob)
-        return blob if base is None else expand(blob, self._steps[run_id][base].state_blob)
+        if base is None or isinstance(blob, str):
+            return blob
+        key = steps.get(base)
+        return expand(blob, key.state_blob if key is not None else None)
 
     def resume_point(self, run_id: str) -> ResumePoint:
         """The run's info, its history and the state to start from."""
         with self._lock:
             r = self._runs.get(run_id)
             if r is None:
-                raise RunNotFound(run_id, where="memory")
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
             rows = sorted(self._steps[run_id].values(), key=lambda s: s.step_n)
+            _sql.check_last_step(run_id, r["steps"], rows[-1].step_n if rows else None, "the memory store")
             next_from = r["next_from"] if r["next_from"] is not None else (rows[-1].step_n if rows else -1)
-            blob = r["input_blob"] if next_from < 0 else self._whole(run_id, self._steps[run_id][next_from].state_blob)
+            blob = r["input_blob"] if next_from < 0 else self._whole(run_id, next_from)
             info = self._info(r)
             state_type = r["state_type"]
             first_open = rows[-1].step_n + 1 if rows else 0

@@ -475,7 +475,7 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
     # named by state_type); the user's modules are never imported to read them.
     d["input"] = decode(input_blob, "json")
     steps, cumul = [], 0.0
-    for s in expand_rows(store._read(_sql.SELECT_STEPS_FULL, (info.id,))):
+    for s in expand_rows(store._read(_sql.SELECT_STEPS_FULL, (info.id,)), info.id, str(store.path)):
         cumul += s[2]
         steps.append(
             {

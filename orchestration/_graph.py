@@ -8,6 +8,7 @@ once to the graph's ledger, which caps the sum.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -123,7 +124,10 @@ def _as_runner(fn: Any) -> Any:
     if not callable(fn):
         raise TypeError(f"Graph.add expects a @loop or a function, got {fn!r}")
     name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-    return loop(converge_on=predicate(_one_step_done), name=name)(fn)
+    runner = loop(converge_on=predicate(_one_step_done), name=name)(fn)
+    # a plain function's return value is its output, None included (a @loop's step may not return None)
+    runner.spec = dataclasses.replace(runner.spec, none_ok=True)
+    return runner
 
 
 class Graph:
