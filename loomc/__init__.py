@@ -15,7 +15,7 @@ from loomc.loop import AsyncLoopRunner, LoopRunner, loop  # isort: skip
 from loomc import circuit_breaker as _circuit_breaker_module  # isort: skip
 from loomc._astore import AsyncCheckpointStore, AsyncSQLiteStore
 from loomc._budget import Budget
-from loomc._context import Reservation, RunView, charge, current_run, reserve, with_run_context
+from loomc._context import Reservation, RunView, areserve, charge, current_run, reserve, with_run_context
 from loomc._detectors import BestScore, Escalate, JudgeDetector, LastGood, judge, predicate, score_plateau
 from loomc._errors import (
     AmbiguousRunId,
@@ -83,6 +83,7 @@ __all__ = [
     "StepRecord",
     "StoreError",
     "UnboundedLoopWarning",
+    "areserve",
     "charge",
     "circuit_breaker",
     "current_run",

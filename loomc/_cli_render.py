@@ -162,6 +162,20 @@ def own_cost(info: RunInfo, children: Sequence[RunInfo]) -> float:
     return own if own > 0 else 0.0
 
 
+def held_lines(info: RunInfo) -> list[tuple[str, str]]:
+    """``("in flight", ...)`` for each charge of holds left by calls in flight when a process died."""
+    records = info.meta.get("held_charges") if isinstance(info.meta, dict) else None
+    out: list[tuple[str, str]] = []
+    for rec in records if isinstance(records, list) else []:
+        if not isinstance(rec, dict):
+            continue
+        n = int(rec.get("holds") or 1)
+        calls = "a call" if n == 1 else f"{n} calls"
+        out.append(("in flight", f"{money(rec.get('usd'))} charged, held by {calls} in flight when the process died "
+                                 f"(counted at resume, {when(str(rec.get('at', '')))} UTC)"))
+    return out
+
+
 def _limits(info: RunInfo) -> list[tuple[str, float, float | None, Callable[[float], str]]]:
     """``(label, used, cap, format)`` for usd, iterations and wall clock."""
     b = info.budget or {}

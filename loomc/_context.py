@@ -23,7 +23,7 @@ from loomc._money import check_usd
 from loomc._policy import EPS, Headroom
 
 __all__ = [
-    "Ledger", "Reservation", "RunView", "charge", "current_ledger", "current_run", "reserve", "step_ended",
+    "Ledger", "Reservation", "RunView", "areserve", "charge", "current_ledger", "current_run", "reserve", "step_ended",
     "step_started", "with_run_context",
 ]
 
@@ -61,6 +61,9 @@ class Ledger:
         # A resumed run's ``spent`` starts at its stored total, which already includes what
         # the children of its uncommitted step spent: re-found children carry from this.
         self.prepaid = 0.0
+        # Ids of holds written to the store (``loomc._holds``) by this run or a run below it
+        # since this run's last commit; its next commit deletes them. None: none (the common case).
+        self.durable: set[int] | None = None
 
     @property
     def total_cost_usd(self) -> float:
@@ -215,6 +218,31 @@ class Ledger:
                 for led in self.parent.chain():
                     led.reserved = round(led.reserved - left, 12)
 
+    def note_durable(self, hold_id: int) -> None:
+        """Remember a hold written to the store, on this ledger and every ancestor."""
+        with _lock:
+            for led in self.chain():
+                if led.durable is None:
+                    led.durable = set()
+                led.durable.add(hold_id)
+
+    def take_durable(self) -> tuple[int, ...] | None:
+        """The ids of the holds this run's next commit deletes (and forgets them here)."""
+        if self.durable is None:  # the common case: nothing was reserved
+            return None
+        with _lock:
+            ids, self.durable = tuple(self.durable), None
+        return ids or None
+
+    def forget_durable(self, ids: tuple[int, ...]) -> None:
+        """Holds deleted by this run's commit: the ancestors' commits need not delete them again."""
+        with _lock:
+            node = self.parent
+            while node is not None:
+                if node.durable:
+                    node.durable.difference_update(ids)
+                node = node.parent
+
     def settle_open(self) -> float:
         """Settle the holds a step left open at their full amount (never under-count); their total."""
         if not self.holds:  # the common case: every hold was settled in the step
@@ -237,6 +265,7 @@ class Reservation:
         self.ledger = ledger
         self.usd = usd
         self.settled: float | None = None
+        self.hold_id: int | None = None  # set once the hold is written to the run's store
 
     def settle(self, actual: float) -> None:
         """Replace the reservation by the real cost (recorded even if it exceeds the hold)."""
@@ -326,6 +355,16 @@ def charge(usd: float) -> None:
         _no_run("charge")
 
 
+def reserve_in_memory(usd: float) -> Reservation:
+    """``reserve`` without writing the hold to the store (the caller makes it durable)."""
+    usd = check_usd(usd, "the amount given to loomc.reserve")
+    ledger = _parent_ledger.get()
+    if ledger is None:
+        _no_run("reserve")
+        return Reservation(None, usd)
+    return ledger.reserve(usd)
+
+
 def reserve(usd: float) -> Reservation:
     """Hold ``usd`` (the most a call can cost) against every cap before the call.
 
@@ -333,17 +372,38 @@ def reserve(usd: float) -> Reservation:
     context manager to settle the full amount (or release it on an exception)
     automatically. Outside a run the reservation is inert.
 
+    In a run whose store keeps holds (loomc's SQLite and memory stores), the hold is
+    committed to the store before this returns: if the process dies while the call is
+    in flight, resuming the run charges the hold in full. On an event loop thread the
+    write would block the loop, so there the hold stays in memory: use
+    ``await loomc.areserve(usd)`` in async code.
+
     Raises:
         BudgetExhausted: ``usd`` cannot fit under a cap of the run or an enclosing run.
         CostError: ``usd`` is not a finite number >= 0.
         RunContextLost: as for :func:`charge`.
+        StoreError: the hold could not be written (then nothing is held: do not send the call).
     """
-    usd = check_usd(usd, "the amount given to loomc.reserve")
-    ledger = _parent_ledger.get()
-    if ledger is None:
-        _no_run("reserve")
-        return Reservation(None, usd)
-    return ledger.reserve(usd)
+    from loomc import _holds
+
+    reservation = reserve_in_memory(usd)
+    if reservation.ledger is not None and not _holds.on_event_loop():
+        _holds.persist(reservation)
+    return reservation
+
+
+async def areserve(usd: float) -> Reservation:
+    """``reserve`` for async code: the hold is committed to the store (awaited) before it returns.
+
+    Raises :class:`BudgetExhausted` if it cannot fit, or :class:`~loomc.StoreError` if the
+    hold cannot be written (then nothing is held, and the call must not be sent).
+    """
+    from loomc import _holds
+
+    reservation = reserve_in_memory(usd)
+    if reservation.ledger is not None:
+        await _holds.apersist(reservation)
+    return reservation
 
 
 def with_run_context(fn: Callable[P, R]) -> Callable[P, R]:

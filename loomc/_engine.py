@@ -17,6 +17,7 @@ from loomc import _codec
 from loomc._budget import Budget
 from loomc._context import Ledger, RunView, _parent_ledger, step_ended, step_started
 from loomc._errors import BudgetExhausted, SpecMismatch, StateError
+from loomc._holds import HeldCharge, charge_record, supports_holds
 from loomc._lease import owner_token
 from loomc._money import check_usd
 from loomc._policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
@@ -71,6 +72,7 @@ class RunSpec:
     kind: str = "loop"
     meta: dict[str, Any] = field(default_factory=dict)
     retry: Any = None  # loomc._retry.Retry | None
+    none_ok: bool = False  # a step may return None (a graph's plain-function node: its output)
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,11 @@ def _budget_error(stop: Stop, run_id: str, state: Any) -> BudgetExhausted:
 _RUNNING = RunStatus.RUNNING.value
 
 
+_RETURNED_NONE = (
+    "the step returned None; return the new state (a step is state -> new state: did it forget `return state`?)"
+)
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -196,6 +203,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     nested = parent_ctx is not None and parent_ctx.in_step
     budget = req.budget if req.budget is not None else spec.policy.budget
     rp: ResumePoint | None = None
+    held = 0.0  # holds left in the store by an earlier attempt, charged when this one took over
+    meta_after: dict[str, Any] | None = None  # the run's meta once held charges were noted in it
     carried = 0.0  # cost already spent by a resumed child, to roll up into its parent
 
     if nested:
@@ -250,6 +259,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         state_type = rp.state_type
         if state_type and state_type != "json" and _codec.resolve_type(state_type) is None and not isinstance(req.state, type(None)):
             _codec._seen_types[state_type] = type(req.state)
+        _codec.require_type(state_type, run_id)  # a renamed class must not come back as a dict
         state = _codec.decode(rp.start_blob, state_type)
         history = History(rp.history)
         partial = rp.partial  # only the last step: the earlier ones are read when first needed
@@ -270,7 +280,14 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 best.state if best else None, best.score if best else None, info.stop_reason, None, history,
             )
         yield StoreOp(store, "acquire", (run_id, owner, budget.to_dict() if req.budget is not None else None))
-        usage = Usage(info.cost_usd, info.steps, info.wall_s, info.max_step_cost)
+        if supports_holds(store):
+            # Holds still in the store were made by calls in flight when a process died
+            # (or a step that never committed): they may have been billed, so they count.
+            charged: HeldCharge | None = yield StoreOp(store, "charge_holds", (run_id,))
+            if charged is not None:
+                held = charged.usd
+                meta_after = charge_record(rp.info.meta, charged)
+        usage = Usage(round(info.cost_usd + held, 12), info.steps, info.wall_s, info.max_step_cost)
         next_from = rp.next_from
         parent_run_id = info.parent_run_id
     else:
@@ -291,6 +308,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
     )
     states = StateLoader(store, run_id)  # loads states dropped from memory, on demand
     ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
+    if meta_after is not None:
+        ctx.meta = meta_after  # what the store now holds: a later ``set_meta`` keeps the note
     ledger = Ledger(
         run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
         deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
@@ -299,6 +318,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
         ledger.prepaid = rp.in_flight_usd  # already in ``usage.usd``: re-found children take from it
     if nested and parent is not None and carried:
         parent.carry(carried)
+    if nested and parent is not None and held:
+        parent.charge(held, enforce=False)  # charged at the resume: new to the enclosing runs' ledgers
     ctx.ledger = ledger
     # the runs above this one, whose stored totals each committed step raises too
     ancestors = tuple(
@@ -374,6 +395,8 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
             except BaseException as exc:
                 yield from interrupted(exc)
                 raise
+            if new_state is None and error is None and not spec.none_ok:  # a forgotten `return`: no null state
+                error = StateError(_RETURNED_NONE)
 
             # cost_fn and scorer are part of the step: this run's ledger is current, so what
             # they charge (an LLM grader) counts in this step's cost, under this run's caps.
@@ -443,7 +466,11 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
                 ledger.spent, iterations, wall, max_step_cost, _RUNNING if stop is None else stop.status.value,
                 None if stop is None else stop.reason, ancestors,
             )
+            if ledger.durable is not None:  # the step reserved: its commit deletes the holds it now pays for
+                row.holds = ledger.take_durable()
             yield StoreOp(store, "commit_step", (run_id, row))
+            if row.holds:
+                ledger.forget_durable(row.holds)
             if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume
                 ctx.meta_dirty = False
                 yield StoreOp(store, "set_meta", (run_id, dict(ctx.meta)))

@@ -146,7 +146,7 @@ class StallError(LoomcError):
 class RunNotFound(LoomcError, LookupError):
     """No run matches the given id or prefix."""
 
-    def __init__(self, run_id: str, nearest: list[str] | None = None, where: str = "") -> None:
+    def __init__(self, run_id: str, nearest: list[str] | None = None, where: str = "", hint: str | None = None) -> None:
         self.run_id = run_id
         self.nearest = nearest or []
         msg = f"no run {run_id!r}"
@@ -154,7 +154,9 @@ class RunNotFound(LoomcError, LookupError):
             msg += f" in {where}"
         if self.nearest:
             msg += "; nearest: " + ", ".join(self.nearest)
-        else:
+        if hint:
+            msg += f"; {hint}"
+        elif not self.nearest:
             msg += "; list runs with `loomc runs`"
         super().__init__(msg)
 

@@ -24,10 +24,12 @@ from loomc._engine import CallOp, RunRequest, RunSpec, SleepOp, StoreOp, WallClo
 from loomc._errors import BudgetExhausted, StallError, UnboundedLoopWarning
 from loomc._policy import Policy
 from loomc._retry import Retry, as_retry
-from loomc._store import open_store
+from loomc._store import MemoryStore, open_store
 from loomc._types import RunResult, RunStatus
 
 __all__ = ["AsyncLoopRunner", "LoopRunner", "loop"]
+
+_memory_lock = threading.Lock()  # two threads' first runs of a memory loop share one store
 
 S = TypeVar("S")
 
@@ -61,6 +63,7 @@ class _BaseRunner(Generic[S]):
         self._fn = fn
         self.spec = spec
         self._resolved: dict[str, Any] = {}  # absolute database path -> its store
+        self._memory: MemoryStore | None = None  # checkpoint="memory": this loop's runs, for resume
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     @property
@@ -72,7 +75,17 @@ class _BaseRunner(Generic[S]):
         return f"<{type(self).__name__} {self.spec.name}>"
 
     def store(self) -> Any:
-        """The checkpoint store this loop writes to (opened on first use)."""
+        """The checkpoint store this loop writes to (opened on first use).
+
+        With ``checkpoint="memory"`` it is one :class:`MemoryStore` per loop, kept for the
+        life of the process, so that a run of the loop can be resumed in the same process.
+        """
+        if isinstance(self.spec.checkpoint, str) and self.spec.checkpoint == "memory":
+            if self._memory is None:
+                with _memory_lock:
+                    if self._memory is None:
+                        self._memory = MemoryStore()
+            return self._memory
         return open_store(self.spec.checkpoint, self.spec.durability)  # type: ignore[arg-type]
 
     def _fixed_path(self) -> str | None:

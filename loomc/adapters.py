@@ -25,6 +25,7 @@ from typing import Any
 from loomc._context import Reservation, reserve
 from loomc._detectors import JudgeDetector
 from loomc._errors import CostError
+from loomc._holds import apersist
 from loomc._money import check_usd
 from loomc._pricing import Price, anthropic_cost, base_name, lookup, openai_cost
 
@@ -94,7 +95,13 @@ class _Call:
         self.price = adapter.price_for(kwargs.get("model"))
         self.max_usd = check_usd(adapter.max_cost(kwargs, self.price), f"{adapter!r}: the most this call can cost",
                                  hint="check the request's max_tokens and the adapter's pricing")
-        self.reservation: Reservation = reserve(self.max_usd)  # BudgetExhausted: the call is not sent
+        # BudgetExhausted: the call is not sent. Committed to the store before the call (so a
+        # crash mid-call still counts it), except on an event loop: there ``durable`` does it.
+        self.reservation: Reservation = reserve(self.max_usd)
+
+    async def durable(self) -> None:
+        """Commit the reservation to the run's store, awaited (async calls, before they are sent)."""
+        await apersist(self.reservation)
 
     def settle_usage(self, usage: Any) -> None:
         """Record the real cost from ``usage`` (the full reservation when there is none).
@@ -177,6 +184,12 @@ class _Adapter:
             return None
         return _Call(self, kwargs)
 
+    async def _abegin(self, kwargs: Mapping[str, Any]) -> _Call | None:
+        acct = self._begin(kwargs)
+        if acct is not None:
+            await acct.durable()
+        return acct
+
     def accounted(self, kwargs: Mapping[str, Any], call: Callable[[], Any]) -> Any:
         """Run a sync ``call`` made with ``kwargs`` under a reservation, settled from its ``usage``."""
         acct = self._begin(kwargs)
@@ -208,7 +221,7 @@ def _wrap_method(adapter: _Adapter, resource: Any, name: str, stream_proxy: Call
     if _is_async(resource, orig):
 
         async def acall(*args: Any, **kwargs: Any) -> Any:
-            acct = adapter._begin(kwargs)
+            acct = await adapter._abegin(kwargs)
             if acct is None:
                 return await orig(*args, **kwargs)
             injected = prepare(kwargs) if prepare is not None and kwargs.get("stream") else False
@@ -450,6 +463,13 @@ class AnthropicAdapter(_Adapter):
             if inspect.isawaitable(request):
 
                 async def arequest() -> Any:
+                    try:
+                        await acct.durable()
+                    except BaseException:
+                        close = getattr(request, "close", None)
+                        if close is not None:
+                            close()  # the request coroutine is never sent
+                        raise
                     try:
                         raw = await request
                     except BaseException:

@@ -252,6 +252,7 @@ def _header(info: RunInfo, out: Any) -> list[tuple[str, Any]]:
     pairs.extend(
         (label, text) for label, text in r.budget_lines(info) if not (info.kind == "graph" and label == "iterations" and "no limit" in text)
     )
+    pairs.extend(r.held_lines(info))
     pairs.append(("created", r.when(info.created_at) + " UTC"))
     if info.parent_run_id:
         pairs.append(("parent", f"{info.parent_run_id} (step {info.parent_step})"))
@@ -544,7 +545,7 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
     # named by state_type); the user's modules are never imported to read them.
     d["input"] = decode(input_blob, "json")
     steps, cumul = [], 0.0
-    for s in expand_rows(store._read(_sql.SELECT_STEPS_FULL, (info.id,))):
+    for s in expand_rows(store._read(_sql.SELECT_STEPS_FULL, (info.id,)), info.id, str(store.path)):
         cumul += s[2]
         steps.append(
             {

@@ -8,6 +8,7 @@ once to the graph's ledger, which caps the sum.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -16,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -28,6 +29,7 @@ from loomc._context import Ledger, _lock, _parent_ledger
 from loomc._detectors import predicate
 from loomc._engine import RunContext
 from loomc._errors import SpecMismatch
+from loomc._holds import charge_record, supports_holds
 from loomc._lease import owner_token
 from loomc._policy import EPS
 from loomc._runner import AsyncLoopRunner, LoopRunner, loop
@@ -122,7 +124,10 @@ def _as_runner(fn: Any) -> Any:
     if not callable(fn):
         raise TypeError(f"Graph.add expects a @loop or a function, got {fn!r}")
     name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-    return loop(converge_on=predicate(_one_step_done), name=name)(fn)
+    runner = loop(converge_on=predicate(_one_step_done), name=name)(fn)
+    # a plain function's return value is its output, None included (a @loop's step may not return None)
+    runner.spec = dataclasses.replace(runner.spec, none_ok=True)
+    return runner
 
 
 class Graph:
@@ -458,6 +463,9 @@ class _Execution:
             )
         limits = Budget.merged(info.budget, budget)
         await self.astore.acquire(run_id, self.owner, limits.to_dict() if budget is not None else None)
+        held = await self.astore.charge_holds(run_id) if supports_holds(self.store) else None
+        if held is not None:  # calls in flight in its nodes when a process died: charged to the graph
+            info = replace(info, meta=charge_record(info.meta, held))
         self.node_iterations = limits.iterations
         graph_input = await self.astore.load_state(run_id, -1)
         old = {n["name"]: int(n["index"]) for n in info.meta.get("nodes", []) if "name" in n and "index" in n}
@@ -482,7 +490,8 @@ class _Execution:
         # total holds all of it (and what interrupted steps spent); a node no longer in the
         # graph stays counted. Re-found nodes carry their spending from ``carried_in``.
         self.carried_in = round(sum(c.cost_usd for c in children.values()), 12)
-        self.spent_before = max(info.cost_usd, self.carried_in)
+        # holds left by calls in flight when a process died were just added to the stored total
+        self.spent_before = round(max(info.cost_usd, self.carried_in) + (held.usd if held else 0.0), 12)
         existing = {name: children[i] for name, i in index.items() if i in children}
         return await self._attempt(run_id, graph_input, limits, index, existing, info.wall_s)
 
@@ -577,6 +586,9 @@ class _Execution:
         delta = round(self._total() - (info.cost_usd if info is not None else 0.0), 12)
         if abs(delta) > EPS:
             await self.astore.add_cost(self.run_id, delta)
+        held = self.ledger.take_durable()  # holds of node steps that never committed: now in the total
+        if held and supports_holds(self.store):
+            await self.astore.drop_holds(held)
 
     def _verdict(self) -> tuple[RunStatus, str | None]:
         order = [n for n in self.graph.nodes if n in self.infos]
