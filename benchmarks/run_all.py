@@ -306,7 +306,7 @@ t0 = time.perf_counter()
 from loomc import Budget, loop
 first = []
 
-@loop(checkpoint={db!r}, durability="process", name="bench-resume")
+@loop(checkpoint={db!r}, durability="process", budget=Budget(iterations=10**9), name="bench-resume")
 def step(s):
     if not first:
         first.append(time.perf_counter())

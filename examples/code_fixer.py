@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import sys
 import time
 
 from pydantic import BaseModel
@@ -109,11 +111,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resume", metavar="RUN_ID", help="resume this run instead of starting one")
     args = parser.parse_args()
-    if args.resume:
-        print(f"resuming run {args.resume}")
-        result = fix.resume_run(args.resume)
-    else:
-        result = fix.run(FixerState(code=BUGGY))
+    # The run id is chosen up front, so it is on screen before the first step: whatever
+    # happens next (Ctrl-C, kill -9, a power cut), this is how to continue.
+    run_id = args.resume or secrets.token_hex(6)
+    again = f"python examples/code_fixer.py --resume {run_id}"
+    print(f"run {run_id}: {'resuming' if args.resume else 'starting'} (stop it any time; continue with: {again})", flush=True)
+    try:
+        result = fix.resume_run(run_id) if args.resume else fix.run(FixerState(code=BUGGY), run_id=run_id)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run {run_id} keeps every committed step; continue with: {again}", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"run {result.run_id}: {result.status.value} after {result.steps} steps, ${result.cost_usd:.2f}")
     if result.status is loomc.RunStatus.COMPLETED:
         print("all tests pass:\n")

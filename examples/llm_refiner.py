@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import secrets
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,6 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--live", action="store_true", help="call the real Anthropic API (needs ANTHROPIC_API_KEY)")
     args = parser.parse_args()
+    if args.live and not os.environ.get("ANTHROPIC_API_KEY"):
+        raise SystemExit(
+            "llm_refiner.py: --live calls the real Anthropic API and needs ANTHROPIC_API_KEY; "
+            "set it (export ANTHROPIC_API_KEY=...) or run without --live to use the local fake API"
+        )
     adapter = AnthropicAdapter(MODEL)
     with client_for(args.live) as raw:
         client = adapter.wrap(raw)
@@ -85,7 +93,16 @@ def main() -> None:
             )
             return {"draft": msg.content[0].text}  # type: ignore[union-attr]
 
-        result = refine.run({"draft": "Tides happen."})
+        run_id = secrets.token_hex(6)  # chosen up front, so it is on screen before the first call
+        print(f"run {run_id}: starting (inspect it any time: loomc show {run_id})", flush=True)
+        try:
+            result = refine.run({"draft": "Tides happen."}, run_id=run_id)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: run {run_id} keeps every committed step; see them with: loomc show {run_id}",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
+        except anthropic.APIStatusError as exc:
+            raise SystemExit(f"llm_refiner.py: the Anthropic API refused the call ({exc.status_code}): {exc.message}") from None
     print(f"run {result.run_id}: {result.status.value} after {result.steps} steps, ${result.cost_usd:.6f}")
     print(f"final draft: {result.state['draft']}")
     print(f"see every call's cost and the retry: loomc show {result.run_id}")

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import time
 from typing import Any
 
 import loomc
 from loomc import BestScore, Budget, judge, loop, predicate, score_plateau
-from orchestration import Graph
+from orchestration import Graph, ProgressEvent
 
 #: Seconds the fake model "thinks" per call (set LOOMC_EXAMPLE_DELAY=0 for instant runs).
 DELAY = float(os.environ.get("LOOMC_EXAMPLE_DELAY", "0.15"))
@@ -120,7 +121,25 @@ def main() -> None:
     parser.add_argument("--topic", default="tides")
     parser.add_argument("--resume", metavar="RUN_ID")
     args = parser.parse_args()
-    result = graph.resume(args.resume) if args.resume else graph.run({"topic": args.topic})
+    started: list[str] = []
+
+    def announce(event: ProgressEvent) -> None:
+        # The graph's first event carries its run id: print it before any node runs.
+        if event.node is None and not started:
+            started.append(event.graph_run_id)
+            print(f"graph run {event.graph_run_id}: {'resuming' if args.resume else 'starting'} "
+                  f"(continue with: python examples/pipeline.py --resume {event.graph_run_id})", flush=True)
+
+    try:
+        result = (
+            graph.resume(args.resume, on_progress=announce)
+            if args.resume
+            else graph.run({"topic": args.topic}, on_progress=announce)
+        )
+    except KeyboardInterrupt:
+        rid = started[0] if started else "RUN_ID"
+        print(f"\ninterrupted: continue with: python examples/pipeline.py --resume {rid}", file=sys.stderr)
+        raise SystemExit(130) from None
     for name, node in result.nodes.items():
         print(f"{name:<11} {node.status:<17} steps={node.steps:<2} cost=${node.cost_usd:.4f}")
     print(f"graph run {result.run_id}: {result.status.value}, total ${result.cost_usd:.4f} of $0.50")

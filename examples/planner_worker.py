@@ -13,7 +13,10 @@ its cost rolls up into that step, into the planner's total, at once.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import secrets
+import sys
 from typing import Any
 
 import anyio
@@ -91,7 +94,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.db:
         os.environ["LOOMC_DB"] = args.db  # checkpoint="sqlite" is resolved when a run starts
-    result = anyio.run(planner.run, {"todo": TASKS, "done": {}})
+    run_id = secrets.token_hex(6)  # chosen up front, so it is on screen before the first step
+    print(f"run {run_id}: starting (inspect it any time: loomc show {run_id} --tree)", flush=True)
+    try:
+        result = anyio.run(functools.partial(planner.run, {"todo": TASKS, "done": {}}, run_id=run_id))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run {run_id} keeps every committed step; resume it with planner.resume({run_id!r})",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"run {result.run_id}: {result.status.value}, ${result.cost_usd:.4f} of the $0.20 cap")
     show_tree(args.db, result.run_id)
 

@@ -15,13 +15,15 @@ from loomc.loop import AsyncLoopRunner, LoopRunner, loop  # isort: skip
 from loomc import circuit_breaker as _circuit_breaker_module  # isort: skip
 from loomc._astore import AsyncCheckpointStore, AsyncSQLiteStore
 from loomc._budget import Budget
-from loomc._context import Reservation, RunView, charge, current_run, reserve
+from loomc._context import Reservation, RunView, areserve, charge, current_run, reserve, with_run_context
 from loomc._detectors import BestScore, Escalate, JudgeDetector, LastGood, judge, predicate, score_plateau
 from loomc._errors import (
     AmbiguousRunId,
     BudgetExhausted,
     CircuitOpenError,
+    CostError,
     LoomcError,
+    RunContextLost,
     RunLocked,
     RunNotFound,
     SchemaTooNew,
@@ -29,6 +31,7 @@ from loomc._errors import (
     StallError,
     StateError,
     StoreError,
+    UnboundedLoopWarning,
 )
 from loomc._retry import Retry
 from loomc._semantic import SemanticDelta, semantic_delta
@@ -54,6 +57,7 @@ __all__ = [
     "CheckpointStore",
     "CircuitBreaker",
     "CircuitOpenError",
+    "CostError",
     "Escalate",
     "JudgeDetector",
     "LastGood",
@@ -63,6 +67,7 @@ __all__ = [
     "OpenAIAdapter",
     "Reservation",
     "Retry",
+    "RunContextLost",
     "RunInfo",
     "RunLocked",
     "RunNotFound",
@@ -77,6 +82,8 @@ __all__ = [
     "StateError",
     "StepRecord",
     "StoreError",
+    "UnboundedLoopWarning",
+    "areserve",
     "charge",
     "circuit_breaker",
     "current_run",
@@ -86,6 +93,7 @@ __all__ = [
     "reserve",
     "score_plateau",
     "semantic_delta",
+    "with_run_context",
 ]
 
 _LAZY = {"AnthropicAdapter": "loomc.adapters", "OpenAIAdapter": "loomc.adapters"}

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from loomc import _sql
 from loomc._codec import decode, delta_base, encode, expand
 from loomc._errors import RunNotFound, StoreError
+from loomc._holds import HeldCharge
 from loomc._store import (
     Durability,
     NewRun,
@@ -33,6 +34,7 @@ from loomc._store import (
     StateLoader,
     _history_record,
     _nearest,
+    _sweep,
     expand_rows,
     new_run_id,
 )
@@ -361,7 +363,7 @@ class AsyncSQLiteStore:
         execute = cur.execute
         ops, results, errors = batch.ops, batch.results, batch.errors
         try:
-            self.sync.check_file_soon()
+            self.sync.check_file_soon(db)
             beat = time.time()
             execute("BEGIN IMMEDIATE")
             try:
@@ -406,6 +408,24 @@ class AsyncSQLiteStore:
         args = (usd, _sql.now_iso(), run_id)
         await self._write(lambda execute, beat: execute(_sql.ADD_COST, args))
 
+    async def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
+        """Commit a reservation of ``run_id`` before the call it pays for is sent (see ``SQLiteStore``)."""
+        args = (hold_id, run_id, usd, _sql.now_iso())
+        await self._write(lambda execute, beat: execute(_sql.INSERT_HOLD, args))
+
+    async def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
+        """Delete holds whose spending is recorded by now (see ``SQLiteStore``)."""
+
+        def drop(execute: Any, beat: float) -> None:
+            for hold_id in hold_ids:
+                execute(_sql.DELETE_HOLD, (hold_id,))
+
+        await self._write(drop)
+
+    async def charge_holds(self, run_id: str) -> HeldCharge | None:
+        """Charge the holds left by ``run_id`` and the runs below it to ``run_id`` (see ``SQLiteStore``)."""
+        return await self._write(lambda execute, beat: _sweep(execute, run_id))  # type: ignore[no-any-return]
+
     # -- steps ----------------------------------------------------------------------
     async def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
@@ -418,14 +438,17 @@ class AsyncSQLiteStore:
         """Every step of the run, states included, in order."""
         type_rows = await self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         ref = type_rows[0][0] if type_rows else "json"
-        return [_sql.step_record(r, ref) for r in expand_rows(await self._read(_sql.SELECT_STEPS_FULL, (run_id,)))]
+        rows = await self._read(_sql.SELECT_STEPS_FULL, (run_id,))
+        return [_sql.step_record(r, ref) for r in expand_rows(rows, run_id, str(self.path))]
 
     async def stored_state(self, run_id: str, step_n: int) -> str | bytes | None:
-        """A step's state as stored, a delta made whole (``None``: no such step)."""
+        """A step's state as stored, a delta made whole (``None``: no such step; see ``SQLiteStore``)."""
         rows = await self._read(_sql.SELECT_STATE, (run_id, step_n))
         if not rows:
             return None
         blob = rows[0][0]
+        if blob is None:
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=True)
         base = delta_base(blob)
         if base is not None:
             key = await self._read(_sql.SELECT_STATE, (run_id, base))
@@ -440,7 +463,7 @@ class AsyncSQLiteStore:
         ref_rows = await self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         blob = await self.stored_state(run_id, step_n)
         if blob is None:
-            raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=False)
         return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     async def resume_point(self, run_id: str) -> ResumePoint:
@@ -451,12 +474,19 @@ class AsyncSQLiteStore:
         state_type, input_blob, stored_next = (await self._read(_sql.SELECT_RESUME, (run_id,)))[0]
         loader = StateLoader(self.sync, run_id)
         history = [_history_record(r, loader) for r in await self._read(_sql.SELECT_LAST_STEP_META, (run_id,))]
+        _sql.check_last_step(run_id, info.steps, history[-1].step_n if history else None, str(self.path))
         next_from = _sql.start_point(stored_next, history[-1].step_n if history else None)
         blob = input_blob
         if next_from >= 0:
             stored = await self.stored_state(run_id, next_from)
-            blob = input_blob if stored is None else stored
-        return ResumePoint(info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0)
+            if stored is None:  # never fall back to the input: the run's spending says otherwise
+                raise _sql.missing_state(run_id, next_from, str(self.path), row=False)
+            blob = stored
+        in_flight = (await self._read(_sql.IN_FLIGHT, (run_id, history[-1].step_n + 1 if history else 0)))[0][0]
+        return ResumePoint(
+            info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0,
+            in_flight_usd=float(in_flight),
+        )
 
     async def step_history(self, run_id: str, before: int) -> list[StepRecord]:
         """The run's steps numbered below ``before``, in order (states loaded lazily)."""

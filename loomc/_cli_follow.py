@@ -34,6 +34,7 @@ class Follower:
         self.kids: dict[str, tuple[str, int]] = {}
         self.kid_infos: list[RunInfo] = []
         self.info: RunInfo | None = None
+        self.skipped = 0  # steps before the first one read (never loaded)
         self._live: Any = None
         self._started = False
         self._header_printed = False
@@ -46,7 +47,13 @@ class Follower:
         if info is None:
             raise RunNotFound(self.run_id, where=str(self.store.path))
         self.info = info
-        new = r.read_steps(self.store, self.run_id, self.last_step)
+        if not self._started and self.out.tty:
+            # A live view keeps only the last rows: read only those, and sum what comes before.
+            new = r.read_steps(self.store, self.run_id, last=LIVE_ROWS, error_chars=r.ERROR_READ)
+            if new:
+                self.skipped, self.cumul = r.step_totals(self.store, self.run_id, new[0].step_n)
+        else:
+            new = r.read_steps(self.store, self.run_id, self.last_step, error_chars=r.ERROR_READ)
         kids = self.store.children(self.run_id)
         if not self._started:
             self._begin(info)
@@ -54,6 +61,9 @@ class Follower:
             self.cumul += rec.cost_usd
             cells = r.step_cells(rec, self.cumul)
             self.rows.append(cells)
+            if len(self.rows) > 2 * LIVE_ROWS:  # only the live view reads them: keep memory flat
+                self.skipped += len(self.rows) - LIVE_ROWS
+                del self.rows[:-LIVE_ROWS]
             self.last_step = rec.step_n
             if not self.out.tty:
                 if not self._header_printed:
@@ -96,14 +106,15 @@ class Follower:
         info = self.info
         assert info is not None
         head = Text()
-        head.append(f"run {info.id} ", style="bold")
-        head.append(f"{info.name}  ")
+        head.append(f"run {r.visible(info.id)} ", style="bold")
+        head.append(f"{r.clip(info.name, 120)}  ")
         head.append(info.status.value, style=r.STATUS_STYLE.get(info.status, ""))
         head.append("\n" + "   ".join(f"{k} {v}" for k, v in r.budget_lines(info)), style="dim")
         parts: list[Any] = [head]
         rows = self.rows[-LIVE_ROWS:]
-        if len(self.rows) > LIVE_ROWS:
-            parts.append(Text(f"... {len(self.rows) - LIVE_ROWS} earlier steps", style="dim"))
+        earlier = self.skipped + max(0, len(self.rows) - LIVE_ROWS)
+        if earlier:
+            parts.append(Text(f"... {earlier} earlier steps (loomc show {info.id} --all)", style="dim"))
         if rows:
             parts.append(self.out.rich_table(r.STEP_COLS, rows))
         elif info.kind != "graph":
@@ -138,7 +149,7 @@ class Follower:
             return
         line = f"run {info.id} {info.status.value}"
         if info.stop_reason:
-            line += f": {info.stop_reason}"
+            line += f": {r.clip(info.stop_reason)}"
         elif info.status is RunStatus.CRASHED:
             line += ": its process died; `loomc resume " + info.id + "` shows how to continue"
         line += f" ({info.steps} steps, {r.money(info.cost_usd)})"

@@ -8,6 +8,8 @@ stable columns, no colour and no wrapping. rich is imported only for a terminal 
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,8 +24,10 @@ __all__ = [
     "Col",
     "Output",
     "budget_lines",
-    "left_lines",
+    "clip",
     "duration",
+    "json_safe",
+    "left_lines",
     "markers",
     "money",
     "own_cost",
@@ -32,6 +36,8 @@ __all__ = [
     "run_dict",
     "step_cells",
     "step_dict",
+    "step_totals",
+    "visible",
     "when",
 ]
 
@@ -45,8 +51,50 @@ STATUS_STYLE = {
     RunStatus.CRASHED: "bold red",
 }
 
-#: Longest error shown in a table cell (``--json`` and ``export`` keep the whole text).
+#: Longest error shown in a table cell (``show --full``, ``--json`` and ``export`` keep the whole text).
 ERROR_WIDTH = 72
+#: Longest stored text shown as a value line (``stopped``, ``name`` ...) before it is cut.
+VALUE_WIDTH = 300
+#: What marks a cut: the text goes on in ``show --full`` / ``export``.
+CUT = "..."
+#: Characters of each error a table reads: enough for :func:`short` to know whether it cut.
+ERROR_READ = 4 * ERROR_WIDTH + 17
+#: Steps ``show`` prints on a terminal when neither ``--first``, ``--last`` nor ``--all`` is given.
+TTY_STEPS = 50
+
+# Characters a terminal may act on rather than print: C0 controls (ESC, BEL, CR, newline ...),
+# DEL and the C1 controls (U+009B is a one-byte CSI), bidi embeddings, overrides and isolates
+# (a line that reads differently from what it holds), zero-width and other invisible format
+# characters, line/paragraph separators, and lone surrogates (which cannot even be encoded).
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    "\ufeff\ufff9-\ufffb\ud800-\udfff]"
+)
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: object) -> str:
+    """``text`` with every character a terminal could act on shown as an escape (``\\x1b``, ``\\u202e``).
+
+    Every stored string the CLI prints (names, errors, stop reasons, node names) goes
+    through here, so a step error cannot move the cursor, retitle the window, hide text or
+    reorder a line. rich never parses what this returns as markup: the CLI hands it to rich
+    as plain ``Text``.
+    """
+    value = text if isinstance(text, str) else str(text)
+    return _UNSAFE.sub(_escape, value)
+
+
+def clip(text: str | None, width: int = VALUE_WIDTH) -> str:
+    """``text`` escaped by :func:`visible` and cut to about ``width`` characters (ends with ``...``)."""
+    if not text:
+        return ""
+    shown = visible(text[: width + 1])
+    return shown if len(text) <= width and len(shown) <= width else _PARTIAL.sub("", shown[: width - len(CUT)]) + CUT
 
 
 # ---------------------------------------------------------------------------------
@@ -85,25 +133,47 @@ def score_text(score: float | None) -> str:
     return "-" if score is None else f"{score:.3f}"
 
 
-def short(text: str | None, width: int = ERROR_WIDTH) -> str:
-    """``text`` on one line, cut to ``width`` characters."""
+def short(text: str | None, width: int | None = ERROR_WIDTH) -> str:
+    """``text`` on one line, escaped, cut to ``width`` characters (``None``: whole)."""
     if not text:
         return ""
-    one = " ".join(text.split())
-    return one if len(one) <= width else one[: width - 3] + "..."
+    # Cut before collapsing: a 20 MB error costs no more than a short one.
+    head = text if width is None else text[: 4 * width + 16]
+    one = visible(" ".join(head.split()))
+    if width is None or (len(one) <= width and len(head) == len(text)):
+        return one
+    return _PARTIAL.sub("", one[: width - len(CUT)]) + CUT
+
+
+# The start of an escape that a cut split (``\x1``, ``\u20``): dropped rather than shown half.
+_PARTIAL = re.compile(r"\\(?:x[0-9a-f]?|u[0-9a-f]{0,3})?$")
 
 
 def markers(event: str | None) -> str:
     """``<- backtrack to step 1  <- converged`` from a stored ``"; "``-joined event."""
     if not event:
         return ""
-    return "  ".join(f"<- {e.strip()}" for e in event.split(";") if e.strip())
+    return visible("  ".join(f"<- {e.strip()}" for e in event.split(";") if e.strip()))
 
 
 def own_cost(info: RunInfo, children: Sequence[RunInfo]) -> float:
     """What the run spent itself: its total minus its direct children's totals."""
     own = round(info.cost_usd - sum(c.cost_usd for c in children), 9)
     return own if own > 0 else 0.0
+
+
+def held_lines(info: RunInfo) -> list[tuple[str, str]]:
+    """``("in flight", ...)`` for each charge of holds left by calls in flight when a process died."""
+    records = info.meta.get("held_charges") if isinstance(info.meta, dict) else None
+    out: list[tuple[str, str]] = []
+    for rec in records if isinstance(records, list) else []:
+        if not isinstance(rec, dict):
+            continue
+        n = int(rec.get("holds") or 1)
+        calls = "a call" if n == 1 else f"{n} calls"
+        out.append(("in flight", f"{money(rec.get('usd'))} charged, held by {calls} in flight when the process died "
+                                 f"(counted at resume, {when(str(rec.get('at', '')))} UTC)"))
+    return out
 
 
 def _limits(info: RunInfo) -> list[tuple[str, float, float | None, Callable[[float], str]]]:
@@ -187,18 +257,36 @@ def step_dict(rec: StepRecord, cumul: float) -> dict[str, Any]:
     }
 
 
-def step_cells(rec: StepRecord, cumul: float) -> list[str]:
-    """One row of the step table: STEP COST CUMUL SCORE ERROR and the markers."""
-    return [str(rec.step_n), money(rec.cost_usd), money(cumul), score_text(rec.score), short(rec.error), markers(rec.event)]
+def step_cells(rec: StepRecord, cumul: float, *, full: bool = False) -> list[str]:
+    """One row of the step table: STEP COST CUMUL SCORE ERROR and the markers (``full``: errors uncut)."""
+    error = short(rec.error, None if full else ERROR_WIDTH)
+    return [str(rec.step_n), money(rec.cost_usd), money(cumul), score_text(rec.score), error, markers(rec.event)]
 
 
-def read_steps(store: Any, run_id: str, after: int = -1) -> list[StepRecord]:
-    """Step metadata of a run, without reading any state; only steps after ``after``."""
+def read_steps(
+    store: Any, run_id: str, after: int = -1, *, first: int | None = None, last: int | None = None,
+    error_chars: int | None = None,
+) -> list[StepRecord]:
+    """Step metadata of a run (no state), in step order, reading only the rows asked for.
+
+    Args:
+        store: an open ``SQLiteStore``.
+        run_id: the run.
+        after: only steps numbered above this.
+        first: at most this many steps from the start (after ``after``).
+        last: only the last this many steps (``first`` is then ignored).
+        error_chars: read at most this many characters of each error (``None``: whole).
+    """
     from datetime import datetime
 
     from loomc import _sql
 
-    rows = store._read(_sql.SELECT_STEP_META, (run_id,))
+    error = "error" if error_chars is None else f"substr(error, 1, {int(error_chars)})"
+    if last is not None:
+        rows = store._read(_sql.STEP_META_LAST.format(error=error), (run_id, last))[::-1]
+        rows = [row for row in rows if row[0] > after]
+    else:
+        rows = store._read(_sql.STEP_META_AFTER.format(error=error), (run_id, after, -1 if first is None else first))
     return [
         StepRecord(
             row[0],
@@ -210,13 +298,53 @@ def read_steps(store: Any, run_id: str, after: int = -1) -> list[StepRecord]:
             event=row[5],
         )
         for row in rows
-        if row[0] > after
     ]
 
 
-def dumps(data: Any) -> str:
-    """JSON as the CLI prints it."""
-    return json.dumps(data, indent=2, ensure_ascii=False, default=str)
+def step_totals(store: Any, run_id: str, before: int) -> tuple[int, float]:
+    """``(steps, cost)`` of a run's steps numbered below ``before``: what a window leaves out."""
+    from loomc import _sql
+
+    count, cost = store._read(_sql.STEP_TOTALS_BEFORE, (run_id, before))[0]
+    return int(count), float(cost)
+
+
+def json_safe(data: Any) -> Any:
+    """``data`` with every float that is not finite as a string: ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
+
+    Standard JSON has no such numbers; printing them bare would break every strict parser.
+    """
+    if isinstance(data, float):
+        if math.isfinite(data):
+            return data
+        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    return data
+
+
+# In JSON text, C1 controls, bidi and invisible characters are written as \uXXXX (valid JSON,
+# and harmless when the JSON itself lands on a terminal); json escapes C0 itself.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
+
+
+def dumps(data: Any, *, indent: int | None = 2) -> str:
+    """JSON as the CLI prints it: strictly valid (no bare NaN), terminal-safe, UTF-8 kept."""
+    text = json.dumps(json_safe(data), indent=indent, ensure_ascii=False, default=str, allow_nan=False)
+    if _JSON_UNSAFE.search(text) is None and not _has_surrogate(text):
+        return text
+    text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------
@@ -303,7 +431,8 @@ class Output:
         return self._console
 
     def line(self, text: str = "") -> None:
-        """Print one line of plain text."""
+        """Print one line of plain text (escaped by :func:`visible`; never read as markup)."""
+        text = visible(text)
         if self.tty:
             self.console.print(text, markup=False, highlight=False)
         else:
@@ -324,7 +453,7 @@ class Output:
     def table(self, cols: Sequence[Col], rows: Sequence[Sequence[Any]]) -> None:
         """Print a table: rich on a terminal, :func:`plain_table` otherwise."""
         if not self.tty:
-            for text in plain_table(cols, [[str(c) for c in r] for r in rows]):
+            for text in plain_table(cols, [[visible(c) for c in r] for r in rows]):
                 sys.stdout.write(text + "\n")
             return
         self.console.print(self.rich_table(cols, rows))
@@ -343,24 +472,28 @@ class Output:
                 style="dim" if col.header in ("CREATED",) else ("bold" if not col.header else None),
                 overflow="ellipsis",
             )
+        from rich.text import Text
+
         for r in rows:
-            table.add_row(*r)
+            # Plain strings become Text: stored text like "[red]" is shown, not styled.
+            table.add_row(*(Text(visible(c)) if isinstance(c, str) else c for c in r))
         return table
 
-    def kv(self, pairs: Sequence[tuple[str, Any]]) -> None:
-        """``key  value`` lines (the header of ``show`` and ``resume``)."""
-        width = max(len(k) for k, _ in pairs)
-        for key, value in pairs:
+    def kv(self, pairs: Sequence[tuple[str, Any]], *, width: int | None = VALUE_WIDTH) -> None:
+        """``key  value`` lines (the header of ``show`` and ``resume``); values escaped, cut to ``width``."""
+        keys = max(len(k) for k, _ in pairs)
+        for key, raw in pairs:
+            value = (visible(raw) if width is None else clip(raw, width)) if isinstance(raw, str) else raw
             if self.tty and not isinstance(value, str):
                 from rich.text import Text
 
-                self.console.print(Text(key.ljust(width) + "  ", style="bold"), value, sep="")
+                self.console.print(Text(key.ljust(keys) + "  ", style="bold"), value, sep="")
             elif self.tty:
                 from rich.text import Text
 
-                self.console.print(Text(key.ljust(width) + "  ", style="bold") + Text(value))
+                self.console.print(Text(key.ljust(keys) + "  ", style="bold") + Text(value))
             else:
-                sys.stdout.write(f"{key.ljust(width)}  {value}\n")
+                sys.stdout.write(f"{key.ljust(keys)}  {value}\n")
 
     def render(self, renderable: RenderableType) -> None:
         """Print any rich renderable (a tree), plain when not a terminal."""

@@ -20,10 +20,32 @@ from typing import Any
 from loomc._errors import LoomcError
 from loomc._types import RunInfo, RunStatus
 
-__all__ = ["load_loop", "resume_here"]
+__all__ = ["load_loop", "resume_budget", "resume_here"]
 
 #: The module name a ``__main__`` script is loaded under.
 SCRIPT_MODULE = "__loomc_main__"
+
+
+def resume_budget(
+    stored: dict[str, Any] | None, *, usd: float | None = None, iterations: float | None = None,
+    wall_clock: str | float | None = None,
+) -> Any:
+    """The budget a resume from the command line runs under (``None``: no new limit given).
+
+    Used by ``loomc resume --run`` and ``loomc graph run --resume``, by the same rule as
+    ``resume(budget=...)`` (:meth:`Budget.merged`): the limits given replace the run's
+    stored ones (``stored``, as ``Budget.to_dict`` wrote them), the others are kept, and
+    ``inf`` removes one.
+
+    Raises:
+        ValueError: a limit is not a valid budget value (the message names it).
+    """
+    from loomc._budget import Budget
+
+    given: dict[str, Any] = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
+    if not given:
+        return None
+    return Budget.merged(stored, Budget(**given))
 
 
 def _load_script(path: Path) -> ModuleType:
@@ -172,10 +194,10 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
         follower.poll()
         follower.close()
     if result.error is not None and result.status is RunStatus.FAILED:
-        sys.stderr.write(f"loomc: run {info.id} failed: {type(result.error).__name__}: {result.error}\n")
+        sys.stderr.write(f"loomc: run {info.id} failed: {r.clip(f'{type(result.error).__name__}: {result.error}', 2000)}\n")
     elif result.status is RunStatus.BUDGET_EXHAUSTED:
         sys.stderr.write(
-            f"loomc: run {info.id} stopped ({result.stop_reason}); give it more with "
+            f"loomc: run {info.id} stopped ({r.clip(result.stop_reason)}); give it more with "
             f"`loomc resume {info.id} --run --usd/--iterations/--wall-clock ...`\n"
         )
     return 0 if result.status is RunStatus.COMPLETED else 1

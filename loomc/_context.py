@@ -9,16 +9,26 @@ so concurrent charges can never together cross a cap.
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from loomc._errors import BudgetExhausted, LoomcError
+from loomc._errors import BudgetExhausted, LoomcError, RunContextLost
+from loomc._money import check_usd
 from loomc._policy import EPS, Headroom
 
-__all__ = ["Ledger", "Reservation", "RunView", "charge", "current_ledger", "current_run", "reserve"]
+__all__ = [
+    "Ledger", "Reservation", "RunView", "areserve", "charge", "current_ledger", "current_run", "reserve", "step_ended",
+    "step_started", "with_run_context",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _lock = threading.RLock()
 _NO_LIMITS = Headroom()
@@ -48,6 +58,12 @@ class Ledger:
         # What this run holds against its ancestors' caps for the step in flight (its
         # next-step estimate): spending that passes through it draws the hold down first.
         self.step_hold = 0.0
+        # A resumed run's ``spent`` starts at its stored total, which already includes what
+        # the children of its uncommitted step spent: re-found children carry from this.
+        self.prepaid = 0.0
+        # Ids of holds written to the store (``loomc._holds``) by this run or a run below it
+        # since this run's last commit; its next commit deletes them. None: none (the common case).
+        self.durable: set[int] | None = None
 
     @property
     def total_cost_usd(self) -> float:
@@ -135,6 +151,21 @@ class Ledger:
             for led in chain:
                 led.spent = round(led.spent + usd, 12)
 
+    def carry(self, usd: float) -> None:
+        """Count a re-found child's earlier spending on this run and its ancestors, once.
+
+        Each ledger in the chain takes ``usd`` from its ``prepaid`` first (spending its
+        stored total already holds) and records only the rest. Never refused: the money
+        was spent before.
+        """
+        with _lock:
+            for led in self.chain():
+                take = min(led.prepaid, usd)
+                if take > 0:
+                    led.prepaid = round(led.prepaid - take, 12)
+                if usd - take > 0:
+                    led.spent = round(led.spent + usd - take, 12)
+
     def reserve(self, usd: float) -> Reservation:
         """Hold ``usd`` against every cap in the chain until settled."""
         with _lock:
@@ -187,6 +218,31 @@ class Ledger:
                 for led in self.parent.chain():
                     led.reserved = round(led.reserved - left, 12)
 
+    def note_durable(self, hold_id: int) -> None:
+        """Remember a hold written to the store, on this ledger and every ancestor."""
+        with _lock:
+            for led in self.chain():
+                if led.durable is None:
+                    led.durable = set()
+                led.durable.add(hold_id)
+
+    def take_durable(self) -> tuple[int, ...] | None:
+        """The ids of the holds this run's next commit deletes (and forgets them here)."""
+        if self.durable is None:  # the common case: nothing was reserved
+            return None
+        with _lock:
+            ids, self.durable = tuple(self.durable), None
+        return ids or None
+
+    def forget_durable(self, ids: tuple[int, ...]) -> None:
+        """Holds deleted by this run's commit: the ancestors' commits need not delete them again."""
+        with _lock:
+            node = self.parent
+            while node is not None:
+                if node.durable:
+                    node.durable.difference_update(ids)
+                node = node.parent
+
     def settle_open(self) -> float:
         """Settle the holds a step left open at their full amount (never under-count); their total."""
         if not self.holds:  # the common case: every hold was settled in the step
@@ -209,10 +265,11 @@ class Reservation:
         self.ledger = ledger
         self.usd = usd
         self.settled: float | None = None
+        self.hold_id: int | None = None  # set once the hold is written to the run's store
 
     def settle(self, actual: float) -> None:
         """Replace the reservation by the real cost (recorded even if it exceeds the hold)."""
-        actual = _check_amount(actual)
+        actual = check_usd(actual, "the amount given to Reservation.settle")
         with _lock:
             if self.settled is not None:
                 return
@@ -246,10 +303,36 @@ def current_ledger() -> Ledger | None:
     return _parent_ledger.get()
 
 
-def _check_amount(usd: float) -> float:
-    if isinstance(usd, bool) or not isinstance(usd, (int, float)) or usd != usd or usd < 0:
-        raise ValueError(f"charge({usd!r}): the amount must be a non-negative number of USD")
-    return float(usd)
+# How many steps of this process are executing right now (any run, any thread). A charge
+# made with no run in its context while this is not zero comes from a thread that lost the
+# step's context: refused, never silently dropped. Only that (rare) path reads it.
+_steps_in_flight = 0
+
+
+def step_started() -> None:
+    """A step (its call, cost_fn and scorer) starts executing in this process."""
+    global _steps_in_flight  # one process-wide count, under _lock
+    with _lock:
+        _steps_in_flight += 1
+
+
+def step_ended() -> None:
+    """A step counted by :func:`step_started` is over."""
+    global _steps_in_flight  # one process-wide count, under _lock
+    with _lock:
+        _steps_in_flight -= 1
+
+
+def _no_run(what: str) -> None:
+    """A charge with no run in its context: a no-op, unless some step is running (lost context)."""
+    if _steps_in_flight:
+        raise RunContextLost(
+            f"loomc.{what}() was called with no run in its context while a step is running: it comes from "
+            "a thread that does not carry the step's context (a plain threading.Thread or a "
+            "concurrent.futures executor), so the money cannot be counted against the run. Wrap the "
+            "thread's function: pool.submit(loomc.with_run_context(fn), ...) or "
+            "threading.Thread(target=loomc.with_run_context(fn))"
+        )
 
 
 def charge(usd: float) -> None:
@@ -257,22 +340,112 @@ def charge(usd: float) -> None:
 
     A hard cap: a charge that would cross any cap raises :class:`BudgetExhausted`
     (and is not recorded). Outside a run it does nothing.
+
+    Raises:
+        BudgetExhausted: the charge would cross a cap of the run or an enclosing run.
+        CostError: ``usd`` is not a finite number >= 0.
+        RunContextLost: no run in this context while a step of this process is running
+            (a thread that does not carry the step's context; see :func:`with_run_context`).
     """
-    usd = _check_amount(usd)
+    usd = check_usd(usd, "the amount given to loomc.charge")
     ledger = _parent_ledger.get()
     if ledger is not None:
         ledger.charge(usd)
+    else:
+        _no_run("charge")
+
+
+def reserve_in_memory(usd: float) -> Reservation:
+    """``reserve`` without writing the hold to the store (the caller makes it durable)."""
+    usd = check_usd(usd, "the amount given to loomc.reserve")
+    ledger = _parent_ledger.get()
+    if ledger is None:
+        _no_run("reserve")
+        return Reservation(None, usd)
+    return ledger.reserve(usd)
 
 
 def reserve(usd: float) -> Reservation:
     """Hold ``usd`` (the most a call can cost) against every cap before the call.
 
-    Raises :class:`BudgetExhausted` if it cannot fit. Settle the real cost after the
-    call with ``reservation.settle(actual)``; use it as a context manager to settle
-    the full amount (or release it on an exception) automatically.
+    Settle the real cost after the call with ``reservation.settle(actual)``; use it as a
+    context manager to settle the full amount (or release it on an exception)
+    automatically. Outside a run the reservation is inert.
+
+    In a run whose store keeps holds (loomc's SQLite and memory stores), the hold is
+    committed to the store before this returns: if the process dies while the call is
+    in flight, resuming the run charges the hold in full. On an event loop thread the
+    write would block the loop, so there the hold stays in memory: use
+    ``await loomc.areserve(usd)`` in async code.
+
+    Raises:
+        BudgetExhausted: ``usd`` cannot fit under a cap of the run or an enclosing run.
+        CostError: ``usd`` is not a finite number >= 0.
+        RunContextLost: as for :func:`charge`.
+        StoreError: the hold could not be written (then nothing is held: do not send the call).
     """
-    usd = _check_amount(usd)
-    return Reservation(None, usd) if (ledger := _parent_ledger.get()) is None else ledger.reserve(usd)
+    from loomc import _holds
+
+    reservation = reserve_in_memory(usd)
+    if reservation.ledger is not None and not _holds.on_event_loop():
+        _holds.persist(reservation)
+    return reservation
+
+
+async def areserve(usd: float) -> Reservation:
+    """``reserve`` for async code: the hold is committed to the store (awaited) before it returns.
+
+    Raises :class:`BudgetExhausted` if it cannot fit, or :class:`~loomc.StoreError` if the
+    hold cannot be written (then nothing is held, and the call must not be sent).
+    """
+    from loomc import _holds
+
+    reservation = reserve_in_memory(usd)
+    if reservation.ledger is not None:
+        await _holds.apersist(reservation)
+    return reservation
+
+
+def with_run_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` made to run in the caller's run context, from any thread.
+
+    A plain ``threading.Thread`` or a ``concurrent.futures`` executor does not carry the
+    context of the step that starts it, so ``loomc.charge`` (and a wrapped LLM client, and
+    a nested loop) inside it would not know its run. Wrap the function where the step
+    hands it over::
+
+        pool.submit(loomc.with_run_context(call_model), prompt)
+        threading.Thread(target=loomc.with_run_context(call_model), args=(prompt,))
+
+    The context is captured when ``with_run_context`` is called; each call of the
+    returned function runs in its own copy of it (so several threads may call it at
+    once). Join such threads before the step returns: money charged after a step ended
+    is not part of its cost.
+
+    Args:
+        fn: a sync callable (async tasks carry the context already).
+
+    Returns:
+        A callable with ``fn``'s signature.
+
+    Raises:
+        TypeError: ``fn`` is not callable or is an ``async def`` function.
+    """
+    if not callable(fn):
+        raise TypeError(f"with_run_context({fn!r}): expected a callable")
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"with_run_context({fn!r}): an async function already runs in its task's context; "
+            "pass a sync function (for a thread), or await it directly"
+        )
+    captured = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def in_run_context(*args: P.args, **kwargs: P.kwargs) -> R:
+        # A Context can be entered by one thread at a time: each call gets its own copy.
+        return captured.copy().run(fn, *args, **kwargs)
+
+    return in_run_context
 
 
 @dataclass(frozen=True)

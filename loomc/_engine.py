@@ -15,9 +15,11 @@ from typing import Any
 
 from loomc import _codec
 from loomc._budget import Budget
-from loomc._context import Ledger, RunView, _parent_ledger
+from loomc._context import Ledger, RunView, _parent_ledger, step_ended, step_started
 from loomc._errors import BudgetExhausted, LoomcError, SpecMismatch, StateError, StoreError
+from loomc._holds import HeldCharge, charge_record, supports_holds
 from loomc._lease import Claim, claim, owner_token
+from loomc._money import check_usd
 from loomc._policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
 from loomc._sql import StepRow, now_iso
 from loomc._store import NewRun, ResumePoint, StateLoader, new_run_id
@@ -73,6 +75,7 @@ class RunSpec:
     kind: str = "loop"
     meta: dict[str, Any] = field(default_factory=dict)
     retry: Any = None  # loomc._retry.Retry | None
+    none_ok: bool = False  # a step may return None (a graph's plain-function node: its output)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class RunContext:
         self.step_n = -1
         self.in_step = False
         self._calls = 0
+        # What each child run of the current step has already put into this run's ledger in
+        # this process: a child found again (a retried attempt) carries only the rest.
+        self.children_paid: dict[str, float] = {}
         self.iterations = 0
         self.ledger: Ledger | None = None
         self.meta: dict[str, Any] = {}
@@ -110,10 +116,37 @@ class RunContext:
         self.notes: list[str] = []  # retries, breaker transitions: joined into the step's event
 
     def begin_step(self, step_n: int) -> None:
-        """A new step starts: nested loops it starts are numbered from 0 again."""
+        """A step (or another attempt of it) starts: nested loops it starts are numbered from 0 again."""
+        if step_n != self.step_n and self.children_paid:
+            self.children_paid = {}
         self.step_n = step_n
         self._calls = 0
         self.in_step = True
+
+    def enter_step(self, step_n: int) -> None:
+        """The run's step ``step_n`` starts executing (counted until :meth:`leave_step`)."""
+        step_started()
+        self.begin_step(step_n)
+
+    def leave_step(self) -> None:
+        """The step's call, ``cost_fn`` and ``scorer`` are over (idempotent)."""
+        if self.in_step:
+            self.in_step = False
+            step_ended()
+
+    def carry(self, child_id: str, child_cost: float) -> float:
+        """What of a found child's stored cost is not yet in this run's ledger (in this process)."""
+        from loomc._context import _lock
+
+        with _lock:
+            return max(0.0, round(child_cost - self.children_paid.get(child_id, 0.0), 12))
+
+    def child_paid(self, child_id: str, child_cost: float) -> None:
+        """A child run of the current step ends with ``child_cost`` in this run's ledger."""
+        from loomc._context import _lock
+
+        with _lock:
+            self.children_paid[child_id] = child_cost
 
     def next_call_index(self) -> int:
         """The call order of the next nested loop started by the current step."""
@@ -130,7 +163,7 @@ class RunContext:
         assert led is not None
         now = time.monotonic()
         room = led.headroom(now, include_self=True)
-        iters = None if self.budget.iterations is None else max(0, self.budget.iterations - self.iterations)
+        iters = None if self.budget.iterations is None else max(0, int(self.budget.iterations) - self.iterations)
         return RunView(
             run_id=self.run_id, name=self.name, step=self.step_n, parent_run_id=self.parent_run_id,
             usd_spent=led.spent, usd_remaining=led.available(), iterations_remaining=iters,
@@ -138,11 +171,28 @@ class RunContext:
         )
 
 
+_COST_FN_HINT = "return the USD the step spent (0.0 if it spent nothing)"
+
+
+def _refused(exc: BudgetExhausted, ledger: Ledger) -> Stop | None:
+    """The stop a refused charge calls for: when the cap is this run's or an ancestor's."""
+    if not any(exc.owner == led.run_id for led in ledger.chain()):
+        return None  # a cap of a nested run (inside the step) only: a plain step error
+    outer = exc.owner if exc.owner != ledger.run_id else None
+    return Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}" + (f" (enclosing run {outer})" if outer else ""),
+                exc.limit, exc.used, exc.cap, outer)
+
+
 def _budget_error(stop: Stop, run_id: str, state: Any) -> BudgetExhausted:
     return BudgetExhausted(stop.limit or "usd", stop.used, stop.cap, run_id=run_id, owner=stop.owner or run_id, state=state)
 
 
 _RUNNING = RunStatus.RUNNING.value
+
+
+_RETURNED_NONE = (
+    "the step returned None; return the new state (a step is state -> new state: did it forget `return state`?)"
+)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -187,6 +237,8 @@ def _run(
     nested = parent_ctx is not None and parent_ctx.in_step
     budget = req.budget if req.budget is not None else spec.policy.budget
     rp: ResumePoint | None = None
+    held = 0.0  # holds left in the store by an earlier attempt, charged when this one took over
+    meta_after: dict[str, Any] | None = None  # the run's meta once held charges were noted in it
     carried = 0.0  # cost already spent by a resumed child, to roll up into its parent
 
     if nested:
@@ -197,7 +249,10 @@ def _run(
         if existing is not None:
             claims.append(claim(store, existing.id, owner))
             rp = yield StoreOp(store, "resume_point", (existing.id,))
-            carried = existing.cost_usd
+            # What it had committed (its own re-found children carry the rest). After a crash
+            # that is not in the parent's ledger yet; after an earlier attempt of the same step
+            # in this process, it (or part of it) is.
+            carried = parent_ctx.carry(existing.id, round(existing.cost_usd - rp.in_flight_usd, 12))
         else:
             start_blob = _codec.encode(req.state)
             run_id = new_run_id()
@@ -250,11 +305,12 @@ def _run(
                 f"run {run_id} was started by {info.name}, not {spec.name}; resume it with that function, "
                 "or pass force=True to continue it with this one"
             )
-        if req.budget is None and info.budget:
-            budget = Budget.from_dict(info.budget)
+        # The run's own limits, with those the caller names replaced (inf removes one).
+        budget = Budget.merged(info.budget or spec.policy.budget, req.budget)
         state_type = rp.state_type
         if state_type and state_type != "json" and _codec.resolve_type(state_type) is None and not isinstance(req.state, type(None)):
             _codec._seen_types[state_type] = type(req.state)
+        _codec.require_type(state_type, run_id)  # a renamed class must not come back as a dict
         state = _codec.decode(rp.start_blob, state_type)
         history = History(rp.history)
         partial = rp.partial  # only the last step: the earlier ones are read when first needed
@@ -263,8 +319,10 @@ def _run(
         # A finished child of a re-run parent step returns its outcome without running again
         # (a stalled one too: continuing it would not be what the original run did).
         if info.status is RunStatus.COMPLETED or (nested and info.status is RunStatus.STALLED):
-            if nested and parent is not None and carried:
-                parent.charge(carried, enforce=False)
+            if nested and parent is not None and parent_ctx is not None:
+                if carried:
+                    parent.carry(carried)
+                parent_ctx.child_paid(run_id, info.cost_usd)
             if partial:
                 history[:0] = yield StoreOp(store, "step_history", (run_id, history[0].step_n))
             best = best_step(history)
@@ -273,9 +331,16 @@ def _run(
                 best.state if best else None, best.score if best else None, info.stop_reason, None, history,
             )
         yield from _take(StoreOp(
-            store, "acquire", (run_id, owner, req.budget.to_dict() if req.budget is not None else None), True
+            store, "acquire", (run_id, owner, budget.to_dict() if req.budget is not None else None), True
         ), run_id, info.wall_s)
-        usage = Usage(info.cost_usd, info.steps, info.wall_s, info.max_step_cost)
+        if supports_holds(store):
+            # Holds still in the store were made by calls in flight when a process died
+            # (or a step that never committed): they may have been billed, so they count.
+            charged: HeldCharge | None = yield from _take(StoreOp(store, "charge_holds", (run_id,), True), run_id, info.wall_s)
+            if charged is not None:
+                held = charged.usd
+                meta_after = charge_record(rp.info.meta, charged)
+        usage = Usage(round(info.cost_usd + held, 12), info.steps, info.wall_s, info.max_step_cost)
         next_from = rp.next_from
         parent_run_id = info.parent_run_id
     else:
@@ -296,13 +361,23 @@ def _run(
     )
     states = StateLoader(store, run_id)  # loads states dropped from memory, on demand
     ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
+    if meta_after is not None:
+        ctx.meta = meta_after  # what the store now holds: a later ``set_meta`` keeps the note
     ledger = Ledger(
         run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
         deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
     )
+    if rp is not None:
+        ledger.prepaid = rp.in_flight_usd  # already in ``usage.usd``: re-found children take from it
     if nested and parent is not None and carried:
-        parent.charge(carried, enforce=False)
+        parent.carry(carried)
+    if nested and parent is not None and held:
+        parent.charge(held, enforce=False)  # charged at the resume: new to the enclosing runs' ledgers
     ctx.ledger = ledger
+    # the runs above this one, whose stored totals each committed step raises too
+    ancestors = tuple(
+        dict.fromkeys(led.run_id for led in parent.chain() if led.run_id and led.run_id != run_id)
+    ) if nested and parent is not None else ()
     deadline = ledger.deadline_in_chain()  # this run's or an ancestor's, whichever comes first
     iterations, max_step_cost, wall_base = usage.iterations, usage.max_step_cost, usage.wall_s
     attempt_start = history[-1].step_n + 1 if history else 0
@@ -319,6 +394,15 @@ def _run(
         if partial:
             partial = False
             history[:0] = yield StoreOp(store, "step_history", (run_id, history[0].step_n))
+
+    def interrupted(exc: BaseException) -> Generator[Any, Any, None]:
+        """The step (its call, cost_fn or scorer) was interrupted: record the run as interrupted."""
+        nonlocal recorded
+        ctx.leave_step()
+        ledger.settle_open()
+        recorded = True
+        wall = wall_base + (time.monotonic() - t0)
+        yield StoreOp(store, "finish_run", (run_id, RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}", wall), True)
 
     def result(status: RunStatus, reason: str | None, error: BaseException | None = None) -> Generator[Any, Any, RunResult]:
         yield from earlier_steps()
@@ -341,10 +425,11 @@ def _run(
                 yield StoreOp(store, "finish_run", (run_id, stop.status, stop.reason, used.wall_s), True)
                 return (yield from result(stop.status, stop.reason, _budget_error(stop, run_id, state)))
 
-            ctx.begin_step(step_n)
+            ctx.enter_step(step_n)
             if ctx.notes:
                 ctx.notes = []
-            spent_before = ledger.spent
+            # a step costs what it spent plus what re-found children carried from ``prepaid``
+            spent_before = ledger.spent - ledger.prepaid
             started = time.monotonic()
             start_from = next_from
             error: BaseException | None = None
@@ -360,29 +445,41 @@ def _run(
                 budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, "budget: wall_clock", "wall_clock",
                                    wall_base + (time.monotonic() - t0), wall_cap or 0.0)
             except BudgetExhausted as exc:
-                error = exc
-                if any(exc.owner == led.run_id for led in ledger.chain()):
-                    outer = exc.owner if exc.owner != run_id else None
-                    budget_stop = Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}" + (
-                        f" (enclosing run {outer})" if outer else ""), exc.limit, exc.used, exc.cap, outer)
+                error, budget_stop = exc, _refused(exc, ledger)
             except Exception as exc:  # noqa: BLE001 - recorded with the step, re-raised by __call__
                 error = exc
-            finally:
-                ctx.in_step = False
-                ledger.settle_open()  # a hold the step never settled counts in full
+            except BaseException as exc:
+                yield from interrupted(exc)
+                raise
+            if new_state is None and error is None and not spec.none_ok:  # a forgotten `return`: no null state
+                error = StateError(_RETURNED_NONE)
 
+            # cost_fn and scorer are part of the step: this run's ledger is current, so what
+            # they charge (an LLM grader) counts in this step's cost, under this run's caps.
             score: float | None = None
-            if error is None:
+            if error is None and (spec.cost_fn is not None or spec.scorer is not None):
+                token = _parent_ledger.set(ledger)
                 try:
                     if spec.cost_fn is not None:
-                        ledger.charge(float(spec.cost_fn(new_state) or 0.0), enforce=False)
+                        # reported after the fact: the money is spent, so it is recorded even past a cap
+                        ledger.charge(check_usd(spec.cost_fn(new_state), f"the cost cost_fn returned for step {step_n}",
+                                                hint=_COST_FN_HINT), enforce=False)
                     if spec.scorer is not None:
                         raw = spec.scorer(new_state)
                         score = None if raw is None else float(raw)
-                except Exception as exc:  # noqa: BLE001 - a failing scorer fails the step
+                except BudgetExhausted as exc:  # the scorer's own call did not fit: as in the step
+                    error, budget_stop = exc, _refused(exc, ledger)
+                except Exception as exc:  # noqa: BLE001 - a failing cost_fn or scorer fails the step
                     error = exc
+                except BaseException as exc:
+                    yield from interrupted(exc)
+                    raise
+                finally:
+                    _parent_ledger.reset(token)
+            ctx.leave_step()
+            ledger.settle_open()  # a hold the step never settled counts in full
             iterations += 1
-            cost = round(ledger.spent - spent_before, 12)
+            cost = round(ledger.spent - ledger.prepaid - spent_before, 12)
             ended = time.monotonic()
             stored_state = state if error is not None else new_state
             try:
@@ -413,7 +510,7 @@ def _run(
                 finally:
                     _parent_ledger.reset(token)
                 verdict_event, verdict_next, stop = verdict.event, verdict.next_from, verdict.stop
-                cost = record.cost_usd = round(ledger.spent - spent_before, 12)
+                cost = record.cost_usd = round(ledger.spent - ledger.prepaid - spent_before, 12)
             ledger.release_step()
             if ctx.notes:  # retries, breaker transitions
                 record.event = "; ".join([*ctx.notes, verdict_event] if verdict_event else ctx.notes)
@@ -424,10 +521,14 @@ def _run(
             row = StepRow(
                 step_n, blob, cost, score, ts, record.error, record.event, verdict_next, ended - started,
                 ledger.spent, iterations, wall, max_step_cost, _RUNNING if stop is None else stop.status.value,
-                None if stop is None else stop.reason,
+                None if stop is None else stop.reason, ancestors,
             )
+            if ledger.durable is not None:  # the step reserved: its commit deletes the holds it now pays for
+                row.holds = ledger.take_durable()
             recorded = stop is not None  # the last commit is the run's outcome
             yield StoreOp(store, "commit_step", (run_id, row), recorded)
+            if row.holds:
+                ledger.forget_durable(row.holds)
             if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume
                 ctx.meta_dirty = False
                 yield StoreOp(store, "set_meta", (run_id, dict(ctx.meta)))
@@ -458,17 +559,18 @@ def _run(
         # Cancelled or interrupted anywhere (in the step, or while loomc awaited the store),
         # or failed in loomc's own code: record it, so the run is never left `running`
         # under a live owner. A store that failed cannot record anything.
-        if recorded or isinstance(exc, (GeneratorExit, StoreError)):
+        if isinstance(exc, GeneratorExit):
             raise
-        wall = wall_base + (time.monotonic() - t0)
-        status, reason = (
-            (RunStatus.FAILED, f"error: {_error_text(exc)}") if isinstance(exc, Exception)
-            else (RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}")
-        )
-        try:
-            yield StoreOp(store, "finish_run", (run_id, status, reason, wall), True)
-        except Exception:  # noqa: BLE001, S110 - the exception being raised says what went wrong
-            pass
+        if not recorded and not isinstance(exc, StoreError):
+            wall = wall_base + (time.monotonic() - t0)
+            status, reason = (
+                (RunStatus.FAILED, f"error: {_error_text(exc)}") if isinstance(exc, Exception)
+                else (RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}")
+            )
+            try:
+                yield StoreOp(store, "finish_run", (run_id, status, reason, wall), True)
+            except Exception:  # noqa: BLE001, S110 - the exception being raised says what went wrong
+                pass
         if isinstance(exc, KeyboardInterrupt) and not nested:  # Ctrl-C, SIGTERM: say how to go on
             exc.add_note(
                 f"loomc: run {run_id} ({spec.name}) was interrupted; its committed steps are kept. "
@@ -476,13 +578,16 @@ def _run(
             )
         raise
     finally:
+        ctx.leave_step()
         ledger.release_step()
+        if nested and parent_ctx is not None:
+            parent_ctx.child_paid(run_id, ledger.spent)
 
 
 def _take(op: StoreOp, run_id: str, wall_s: float) -> Generator[Any, Any, Any]:
-    """Create or take the lease of ``run_id`` with ``op`` (shielded from cancel scopes).
+    """A write that takes (or creates) the run before its attempt's own handler is in place.
 
-    A cancellation that still lands on it (asyncio's own ``task.cancel()``, which no cancel
+    Shielded from cancel scopes. A cancellation that still lands on it (asyncio's own ``task.cancel()``, which no cancel
     scope holds back) means the write was made — loomc's stores finish a write, and report
     its failure, before re-raising a cancellation — so the run is recorded `interrupted`.
     """
@@ -515,7 +620,7 @@ def _attempts(
                 raise
             failed += 1
             room = ledger.headroom(time.monotonic(), include_self=True)
-            estimate = max(max_step_cost, (ledger.spent - spent_before) / failed)
+            estimate = max(max_step_cost, (ledger.spent - ledger.prepaid - spent_before) / failed)
             decision = retry.decide(exc, failed, usd_left=room.usd, step_estimate=estimate, wall_left=room.wall_s)
             if decision.note:
                 ctx.notes.append(decision.note)

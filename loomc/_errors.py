@@ -4,6 +4,8 @@ Every error a user can cause derives from :class:`LoomcError`::
 
     LoomcError
     ├── BudgetExhausted          a budget limit stopped the run (or refused a charge)
+    ├── CostError                an amount of money that is NaN, infinite or negative (also a ``ValueError``)
+    ├── RunContextLost           a charge from a thread that does not carry the running step's context
     ├── StallError               no score improvement for ``Escalate(after=n)`` steps
     ├── RunNotFound              no run matches the id (also a ``LookupError``)
     ├── AmbiguousRunId           a prefix matches several runs (also a ``LookupError``)
@@ -13,6 +15,9 @@ Every error a user can cause derives from :class:`LoomcError`::
     ├── StoreError               the checkpoint database cannot be used
     │   └── SchemaTooNew         the database was written by a newer loomc
     └── CircuitOpenError         a circuit breaker refused a call
+
+One warning, :class:`UnboundedLoopWarning` (a ``UserWarning``), flags a ``@loop`` that
+nothing but an error can stop.
 
 Exceptions raised by the user's own step pass through unchanged, with a note naming
 the run and how to resume it.
@@ -26,7 +31,9 @@ __all__ = [
     "AmbiguousRunId",
     "BudgetExhausted",
     "CircuitOpenError",
+    "CostError",
     "LoomcError",
+    "RunContextLost",
     "RunLocked",
     "RunNotFound",
     "SchemaTooNew",
@@ -34,6 +41,7 @@ __all__ = [
     "StallError",
     "StateError",
     "StoreError",
+    "UnboundedLoopWarning",
 ]
 
 
@@ -90,6 +98,23 @@ class BudgetExhausted(LoomcError):
         super().__init__(msg)
 
 
+class CostError(LoomcError, ValueError):
+    """An amount of money (a charge, a ``cost_fn`` result, a price) is not a finite number >= 0.
+
+    NaN would pass every cap comparison and a negative amount would refill the budget, so
+    such an amount is refused where it enters loomc; nothing is recorded.
+    """
+
+
+class RunContextLost(LoomcError):
+    """A charge was made with no run in its context while a step of this process was running.
+
+    A plain ``threading.Thread`` or a ``concurrent.futures`` executor does not carry the
+    step's context, so loomc cannot tell which run the money belongs to. Wrap the thread's
+    function with ``loomc.with_run_context(fn)``.
+    """
+
+
 class StallError(LoomcError):
     """The run made no score improvement in the last ``after`` scored steps.
 
@@ -121,7 +146,7 @@ class StallError(LoomcError):
 class RunNotFound(LoomcError, LookupError):
     """No run matches the given id or prefix."""
 
-    def __init__(self, run_id: str, nearest: list[str] | None = None, where: str = "") -> None:
+    def __init__(self, run_id: str, nearest: list[str] | None = None, where: str = "", hint: str | None = None) -> None:
         self.run_id = run_id
         self.nearest = nearest or []
         msg = f"no run {run_id!r}"
@@ -129,7 +154,9 @@ class RunNotFound(LoomcError, LookupError):
             msg += f" in {where}"
         if self.nearest:
             msg += "; nearest: " + ", ".join(self.nearest)
-        else:
+        if hint:
+            msg += f"; {hint}"
+        elif not self.nearest:
             msg += "; list runs with `loomc runs`"
         super().__init__(msg)
 
@@ -183,3 +210,7 @@ class CircuitOpenError(LoomcError):
         self.name = name
         self.retry_after = retry_after
         super().__init__(f"Circuit breaker open for {name!r}, retry after {retry_after:.1f}s")
+
+
+class UnboundedLoopWarning(UserWarning):
+    """A ``@loop`` has no budget limit and no ``converge_on``: only an error would end it."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loomc._budget import Budget
-from loomc._detectors import BestScore, Escalate, LastGood, as_detector
+from loomc._detectors import All, Any_, BestScore, Escalate, LastGood, ScorePlateau, as_detector
 from loomc._types import RunStatus, StepRecord
 
 __all__ = ["Headroom", "Policy", "Stop", "Usage", "Verdict", "after_step", "check_budget"]
@@ -93,6 +93,27 @@ class Policy:
         if on_stall is not None and not isinstance(on_stall, Escalate):
             raise TypeError(f"on_stall={on_stall!r}: expected Escalate(after=n)")
         return cls(budget, detector, strategies, on_stall)
+
+    @property
+    def scored_parts(self) -> list[str]:
+        """The detectors and strategies that decide from scores (they need ``scorer=``)."""
+
+        def walk(d: Any) -> list[str]:
+            if isinstance(d, (Any_, All)):
+                return [p for part in d.detectors for p in walk(part)]
+            return [repr(d)] if isinstance(d, ScorePlateau) else []
+
+        found = walk(self.converge_on)
+        found += [repr(s) for s in self.backtrack if isinstance(s, BestScore)]
+        if self.on_stall is not None:
+            found.append(repr(self.on_stall))
+        return found
+
+    @property
+    def unbounded(self) -> bool:
+        """No budget limit and no convergence detector: nothing but an error ends the run."""
+        b = self.budget
+        return self.converge_on is None and b.usd is None and b.iterations is None and b.wall_clock_seconds is None
 
     @property
     def last_good(self) -> LastGood | None:

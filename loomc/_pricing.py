@@ -16,11 +16,15 @@ rate the highest in the table) with a one-time warning, so a cost is never under
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from loomc._errors import CostError
+from loomc._money import check_usd
 
 __all__ = [
     "ANTHROPIC_PRICES",
@@ -63,6 +67,21 @@ class Price:
     long: Price | None = None
     fast: float = 6.0
 
+    def __post_init__(self) -> None:
+        # A price is money entering loomc: NaN, infinite or negative rates would make every
+        # cost computed from them wrong (NaN passes any cap comparison).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "long":
+                if value is not None and not isinstance(value, Price):
+                    raise TypeError(f"Price(long={value!r}): expected a Price or None")
+            elif f.name == "long_above":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                    raise ValueError(f"Price(long_above={value!r}): expected a number of tokens >= 0 or None")
+            elif value is not None:
+                unit = "times the base price" if f.name == "fast" else "USD per 1M tokens"
+                object.__setattr__(self, f.name, check_usd(value, f"Price({f.name}=...)", unit=unit))
+
     @classmethod
     def coerce(cls, value: Price | Mapping[str, float], *, provider: str) -> Price:
         """A :class:`Price` from itself or a mapping with ``input``/``output`` (cache rates optional).
@@ -81,10 +100,7 @@ class Price:
         extra = set(value) - known
         if extra:
             raise ValueError(f"pricing: unknown keys {sorted(extra)}; use {sorted(known)}")
-        rates = {k: float(v) for k, v in value.items()}
-        for k, v in rates.items():
-            if not v >= 0:  # also rejects NaN
-                raise ValueError(f"pricing[{k!r}]={v!r}: must be a non-negative number of USD per 1M tokens")
+        rates = {k: check_usd(v, f"pricing[{k!r}]", unit="USD per 1M tokens") for k, v in value.items()}
         inp = rates["input"]
         anthropic = provider == "anthropic"
         return cls(
@@ -215,10 +231,18 @@ def lookup(provider: str, model: str) -> tuple[Price, bool]:
 
 
 def _n(obj: Any, name: str) -> int:
+    """The token count ``obj.name`` (0 when absent); a negative or non-finite count is refused."""
     if obj is None:
         return 0
     v = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return 0
+    if not 0 <= v < math.inf:
+        raise CostError(
+            f"the response's usage reports {name}={v!r}: a token count must be a finite number >= 0, "
+            "so the call's cost cannot be computed"
+        )
+    return int(v)
 
 
 def _attr(obj: Any, name: str) -> Any:

@@ -14,19 +14,22 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar, overload
 
 from loomc._budget import Budget
 from loomc._context import _parent_ledger
 from loomc._engine import CallOp, RunRequest, RunSpec, SleepOp, StoreOp, WallClockExceeded, run_protocol
-from loomc._errors import BudgetExhausted, StallError
+from loomc._errors import BudgetExhausted, StallError, UnboundedLoopWarning
 from loomc._policy import Policy
 from loomc._retry import Retry, as_retry
-from loomc._store import open_store
+from loomc._store import MemoryStore, open_store
 from loomc._types import RunResult, RunStatus
 
 __all__ = ["AsyncLoopRunner", "LoopRunner", "loop"]
+
+_memory_lock = threading.Lock()  # two threads' first runs of a memory loop share one store
 
 S = TypeVar("S")
 
@@ -60,6 +63,7 @@ class _BaseRunner(Generic[S]):
         self._fn = fn
         self.spec = spec
         self._resolved: dict[str, Any] = {}  # absolute database path -> its store
+        self._memory: MemoryStore | None = None  # checkpoint="memory": this loop's runs, for resume
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     @property
@@ -71,7 +75,17 @@ class _BaseRunner(Generic[S]):
         return f"<{type(self).__name__} {self.spec.name}>"
 
     def store(self) -> Any:
-        """The checkpoint store this loop writes to (opened on first use)."""
+        """The checkpoint store this loop writes to (opened on first use).
+
+        With ``checkpoint="memory"`` it is one :class:`MemoryStore` per loop, kept for the
+        life of the process, so that a run of the loop can be resumed in the same process.
+        """
+        if isinstance(self.spec.checkpoint, str) and self.spec.checkpoint == "memory":
+            if self._memory is None:
+                with _memory_lock:
+                    if self._memory is None:
+                        self._memory = MemoryStore()
+            return self._memory
         return open_store(self.spec.checkpoint, self.spec.durability)  # type: ignore[arg-type]
 
     def _fixed_path(self) -> str | None:
@@ -89,15 +103,18 @@ class _BaseRunner(Generic[S]):
         return RunRequest(state=state, run_id=run_id, resume=resume, budget=budget, force=force)
 
     def _child_protocol(
-        self, state: Any, call_index: int, kind: str, meta: dict[str, Any] | None
+        self, state: Any, call_index: int, kind: str, meta: dict[str, Any] | None, budget: Budget | None = None
     ) -> Generator[Any, Any, RunResult]:
-        """The run protocol of this loop as the child at ``call_index`` of the current parent step."""
+        """The run protocol of this loop as the child at ``call_index`` of the current parent step.
+
+        ``budget`` replaces the limits of a child that resumes (a graph resumed with new limits).
+        """
         parent = _parent_ledger.get()
         assert parent is not None
         assert parent.context is not None
         assert parent.context.in_step
         spec = dataclasses.replace(self.spec, kind=kind, meta={**self.spec.meta, **(meta or {})})
-        return run_protocol(spec, RunRequest(state=state, call_index=call_index), parent, None)
+        return run_protocol(spec, RunRequest(state=state, call_index=call_index, budget=budget), parent, None)
 
     def _unwrap(self, result: RunResult) -> Any:
         """The final state, or the exception the outcome calls for."""
@@ -200,8 +217,9 @@ class LoopRunner(_BaseRunner[S]):
 
         Args:
             run_id: the run's id or a unique prefix of it.
-            budget: new limits (the only way to get more); by default the run's own,
-                with what it already used carried over.
+            budget: new limits (the only way to get more): the limits it names replace the
+                run's own, those it leaves as ``None`` are kept, ``math.inf`` removes one.
+                What the run already used is carried over either way.
             force: continue a run started by a different function.
         """
         return self._unwrap(self.resume_run(run_id, budget=budget, force=force))  # type: ignore[no-any-return]
@@ -219,10 +237,11 @@ class LoopRunner(_BaseRunner[S]):
             return _drive_sync(gen, self._fn)
 
     def _run_child(
-        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None
+        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None,
+        budget: Budget | None = None,
     ) -> RunResult:
         """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
-        return _drive_sync(self._child_protocol(state, call_index, kind, meta), self._fn)
+        return _drive_sync(self._child_protocol(state, call_index, kind, meta, budget), self._fn)
 
 
 class _nullctx:  # noqa: N801
@@ -329,12 +348,13 @@ class AsyncLoopRunner(_BaseRunner[S]):
         return await _drive_async(gen, self._fn, async_twin)
 
     async def _run_child(
-        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None
+        self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None,
+        budget: Budget | None = None,
     ) -> RunResult:
         """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
         from loomc._astore import async_twin
 
-        gen = self._child_protocol(state, call_index, kind, meta)
+        gen = self._child_protocol(state, call_index, kind, meta, budget)
         return await _drive_async(gen, self._fn, async_twin)
 
 
@@ -444,6 +464,13 @@ def loop(
 
     Returns:
         A :class:`LoopRunner`, or an :class:`AsyncLoopRunner` for an ``async def``.
+
+    Raises:
+        ValueError: a bad argument, or ``score_plateau``, ``BestScore`` or ``Escalate``
+            without a ``scorer`` (they would never act).
+
+    Warns:
+        UnboundedLoopWarning: no budget limit and no ``converge_on``.
     """
     if durability is not None and durability not in ("power", "process"):
         raise ValueError(f"durability={durability!r}: use 'power' or 'process'")
@@ -452,16 +479,29 @@ def loop(
     if cost_fn is not None and not callable(cost_fn):
         raise TypeError(f"cost_fn={cost_fn!r}: expected a callable state -> float")
     policy = Policy.build(budget, converge_on, backtrack, on_stall)
+    if scorer is None and policy.scored_parts:
+        raise ValueError(
+            f"@loop({', '.join(policy.scored_parts)}) decides from step scores, but no scorer= is given, "
+            "so no step has a score and it would never act: pass scorer=lambda state: ... (a float per state)"
+        )
     retry_policy = as_retry(retry)
 
-    def decorate(func: Callable[..., Any]) -> Any:
+    def decorate(func: Callable[..., Any], stacklevel: int = 2) -> Any:
         if not callable(func):
             raise TypeError(f"@loop expects a function, got {func!r}")
+        if policy.unbounded:
+            warnings.warn(
+                f"@loop {getattr(func, '__qualname__', func)} has no budget limit and no converge_on: only an error "
+                "will stop it. Bound it with budget=Budget(iterations=..., usd=..., wall_clock=...) "
+                "or converge_on=... (or filter UnboundedLoopWarning if that is meant)",
+                UnboundedLoopWarning,
+                stacklevel=stacklevel,
+            )
         spec = _spec(func, policy, scorer, cost_fn, checkpoint, durability, name, retry_policy)
         if inspect.iscoroutinefunction(func):
             return AsyncLoopRunner(func, spec)
         return LoopRunner(func, spec)
 
-    return decorate(fn) if fn is not None else decorate
+    return decorate(fn, stacklevel=3) if fn is not None else decorate
 
 

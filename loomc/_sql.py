@@ -16,7 +16,7 @@ from loomc._types import RunInfo, RunStatus
 
 __all__ = ["SCHEMA_VERSION", "StepRow"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The oldest schema this loomc reads without migrating it (readers never write).
 READS_FROM = 1
 
@@ -74,6 +74,18 @@ CREATE TABLE IF NOT EXISTS blobs (
     # v2 changes no table: large states may now be zstd keyframes (b"Z") and deltas (b"D"),
     # which a v1 reader could not decode, so the version keeps such readers out.
     1: "",
+    # v3: reservations made durable before the call they pay for (see ``loomc._holds``).
+    # A row lives from ``reserve`` until the step that made it commits; one still here
+    # when a run is resumed was in flight when its process died, and is charged in full.
+    2: """
+CREATE TABLE IF NOT EXISTS holds (
+    hold_id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    usd REAL NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS holds_run ON holds(run_id);
+""",
 }
 
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=OFF")
@@ -120,6 +132,25 @@ FINISH = (
 )
 UPDATE_META = "UPDATE runs SET meta = ? WHERE id = ?"
 ADD_COST = "UPDATE runs SET cost_usd = cost_usd + ?, updated_at = ? WHERE id = ?"
+#: What children started by a step not yet committed have spent (``runs_children`` index).
+IN_FLIGHT = "SELECT COALESCE(SUM(cost_usd), 0) FROM runs WHERE parent_run_id = ? AND parent_step >= ?"
+_roll_up: dict[int, str] = {}
+
+
+def roll_up_sql(depth: int) -> str:
+    """``UPDATE`` adding a run's cost increase to its ``depth`` ancestors' totals.
+
+    Parameters: the run's new total, its id, ``updated_at``, then the ancestors' ids. It
+    runs before the run's own ``UPDATE_TOTALS``, so the subquery reads the total before
+    this step: the increase not yet rolled up (its children's commits rolled up theirs).
+    """
+    sql = _roll_up.get(depth)
+    if sql is None:
+        sql = _roll_up[depth] = (
+            "UPDATE runs SET cost_usd = ROUND(cost_usd + ? - (SELECT cost_usd FROM runs WHERE id = ?), 12), "
+            f"updated_at = ? WHERE id IN ({', '.join('?' * depth)})"
+        )
+    return sql
 SELECT_STEP_META = (
     "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? ORDER BY step_n"
 )
@@ -129,12 +160,33 @@ SELECT_LAST_STEP_META = (
 SELECT_STEP_META_BEFORE = (
     "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? AND step_n < ? ORDER BY step_n"
 )
+#: Step metadata for the CLI, windowed so a long run is never read whole: ``{error}`` is
+#: the error column, or ``substr(error, 1, N)`` to read only as much as a table shows.
+STEP_META_WINDOW = "SELECT step_n, cost_usd, score, timestamp, {error}, event FROM steps WHERE run_id = ? "
+STEP_META_AFTER = STEP_META_WINDOW + "AND step_n > ? ORDER BY step_n LIMIT ?"
+STEP_META_LAST = STEP_META_WINDOW + "ORDER BY step_n DESC LIMIT ?"
+STEP_TOTALS_BEFORE = "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM steps WHERE run_id = ? AND step_n < ?"
 SELECT_STEPS_FULL = (
     f"SELECT s.step_n, {STATE_OF}, s.cost_usd, s.score, s.timestamp, s.error, s.event FROM steps s "
     "WHERE s.run_id = ? ORDER BY s.step_n"
 )
 SELECT_STATE = f"SELECT {STATE_OF} FROM steps s WHERE s.run_id = ? AND s.step_n = ?"
 SELECT_STATE_TYPE = "SELECT state_type FROM runs WHERE id = ?"
+INSERT_HOLD = "INSERT INTO holds (hold_id, run_id, usd, created_at) VALUES (?,?,?,?)"
+DELETE_HOLD = "DELETE FROM holds WHERE hold_id = ?"
+#: The holds of a run and of every run below it (a run tree is swept as one).
+SELECT_TREE_HOLDS = (
+    "WITH RECURSIVE tree(id) AS (SELECT ? UNION SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id) "
+    "SELECT hold_id, usd FROM holds WHERE run_id IN (SELECT id FROM tree)"
+)
+SELECT_META = "SELECT meta FROM runs WHERE id = ?"
+CHARGE_HELD = "UPDATE runs SET cost_usd = cost_usd + ?, meta = ?, updated_at = ? WHERE id = ?"
+#: Add to the stored totals of every run above one (they hold their descendants' spending).
+ROLL_UP_HELD = (
+    "WITH RECURSIVE up(id) AS (SELECT parent_run_id FROM runs WHERE id = ? "
+    "UNION SELECT r.parent_run_id FROM runs r JOIN up ON r.id = up.id) "
+    "UPDATE runs SET cost_usd = cost_usd + ? WHERE id IN (SELECT id FROM up)"
+)
 
 
 def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) -> tuple[str, tuple[Any, ...]]:
@@ -230,6 +282,11 @@ class StepRow:
     max_step_cost: float
     status: str
     stop_reason: str | None
+    #: The runs above this one (parent first): the step's cost is added to their totals as
+    #: it commits, so a parent's stored total never lags what its descendants committed.
+    ancestors: tuple[str, ...] = ()
+    #: ids of the durable holds this step's cost now accounts for (removed with the step)
+    holds: tuple[int, ...] | None = None
 
     def step_args(self, run_id: str, blob_id: int | None = None) -> tuple[Any, ...]:
         """Parameters of ``INSERT_STEP`` (with ``blob_id``, the state lives in ``blobs``)."""
@@ -245,12 +302,18 @@ class StepRow:
 
         A compressed state goes to ``blobs`` and the step row points at it, so ``steps``
         rows stay small: the history of a long run is read without touching its states.
+        A nested run's cost increase is rolled up into its ancestors' totals here too.
         """
         blob_id = None
         if isinstance(self.state_blob, (bytes, bytearray)):
             blob_id = execute(INSERT_BLOB, (self.state_blob,)).lastrowid
         execute(INSERT_STEP, self.step_args(run_id, blob_id))
+        if self.ancestors:
+            execute(roll_up_sql(len(self.ancestors)), (self.total_cost, run_id, self.timestamp, *self.ancestors))
         execute(UPDATE_TOTALS, self.totals_args(run_id, heartbeat))
+        if self.holds:  # only steps that reserved: the step's cost now counts what they held
+            for hold_id in self.holds:
+                execute(DELETE_HOLD, (hold_id,))
 
     def totals_args(self, run_id: str, heartbeat: float) -> tuple[Any, ...]:
         """Parameters of ``UPDATE_TOTALS``."""
@@ -390,6 +453,35 @@ def start_point(next_from: int | None, last_step: int | None) -> int:
     if next_from is not None:
         return int(next_from)
     return last_step if last_step is not None else -1
+
+
+def missing_state(run_id: str, step_n: int, where: str, *, row: bool) -> Any:
+    """The :class:`~loomc.StoreError` for a committed step whose stored state is gone.
+
+    ``row``: the step's row is there but its state (or the blob it points at) is not.
+    """
+    from loomc._errors import StoreError
+
+    what = "its state is missing (the blob it points at was deleted)" if row else "its row is missing"
+    return StoreError(
+        f"run {run_id} committed step {step_n}, but {what} in {where}: the database file is damaged. "
+        "Restore the file from a backup, or start the run again; loomc will not resume it from an "
+        "older state (its spending and step count would no longer match)"
+    )
+
+
+def check_last_step(run_id: str, steps: int, last_step: int | None, where: str) -> None:
+    """Refuse a run whose counted steps reach past its last step row (its last rows are gone).
+
+    Every counted step commits its row in the same transaction as the run's totals, so
+    ``steps`` is the last step number + 1; more counted steps than rows reach means the
+    file lost rows (a resume would renumber over them and forget their spending).
+
+    Raises:
+        StoreError: naming the first missing step.
+    """
+    if steps > (last_step if last_step is not None else -1) + 1:
+        raise missing_state(run_id, steps - 1, where, row=False)
 
 
 def step_record(row: tuple[Any, ...], ref: str | None) -> Any:

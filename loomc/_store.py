@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from loomc import _sql
 from loomc._codec import decode, delta_base, encode, expand
 from loomc._errors import AmbiguousRunId, LoomcError, RunNotFound, SchemaTooNew, StoreError
+from loomc._holds import HeldCharge, charge_record
 from loomc._types import _MISSING, RunInfo, RunStatus, StepRecord
 
 __all__ = [
@@ -77,6 +78,9 @@ class ResumePoint:
 
     With ``partial``, ``history`` holds only the last step; the engine reads the earlier
     ones (``step_history``) when a strategy, a detector or the result first needs them.
+    ``in_flight_usd`` is what the children of the step not yet committed have spent: the
+    run's stored total includes it (children roll their spending up as they commit), and a
+    re-found child's spending is taken from it rather than counted again.
     """
 
     info: RunInfo
@@ -85,6 +89,7 @@ class ResumePoint:
     next_from: int
     history: list[StepRecord]
     partial: bool = False
+    in_flight_usd: float = 0.0
 
 
 @runtime_checkable
@@ -167,6 +172,21 @@ def _migrate_0(conn: sqlite3.Connection) -> None:
     )
 
 
+def _sweep(execute: Any, run_id: str) -> HeldCharge | None:
+    """The body of ``charge_holds`` (inside the caller's transaction), shared with the async store."""
+    rows = execute(_sql.SELECT_TREE_HOLDS, (run_id,)).fetchall()
+    if not rows:
+        return None
+    charge = HeldCharge(round(sum(usd for _, usd in rows), 12), len(rows), _sql.now_iso())
+    meta_row = execute(_sql.SELECT_META, (run_id,)).fetchone()
+    meta = json.loads(meta_row[0]) if meta_row and meta_row[0] else {}
+    for hold_id, _ in rows:
+        execute(_sql.DELETE_HOLD, (hold_id,))
+    execute(_sql.CHARGE_HELD, (charge.usd, json.dumps(charge_record(meta, charge)), charge.at, run_id))
+    execute(_sql.ROLL_UP_HELD, (run_id, charge.usd))
+    return charge
+
+
 def _history_record(row: tuple[Any, ...], loader: Any) -> StepRecord:
     # Called once per step of a resumed run (10,000 times for a long one): kept lean.
     # The row is (step_n, cost_usd, score, timestamp text, error, event).
@@ -211,6 +231,8 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._cur: sqlite3.Cursor | None = None  # the commit path's cursor (one per connection)
         self._ident: tuple[int, int] | None = None
+        self._wal_ident: tuple[int, int] | None = None
+        self._wal_path = Path(f"{self.path}-wal")
         self._next_check = 0.0  # monotonic time of the next file-identity check
         self._lock = threading.RLock()
 
@@ -257,6 +279,7 @@ class SQLiteStore:
         try:
             self._prepare_when_free(conn)
             self._ident = _file_ident(path)
+            self._wal_ident = _file_ident(self._wal_path)  # WAL mode made it; it lives while we are open
             self._next_check = 0.0
         except BaseException:
             conn.close()
@@ -334,21 +357,56 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = self._cur = None
 
-    def check_file(self) -> None:
-        """Raise :class:`StoreError` if the open database file was deleted or replaced under us.
+    def check_file(self, conn: sqlite3.Connection | None = None) -> None:
+        """Raise :class:`StoreError` if the open database file or its WAL was deleted or replaced.
 
         SQLite keeps writing to a deleted file's inode, so without this check a loop would
-        go on "committing" steps that vanish when the process exits.
+        go on "committing" steps that vanish when the process exits. The same holds for
+        the ``-wal`` file, which holds every step committed since the last checkpoint: when
+        it is gone, ``conn`` (the connection that wrote it, still holding it open) first
+        copies those steps into the database file, so that none is lost, then the write stops.
         """
-        if self._ident is not None and _file_ident(self.path) != self._ident:
+        if self._ident is None:
+            return
+        if _file_ident(self.path) != self._ident:
             self.close()
             raise StoreError(
                 f"the database {self.path} was deleted or replaced while this process was writing to it; "
                 "its runs are gone with it. Restore the file from a backup, or start the run again "
                 "(a new database is created on the next run)"
             )
+        if self._wal_ident is not None and _file_ident(self._wal_path) != self._wal_ident:
+            # Until this connection is reopened (with a new WAL), every write must fail: an
+            # async store's connection stays open, and would write into the deleted file.
+            self._next_check = 0.0
+            saved = self._save_deleted_wal(conn if conn is not None else self._conn)
+            self.close()
+            raise StoreError(
+                f"the write-ahead log {self._wal_path} was deleted or replaced while this process was writing "
+                f"to {self.path}; "
+                + (
+                    "the steps it held were copied into the database file, so none is lost: resume the run "
+                    "(and do not delete -wal files of a database in use)"
+                    if saved
+                    else "the steps committed since the last checkpoint could not be copied back and may be "
+                    "lost: check the run with `loomc show` before resuming it"
+                )
+            )
 
-    def check_file_soon(self) -> None:
+    @staticmethod
+    def _save_deleted_wal(conn: sqlite3.Connection | None) -> bool:
+        """Checkpoint a deleted WAL (still open in ``conn``) into the database file; did it work?"""
+        if conn is None:
+            return False
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return False
+        return not busy
+
+    def check_file_soon(self, conn: sqlite3.Connection | None = None) -> None:
         """:meth:`check_file`, at most every ``FILE_CHECK_S`` seconds (on the commit path).
 
         A ``stat`` right after an fsync costs ~25 us on a journaling filesystem, a tenth of
@@ -358,7 +416,7 @@ class SQLiteStore:
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + FILE_CHECK_S
-            self.check_file()
+            self.check_file(conn)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -493,6 +551,27 @@ class SQLiteStore:
         with self._tx() as conn:
             conn.execute(_sql.ADD_COST, (usd, _sql.now_iso(), run_id))
 
+    # -- holds (``loomc._holds``) ---------------------------------------------------
+    def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
+        """Commit a reservation of ``run_id`` before the call it pays for is sent."""
+        with self._tx() as conn:
+            conn.execute(_sql.INSERT_HOLD, (hold_id, run_id, usd, _sql.now_iso()))
+
+    def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
+        """Delete holds whose spending is recorded by now (outside a step's commit)."""
+        with self._tx() as conn:
+            for hold_id in hold_ids:
+                conn.execute(_sql.DELETE_HOLD, (hold_id,))
+
+    def charge_holds(self, run_id: str) -> HeldCharge | None:
+        """Charge every hold left by ``run_id`` and the runs below it to ``run_id``, in full.
+
+        The holds are deleted, the run's cost raised and the charge noted in its
+        ``meta["held_charges"]``, in one transaction. Returns ``None`` when there were none.
+        """
+        with self._tx() as conn:
+            return _sweep(conn.execute, run_id)
+
     # -- steps --------------------------------------------------------------------
     def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
@@ -505,14 +584,21 @@ class SQLiteStore:
         """Every step of the run, states included, in order."""
         type_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         ref = type_rows[0][0] if type_rows else "json"
-        return [_sql.step_record(r, ref) for r in expand_rows(self._read(_sql.SELECT_STEPS_FULL, (run_id,)))]
+        rows = self._read(_sql.SELECT_STEPS_FULL, (run_id,))
+        return [_sql.step_record(r, ref) for r in expand_rows(rows, run_id, str(self.path))]
 
     def stored_state(self, run_id: str, step_n: int) -> str | bytes | None:
-        """A step's state as stored, a delta made whole (``None``: no such step)."""
+        """A step's state as stored, a delta made whole (``None``: no such step).
+
+        Raises:
+            StoreError: the step's row is there but its state is not (a damaged file).
+        """
         rows = self._read(_sql.SELECT_STATE, (run_id, step_n))
         if not rows:
             return None
         blob = rows[0][0]
+        if blob is None:
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=True)
         base = delta_base(blob)
         if base is not None:
             key = self._read(_sql.SELECT_STATE, (run_id, base))
@@ -527,7 +613,7 @@ class SQLiteStore:
         ref_rows = self._read(_sql.SELECT_STATE_TYPE, (run_id,))
         blob = self.stored_state(run_id, step_n)
         if blob is None:
-            raise StoreError(f"run {run_id} has no step {step_n} in {self.path}")
+            raise _sql.missing_state(run_id, step_n, str(self.path), row=False)
         return decode(blob, ref_rows[0][0] if ref_rows else "json")
 
     def resume_point(self, run_id: str) -> ResumePoint:
@@ -538,13 +624,19 @@ class SQLiteStore:
         state_type, input_blob, next_from = self._read(_sql.SELECT_RESUME, (run_id,))[0]
         loader = StateLoader(self, run_id)
         history = [_history_record(r, loader) for r in self._read(_sql.SELECT_LAST_STEP_META, (run_id,))]
+        _sql.check_last_step(run_id, info.steps, history[-1].step_n if history else None, str(self.path))
         next_from = _sql.start_point(next_from, history[-1].step_n if history else None)
         if next_from < 0:
             blob = input_blob
         else:
             blob = self.stored_state(run_id, next_from)
-            blob = input_blob if blob is None else blob
-        return ResumePoint(info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0)
+            if blob is None:  # never fall back to the input: the run's spending says otherwise
+                raise _sql.missing_state(run_id, next_from, str(self.path), row=False)
+        in_flight = self._read(_sql.IN_FLIGHT, (run_id, history[-1].step_n + 1 if history else 0))[0][0]
+        return ResumePoint(
+            info, state_type, blob, next_from, history, partial=bool(history) and history[0].step_n > 0,
+            in_flight_usd=float(in_flight),
+        )
 
     def step_history(self, run_id: str, before: int) -> list[StepRecord]:
         """The run's steps numbered below ``before``, in order (states loaded lazily)."""
@@ -574,12 +666,18 @@ def _file_ident(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def expand_rows(rows: list[Any]) -> list[Any]:
-    """All of a run's step rows ``(step_n, stored state, ...)``, in order, deltas made whole."""
+def expand_rows(rows: list[Any], run_id: str = "", where: str = "the database") -> list[Any]:
+    """All of a run's step rows ``(step_n, stored state, ...)``, in order, deltas made whole.
+
+    Raises:
+        StoreError: a step's state is missing (a damaged file).
+    """
     keys: dict[int, Any] = {}
     out = []
     for r in rows:
         blob = r[1]
+        if blob is None:
+            raise _sql.missing_state(run_id or "?", r[0], where, row=True)
         base = delta_base(blob)
         if base is not None:
             r = (r[0], expand(blob, keys.get(base)), *r[2:])
@@ -616,6 +714,13 @@ def _nearest(run_id: str, ids: list[str]) -> list[str]:
 # Memory
 
 
+_MEMORY_WHERE = "this memory store"
+_MEMORY_HINT = (
+    "runs in a memory store live only in the process (and the loop or store object) that ran them; "
+    'use checkpoint="sqlite" or a file path to resume a run later or from another process'
+)
+
+
 class MemoryStore:
     """A store that keeps runs in memory (``checkpoint="memory"``): nothing survives the process."""
 
@@ -624,6 +729,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._runs: dict[str, dict[str, Any]] = {}
         self._steps: dict[str, dict[int, _sql.StepRow]] = {}
+        self._holds: dict[int, tuple[str, float]] = {}  # hold id -> (run id, usd)
         self._lock = threading.RLock()
         self.path = None
         self.db_path = ":memory:"
@@ -683,7 +789,7 @@ class MemoryStore:
             return matches[0]
         if matches:
             raise AmbiguousRunId(run_id, matches)
-        raise RunNotFound(run_id, _nearest(run_id, ids), "memory")
+        raise RunNotFound(run_id, _nearest(run_id, ids), _MEMORY_WHERE, hint=_MEMORY_HINT)
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
         """Runs newest first."""
@@ -704,15 +810,23 @@ class MemoryStore:
         with self._lock:
             r = self._runs.get(run_id)
             if r is None:
-                raise RunNotFound(run_id, where="memory")
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
             r.update(status=RunStatus.RUNNING.value, owner=owner, stop_reason=None)
             if budget is not None:
                 r["budget"] = budget
 
     def commit_step(self, run_id: str, row: _sql.StepRow) -> None:
-        """Record one step and the run's totals."""
+        """Record one step and the run's totals (the cost increase rolled up to its ancestors)."""
         with self._lock:
+            if row.ancestors:
+                rise = row.total_cost - self._runs[run_id]["cost_usd"]
+                for up in row.ancestors:
+                    if up in self._runs:
+                        self._runs[up]["cost_usd"] = round(self._runs[up]["cost_usd"] + rise, 12)
             self._steps[run_id][row.step_n] = row
+            if row.holds:
+                for hold_id in row.holds:
+                    self._holds.pop(hold_id, None)
             self._runs[run_id].update(
                 cost_usd=row.total_cost, steps=row.total_steps, wall_s=row.total_wall_s,
                 max_step_cost=row.max_step_cost, next_from=row.next_from, status=row.status,
@@ -735,6 +849,40 @@ class MemoryStore:
         with self._lock:
             self._runs[run_id]["cost_usd"] += usd
 
+    def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
+        """Keep a reservation of ``run_id`` until the step that made it commits."""
+        with self._lock:
+            self._holds[hold_id] = (run_id, usd)
+
+    def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
+        """Delete holds whose spending is recorded by now."""
+        with self._lock:
+            for hold_id in hold_ids:
+                self._holds.pop(hold_id, None)
+
+    def charge_holds(self, run_id: str) -> HeldCharge | None:
+        """Charge the holds left by ``run_id`` and the runs below it to ``run_id`` (see ``SQLiteStore``)."""
+        with self._lock:
+            tree, frontier = {run_id}, [run_id]
+            while frontier:
+                kids = [r["id"] for r in self._runs.values() if r["parent_run_id"] in frontier]
+                frontier = [k for k in kids if k not in tree]
+                tree.update(frontier)
+            found = [(h, usd) for h, (rid, usd) in self._holds.items() if rid in tree]
+            if not found:
+                return None
+            charge = HeldCharge(round(sum(usd for _, usd in found), 12), len(found), _sql.now_iso())
+            for hold_id, _ in found:
+                del self._holds[hold_id]
+            run = self._runs[run_id]
+            run["meta"] = charge_record(run["meta"], charge)
+            run["updated_at"] = charge.at
+            up: dict[str, Any] | None = run
+            while up is not None:  # the run and every run above it
+                up["cost_usd"] = round(up["cost_usd"] + charge.usd, 12)
+                up = self._runs.get(up["parent_run_id"]) if up["parent_run_id"] else None
+            return charge
+
     def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record (loomc 0.3.0 API)."""
         with self._lock:
@@ -753,7 +901,7 @@ class MemoryStore:
         with self._lock:
             ref = self._runs[run_id]["state_type"] if run_id in self._runs else "json"
             rows = sorted(self._steps.get(run_id, {}).values(), key=lambda s: s.step_n)
-        whole = expand_rows([(r.step_n, r.state_blob) for r in rows])
+        whole = expand_rows([(r.step_n, r.state_blob) for r in rows], run_id, "the memory store")
         return [
             StepRecord(
                 r.step_n, decode(w[1], ref), r.cost_usd, r.score,
@@ -765,28 +913,45 @@ class MemoryStore:
     def load_state(self, run_id: str, step_n: int) -> Any:
         """The state a step committed (``-1``: the input)."""
         with self._lock:
-            r = self._runs[run_id]
-            blob = r["input_blob"] if step_n < 0 else self._whole(run_id, self._steps[run_id][step_n].state_blob)
+            r = self._runs.get(run_id)
+            if r is None:
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
+            blob = r["input_blob"] if step_n < 0 else self._whole(run_id, step_n)
             return decode(blob, r["state_type"])
 
-    def _whole(self, run_id: str, blob: Any) -> Any:
+    def _whole(self, run_id: str, step_n: int) -> Any:
+        """A committed step's stored state, a delta made whole."""
+        steps = self._steps[run_id]
+        row = steps.get(step_n)
+        if row is None or row.state_blob is None:
+            raise _sql.missing_state(run_id, step_n, "the memory store", row=row is not None)
+        blob = row.state_blob
         base = delta_base(blob)
-        return blob if base is None else expand(blob, self._steps[run_id][base].state_blob)
+        if base is None or isinstance(blob, str):
+            return blob
+        key = steps.get(base)
+        return expand(blob, key.state_blob if key is not None else None)
 
     def resume_point(self, run_id: str) -> ResumePoint:
         """The run's info, its history and the state to start from."""
         with self._lock:
             r = self._runs.get(run_id)
             if r is None:
-                raise RunNotFound(run_id, where="memory")
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
             rows = sorted(self._steps[run_id].values(), key=lambda s: s.step_n)
+            _sql.check_last_step(run_id, r["steps"], rows[-1].step_n if rows else None, "the memory store")
             next_from = r["next_from"] if r["next_from"] is not None else (rows[-1].step_n if rows else -1)
-            blob = r["input_blob"] if next_from < 0 else self._whole(run_id, self._steps[run_id][next_from].state_blob)
+            blob = r["input_blob"] if next_from < 0 else self._whole(run_id, next_from)
             info = self._info(r)
             state_type = r["state_type"]
+            first_open = rows[-1].step_n + 1 if rows else 0
+            in_flight = sum(
+                k["cost_usd"] for k in self._runs.values()
+                if k["parent_run_id"] == run_id and k["parent_step"] is not None and k["parent_step"] >= first_open
+            )
         loader = StateLoader(self, run_id)
         history = [_history_record((s.step_n, s.cost_usd, s.score, s.timestamp, s.error, s.event), loader) for s in rows]
-        return ResumePoint(info, state_type, blob, next_from, history)
+        return ResumePoint(info, state_type, blob, next_from, history, in_flight_usd=in_flight)
 
     def step_history(self, run_id: str, before: int) -> list[StepRecord]:
         """The run's steps numbered below ``before``, in order."""

@@ -24,6 +24,9 @@ from typing import Any
 
 from loomc._context import Reservation, reserve
 from loomc._detectors import JudgeDetector
+from loomc._errors import CostError
+from loomc._holds import apersist
+from loomc._money import check_usd
 from loomc._pricing import Price, anthropic_cost, base_name, lookup, openai_cost
 
 __all__ = ["AnthropicAdapter", "OpenAIAdapter", "Price"]
@@ -90,15 +93,35 @@ class _Call:
         self.adapter = adapter
         self.kwargs = kwargs
         self.price = adapter.price_for(kwargs.get("model"))
-        self.max_usd = adapter.max_cost(kwargs, self.price)
-        self.reservation: Reservation = reserve(self.max_usd)  # BudgetExhausted: the call is not sent
+        self.max_usd = check_usd(adapter.max_cost(kwargs, self.price), f"{adapter!r}: the most this call can cost",
+                                 hint="check the request's max_tokens and the adapter's pricing")
+        # BudgetExhausted: the call is not sent. Committed to the store before the call (so a
+        # crash mid-call still counts it), except on an event loop: there ``durable`` does it.
+        self.reservation: Reservation = reserve(self.max_usd)
+
+    async def durable(self) -> None:
+        """Commit the reservation to the run's store, awaited (async calls, before they are sent)."""
+        await apersist(self.reservation)
 
     def settle_usage(self, usage: Any) -> None:
-        """Record the real cost from ``usage`` (the full reservation when there is none)."""
+        """Record the real cost from ``usage`` (the full reservation when there is none).
+
+        Raises:
+            CostError: ``usage`` gives no valid cost; the full reservation is recorded
+                first (the call was made, so its cost is never under-counted).
+        """
         if usage is None:
             self.reservation.settle(self.max_usd)
-        else:
-            self.reservation.settle(self.adapter.usage_cost(usage, self.price, self.kwargs))
+            return
+        what = f"{self.adapter!r}: the cost computed from the response's usage"
+        try:
+            usd = check_usd(self.adapter.usage_cost(usage, self.price, self.kwargs), what)
+        except CostError as exc:
+            self.reservation.settle(self.max_usd)
+            if str(exc).startswith(what):
+                raise
+            raise CostError(f"{self.adapter!r}: {exc}") from exc
+        self.reservation.settle(usd)
 
     def release(self) -> None:
         """The call failed before anything was billed."""
@@ -161,6 +184,12 @@ class _Adapter:
             return None
         return _Call(self, kwargs)
 
+    async def _abegin(self, kwargs: Mapping[str, Any]) -> _Call | None:
+        acct = self._begin(kwargs)
+        if acct is not None:
+            await acct.durable()
+        return acct
+
     def accounted(self, kwargs: Mapping[str, Any], call: Callable[[], Any]) -> Any:
         """Run a sync ``call`` made with ``kwargs`` under a reservation, settled from its ``usage``."""
         acct = self._begin(kwargs)
@@ -192,7 +221,7 @@ def _wrap_method(adapter: _Adapter, resource: Any, name: str, stream_proxy: Call
     if _is_async(resource, orig):
 
         async def acall(*args: Any, **kwargs: Any) -> Any:
-            acct = adapter._begin(kwargs)
+            acct = await adapter._abegin(kwargs)
             if acct is None:
                 return await orig(*args, **kwargs)
             injected = prepare(kwargs) if prepare is not None and kwargs.get("stream") else False
@@ -434,6 +463,13 @@ class AnthropicAdapter(_Adapter):
             if inspect.isawaitable(request):
 
                 async def arequest() -> Any:
+                    try:
+                        await acct.durable()
+                    except BaseException:
+                        close = getattr(request, "close", None)
+                        if close is not None:
+                            close()  # the request coroutine is never sent
+                        raise
                     try:
                         raw = await request
                     except BaseException:

@@ -56,7 +56,10 @@ class _Fail(Exception):
 
 
 def _die(message: str, code: int = 1) -> None:
-    sys.stderr.write(f"loomc: {message}\n")
+    from loomc._cli_render import clip
+
+    # Messages can quote stored text (a step's error, a run's name): escaped, and cut.
+    sys.stderr.write(f"loomc: {clip(message, 2000)}\n")
     sys.stderr.flush()
     raise SystemExit(code)
 
@@ -160,7 +163,7 @@ def runs(
         what = f"{status.value} " if status else ""
         sys.stderr.write(f"loomc: no {what}runs in {store.path}\n")
         return
-    rows = [[i.id, out.status(i.status), str(i.steps), r.money(i.cost_usd), r.when(i.created_at), i.name] for i in found]
+    rows = [[i.id, out.status(i.status), str(i.steps), r.money(i.cost_usd), r.when(i.created_at), r.clip(i.name, 120)] for i in found]
     out.table(r.RUN_COLS, rows)
     if out.tty and limit and len(found) == limit:
         out.console.print(f"[dim]newest {limit} shown; --limit N for more, --all for nested runs[/dim]")
@@ -186,9 +189,10 @@ def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo]) -> Any:
     from loomc import _cli_render as r
 
     label = Text()
-    label.append(info.id, style="bold")
+    label.append(r.visible(info.id), style="bold")
     node = info.meta.get("node")
-    label.append(f"  {info.kind} {node} ({info.name})  " if info.kind == "node" and node else f"  {info.kind} {info.name}  ")
+    name = r.clip(info.name, 120)
+    label.append(f"  {info.kind} {r.clip(str(node), 120)} ({name})  " if info.kind == "node" and node else f"  {info.kind} {name}  ")
     label.append_text(Text(info.status.value, style=r.STATUS_STYLE.get(info.status, "") if out.tty else ""))
     label.append(f"  steps {info.steps}  own {r.money(r.own_cost(info, kids))}  total {r.money(info.cost_usd)}")
     if info.parent_step is not None and info.kind != "node":
@@ -248,16 +252,74 @@ def _header(info: RunInfo, out: Any) -> list[tuple[str, Any]]:
     pairs.extend(
         (label, text) for label, text in r.budget_lines(info) if not (info.kind == "graph" and label == "iterations" and "no limit" in text)
     )
+    pairs.extend(r.held_lines(info))
     pairs.append(("created", r.when(info.created_at) + " UTC"))
     if info.parent_run_id:
         pairs.append(("parent", f"{info.parent_run_id} (step {info.parent_step})"))
     return pairs
 
 
+def _window(first: int | None, last: int | None, all_: bool, tty: bool) -> tuple[int | None, int | None]:
+    """``(first, last)`` steps to show: as asked, else the last few on a terminal, else all."""
+    if all_:
+        if first is not None or last is not None:
+            raise typer.BadParameter("--all shows every step: drop --first/--last, or drop --all", param_hint="--all")
+        return None, None
+    if first is None and last is None and tty:
+        from loomc._cli_render import TTY_STEPS
+
+        return None, TTY_STEPS
+    return first, last
+
+
+
+def _step_rows(
+    store: SQLiteStore, run_id: str, first: int | None, last: int | None, *, full: bool
+) -> tuple[list[tuple[Any, float]], int, int, int, int]:
+    """The steps to print with their cumulative cost, and what is left out.
+
+    Returns ``(rows, skipped before, index of the gap, skipped in the gap, skipped after)``.
+    Only the rows shown are read (``LIMIT``); what a window leaves out is counted and
+    summed by SQLite, never loaded.
+    """
+    from loomc import _cli_render as r
+
+    chars = None if full else r.ERROR_READ
+    head = r.read_steps(store, run_id, first=first, error_chars=chars) if first is not None or last is None else []
+    tail = r.read_steps(store, run_id, head[-1].step_n if head else -1, last=last, error_chars=chars) if last is not None else []
+    rows: list[tuple[Any, float]] = []
+    cumul = 0.0
+    for rec in head:
+        cumul += rec.cost_usd
+        rows.append((rec, cumul))
+    before = gap = after = 0
+    if tail:
+        skipped, cumul = r.step_totals(store, run_id, tail[0].step_n)
+        if head:
+            gap = skipped - len(head)
+        else:
+            before = skipped
+        for rec in tail:
+            cumul += rec.cost_usd
+            rows.append((rec, cumul))
+    elif first is not None and head:
+        after = r.step_totals(store, run_id, 2**62)[0] - len(head)
+    return rows, before, len(head), gap, after
+
+
 @app.command()
 def show(
     run_id: RunIdArg,
     tree: Annotated[bool, typer.Option("--tree", "-t", help="Draw the run and all its nested runs.")] = False,
+    first: Annotated[
+        int | None, typer.Option("--first", min=0, help="Only the first N steps (with --last: both ends).", show_default=False)
+    ] = None,
+    last: Annotated[
+        int | None,
+        typer.Option("--last", min=0, help="Only the last N steps [default on a terminal: the last 50].", show_default=False),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Every step, even on a terminal.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Errors and reasons whole, not cut to fit a line.")] = False,
     db: DbOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -274,11 +336,11 @@ def show(
         data = r.run_dict(info)
         kids = store.children(info.id)
         data["own_cost_usd"] = r.own_cost(info, kids)
-        steps, cumul = [], 0.0
-        for rec in r.read_steps(store, info.id):
-            cumul += rec.cost_usd
-            steps.append(r.step_dict(rec, cumul))
-        data["history"] = steps
+        pick_first, pick_last = _window(first, last, all_, tty=False)
+        picked, before, _, gap, after = _step_rows(store, info.id, pick_first, pick_last, full=True)
+        data["history"] = [r.step_dict(rec, cumul) for rec, cumul in picked]
+        if pick_first is not None or pick_last is not None:
+            data["steps_not_shown"] = before + gap + after
         data["children"] = [r.run_dict(k) for k in kids]
         if info.kind == "graph":
             data["nodes"] = [
@@ -297,9 +359,10 @@ def show(
     if tree:
         _show_tree(out, store, info)
         return
-    out.kv(_header(info, out))
+    pick_first, pick_last = _window(first, last, all_, out.tty)
+    out.kv(_header(info, out), width=None if full else r.VALUE_WIDTH)
     kids = store.children(info.id)
-    recs = r.read_steps(store, info.id)
+    picked, before, at, gap, after = _step_rows(store, info.id, pick_first, pick_last, full=full)
     if info.kind == "graph":
         out.line()
         out.table(
@@ -309,14 +372,22 @@ def show(
                 for name, st, steps, cost, rid, after, k in _node_rows(info, kids)
             ],
         )
-    if recs or info.kind != "graph":
+    if picked or info.kind != "graph":
         out.line()
-        if recs:
-            rows, cumul = [], 0.0
-            for rec in recs:
-                cumul += rec.cost_usd
-                rows.append(r.step_cells(rec, cumul))
+        if picked:
+            rows = [r.step_cells(rec, cumul, full=full) for rec, cumul in picked]
+            cut = not full and any(row[4].endswith(r.CUT) for row in rows)
+            if gap:
+                rows.insert(at, ["...", "", "", "", f"{gap} steps not shown", ""])
+            if before:
+                out.line(f"... {before} earlier steps not shown: --all shows every step (--first N, --last N)")
             out.table(r.STEP_COLS, rows)
+            if after:
+                out.line(f"... {after} later steps not shown: --all shows every step (--first N, --last N)")
+            if gap:
+                out.line(f"... {gap} steps not shown: --all shows every step (--first N, --last N)")
+            if cut:
+                out.line(f"errors are cut to fit a line: loomc show {info.id} --full (or loomc export {info.id}) shows them whole")
         else:
             out.line("no steps committed yet")
     if kids and info.kind != "graph":
@@ -324,7 +395,7 @@ def show(
         out.line(f"nested runs: {len(kids)} (loomc show {info.id} --tree)")
         out.table(
             (r.Col("ID"), r.Col("STATUS"), r.Col("STEPS", True), r.Col("COST", True), r.Col("STEP", True), r.Col("NAME")),
-            [[k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd), str(k.parent_step), k.name] for k in kids],
+            [[k.id, out.status(k.status), str(k.steps), r.money(k.cost_usd), str(k.parent_step), r.clip(k.name, 120)] for k in kids],
         )
 
 
@@ -362,36 +433,33 @@ def resume(
     run: Annotated[bool, typer.Option("--run", help="Import the run's function (from the working directory) and resume it now.")] = False,
     usd: Annotated[
         float | None,
-        typer.Option("--usd", help="With --run: a new USD limit (the only way to get more).", show_default=False),
+        typer.Option("--usd", help="With --run: a new USD limit (the only way to get more; inf: no limit).", show_default=False),
     ] = None,
     iterations: Annotated[
-        int | None,
-        typer.Option("--iterations", help="With --run: a new iteration limit.", show_default=False),
+        float | None,
+        typer.Option("--iterations", metavar="N", help="With --run: a new iteration limit (inf: no limit).", show_default=False),
     ] = None,
     wall_clock: Annotated[
         str | None,
-        typer.Option("--wall-clock", help="With --run: a new wall-clock limit (30s, 10m, 1h30m).", show_default=False),
+        typer.Option("--wall-clock", help="With --run: a new wall-clock limit (30s, 10m, 1h30m; inf: no limit).", show_default=False),
     ] = None,
     db: DbOpt = None,
 ) -> None:
     """How to resume a run, and what is left of its budget; --run resumes it here, with live progress."""
     from loomc import _cli_render as r
 
-    new_limits = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
+    new_limits: dict[str, Any] = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
     if new_limits and not run:
         raise typer.BadParameter("new limits apply to a resume: add --run", param_hint="--usd/--iterations/--wall-clock")
     store = _open(db)
     info = _run(store, run_id)
     if run:
-        from loomc._budget import Budget
-        from loomc._cli_resume import resume_here
+        from loomc._cli_resume import resume_budget, resume_here
 
-        budget = None
-        if new_limits:
-            try:
-                budget = Budget.from_dict({**(info.budget or {}), **new_limits})
-            except (TypeError, ValueError) as exc:
-                raise typer.BadParameter(str(exc), param_hint="--usd/--iterations/--wall-clock") from exc
+        try:
+            budget = resume_budget(info.budget, usd=usd, iterations=iterations, wall_clock=wall_clock)
+        except (TypeError, ValueError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--usd/--iterations/--wall-clock") from exc
         raise typer.Exit(resume_here(store, info, budget))
     out = r.Output()
     pairs: list[tuple[str, Any]] = [("run", info.id), ("function", info.name or "-")]
@@ -477,7 +545,7 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
     # named by state_type); the user's modules are never imported to read them.
     d["input"] = decode(input_blob, "json")
     steps, cumul = [], 0.0
-    for s in expand_rows(store._read(_sql.SELECT_STEPS_FULL, (info.id,))):
+    for s in expand_rows(store._read(_sql.SELECT_STEPS_FULL, (info.id,)), info.id, str(store.path)):
         cumul += s[2]
         steps.append(
             {
@@ -507,8 +575,9 @@ def export(
     db: DbOpt = None,
 ) -> None:
     """Export a run and its whole subtree (nested runs), states included, as JSON."""
-    import json
     from datetime import datetime
+
+    from loomc import _cli_render as r
 
     store = _open(db)
     info = _run(store, run_id)
@@ -518,7 +587,7 @@ def export(
         "database": str(store.path),
         "run": _export_node(store, info),
     }
-    text = json.dumps(data, indent=2, ensure_ascii=False)
+    text = r.dumps(data)
     if output is not None:
         try:
             output.write_text(text + "\n", encoding="utf-8")
@@ -563,11 +632,31 @@ def graph_run(
     force: Annotated[
         bool, typer.Option("--force", help="With --resume: continue even though the graph's structure changed.")
     ] = False,
+    usd: Annotated[
+        float | None,
+        typer.Option("--usd", help="With --resume: a new USD limit for the graph (the only way to get more).",
+                     show_default=False),
+    ] = None,
+    iterations: Annotated[
+        float | None,
+        typer.Option("--iterations", metavar="N", help="With --resume: a new iteration limit for each node that resumes (inf: no limit).",
+                     show_default=False),
+    ] = None,
+    wall_clock: Annotated[
+        str | None,
+        typer.Option("--wall-clock", help="With --resume: a new wall-clock limit for the graph (30s, 10m, 1h30m).",
+                     show_default=False),
+    ] = None,
     db: DbOpt = None,
 ) -> None:
     """Run (or resume) the graph defined in PIPELINE.py, with live progress per node."""
     if input_json is not None and input_file is not None:
         raise typer.BadParameter("give --input or --input-file, not both", param_hint="--input")
+    if resume_id is None and (usd, iterations, wall_clock) != (None, None, None):
+        raise typer.BadParameter(
+            "new limits apply to a resume: add --resume RUN_ID (a new run takes the graph's own budget)",
+            param_hint="--usd/--iterations/--wall-clock",
+        )
     cli = _orchestration_cli()
     raise typer.Exit(
         cli.graph_run(
@@ -578,6 +667,9 @@ def graph_run(
             resume=resume_id,
             db=str(db) if db is not None else None,
             force=force,
+            usd=usd,
+            iterations=iterations,
+            wall_clock=wall_clock,
         )
     )
 

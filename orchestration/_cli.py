@@ -28,7 +28,9 @@ class CliError(Exception):
 
 
 def _fail(msg: str) -> int:
-    print(f"loomc: {msg}", file=sys.stderr)
+    from loomc._cli_render import clip
+
+    print(f"loomc: {clip(msg, 2000)}", file=sys.stderr)  # it may quote a stored error: escaped, cut
     return 1
 
 
@@ -135,6 +137,7 @@ class _Progress:
         self.runs: dict[str, RunInfo] = {}
         self.lock = threading.Lock()
         self.tty = sys.stdout.isatty()
+        self.cap_usd: float | None = graph.budget.usd  # the graph's USD limit (a resume may give a new one)
 
     def hook(self, event: ProgressEvent) -> None:
         with self.lock:
@@ -164,9 +167,8 @@ class _Progress:
     def table(self, result: GraphResult | None = None) -> Any:
         from rich.table import Table
 
-        budget = self.graph.budget
         total = result.cost_usd if result is not None else sum(r.cost_usd for r in self.runs.values())
-        cap = f" of {money(budget.usd)}" if budget.usd is not None else ""
+        cap = f" of {money(self.cap_usd)}" if self.cap_usd is not None else ""
         title = f"graph {self.graph.name}" + (f"  run {self.run_id}" if self.run_id else "")
         table = Table(title=title, caption=f"total {money(total)}{cap}", title_justify="left")
         for col in ("NODE", "STATUS", "STEPS", "COST", "RUN"):
@@ -210,8 +212,15 @@ def graph_run(
     db: str | None = None,
     *,
     force: bool = False,
+    usd: float | None = None,
+    iterations: float | None = None,
+    wall_clock: str | None = None,
 ) -> int:
     """``loomc graph run PATH``: run (or ``--resume``) the file's graph with live progress.
+
+    With ``--resume``, ``usd``, ``iterations`` and ``wall_clock`` give new limits, built
+    as ``loomc resume --run`` builds them: the graph's ``usd`` and ``wall_clock``, and the
+    ``iterations`` of each node that resumes.
 
     Returns:
         0 when the graph completed, 1 otherwise (errors: one line on stderr), 130 when
@@ -222,9 +231,16 @@ def graph_run(
         graph_input = _read_input(input_json, input_file) if resume is None else None
         if resume is not None and (input_json is not None or input_file is not None):
             raise CliError("--resume continues with the run's own input; drop --input/--input-file")
+        if resume is None and (usd, iterations, wall_clock) != (None, None, None):
+            raise CliError("--usd/--iterations/--wall-clock give a resumed graph new limits: add --resume RUN_ID")
         store = _store_for(graph, db)
+        budget = None
+        if resume is not None and (usd, iterations, wall_clock) != (None, None, None):
+            budget = _new_limits(store, resume, usd, iterations, wall_clock)
         progress = _Progress(graph, store, path)
-        result = _run_live(graph, store, progress, graph_input, resume, force)
+        if budget is not None:
+            progress.cap_usd = budget.usd
+        result = _run_live(graph, store, progress, graph_input, resume, force, budget)
     except KeyboardInterrupt:
         rid = progress.run_id if "progress" in locals() else None
         hint = f"; resume with: loomc graph run {path} --resume {rid}" if rid else ""
@@ -235,13 +251,30 @@ def graph_run(
     _print_end(path, progress, result)
     if result.status is RunStatus.COMPLETED:
         return 0
-    return _fail(f"graph run {result.run_id} ended {result.status.value}: {result.stop_reason or ''}".rstrip(": "))
+    more = ""
+    if result.status is RunStatus.BUDGET_EXHAUSTED:
+        more = f"; give it more with `loomc graph run {path} --resume {result.run_id} --usd/--iterations/--wall-clock ...`"
+    return _fail(f"graph run {result.run_id} ended {result.status.value}: {result.stop_reason or ''}".rstrip(": ") + more)
 
 
-def _run_live(graph: Graph, store: Any, progress: _Progress, graph_input: Any, resume: str | None, force: bool) -> GraphResult:
+def _new_limits(store: Any, run_id: str, usd: float | None, iterations: float | None, wall_clock: str | None) -> Any:
+    """The graph run's stored budget with the limits given on the command line."""
+    from loomc._cli_resume import resume_budget
+
+    info = store.get_run(store.resolve(run_id))
+    try:
+        return resume_budget(info.budget if info is not None else None, usd=usd, iterations=iterations,
+                             wall_clock=wall_clock)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--usd/--iterations/--wall-clock: {exc}") from exc
+
+
+def _run_live(
+    graph: Graph, store: Any, progress: _Progress, graph_input: Any, resume: str | None, force: bool, budget: Any = None
+) -> GraphResult:
     def go() -> GraphResult:
         if resume is not None:
-            return graph.resume(resume, force=force, store=store, on_progress=progress.hook)
+            return graph.resume(resume, budget=budget, force=force, store=store, on_progress=progress.hook)
         return graph.run(graph_input, store=store, on_progress=progress.hook)
 
     if not progress.tty:
@@ -271,11 +304,13 @@ def _run_live(graph: Graph, store: Any, progress: _Progress, graph_input: Any, r
 
 def _print_end(path: str, progress: _Progress, result: GraphResult) -> None:
     progress.run_id = result.run_id
-    budget = progress.graph.budget
-    cap = f" of {money(budget.usd)}" if budget.usd is not None else ""
+    cap = f" of {money(progress.cap_usd)}" if progress.cap_usd is not None else ""
     head = f"graph {progress.graph.name}: run {result.run_id} {result.status.value}, cost {money(result.cost_usd)}{cap}"
     if result.stop_reason:
         head += f" ({result.stop_reason})"
+    from loomc._cli_render import clip
+
+    head = clip(head)  # the stop reason can quote a node's error
     if progress.tty:
         from rich.console import Console
 

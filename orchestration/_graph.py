@@ -8,6 +8,7 @@ once to the graph's ledger, which caps the sum.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -16,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -28,6 +29,7 @@ from loomc._context import Ledger, _lock, _parent_ledger
 from loomc._detectors import predicate
 from loomc._engine import RunContext
 from loomc._errors import SpecMismatch
+from loomc._holds import charge_record, supports_holds
 from loomc._lease import Claim, claim, owner_token
 from loomc._policy import EPS
 from loomc._runner import AsyncLoopRunner, LoopRunner, loop
@@ -122,36 +124,10 @@ def _as_runner(fn: Any) -> Any:
     if not callable(fn):
         raise TypeError(f"Graph.add expects a @loop or a function, got {fn!r}")
     name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-    return loop(converge_on=predicate(_one_step_done), name=name)(fn)
-
-
-class _Slot(Ledger):
-    """A node's place under the graph ledger: what the node spent before this attempt is prepaid.
-
-    On resume the graph ledger holds every node's earlier spending as a reservation from
-    the start (so concurrent nodes can never spend it again); when the engine re-charges a
-    resumed node's carried cost, it is taken from that reservation atomically.
-    """
-
-    def __init__(self, graph: Ledger, prepaid: float) -> None:
-        super().__init__(graph.run_id, parent=graph, context=graph.context)
-        self.prepaid = prepaid
-        with _lock:
-            graph.reserved = round(graph.reserved + prepaid, 12)
-
-    def charge(self, usd: float, *, enforce: bool = True) -> None:
-        """Charge ``usd``, consuming the prepaid reservation first."""
-        with _lock:
-            take = min(self.prepaid, max(usd, 0.0))
-            if take > 0:
-                self.prepaid = round(self.prepaid - take, 12)
-                for led in self.parent.chain() if self.parent is not None else ():
-                    led.reserved = round(led.reserved - take, 12)
-                    led.spent = round(led.spent + take, 12)
-                self.spent = round(self.spent + take, 12)
-            rest = usd - take
-            if rest:
-                super().charge(rest, enforce=enforce)
+    runner = loop(converge_on=predicate(_one_step_done), name=name)(fn)
+    # a plain function's return value is its output, None included (a @loop's step may not return None)
+    runner.spec = dataclasses.replace(runner.spec, none_ok=True)
+    return runner
 
 
 class Graph:
@@ -385,7 +361,10 @@ class Graph:
 
         Args:
             run_id: the graph run's id or a unique prefix of it.
-            budget: new graph limits (the only way to get more).
+            budget: new limits (the only way to get more): those it names replace the run's own,
+                those left as ``None`` are kept, ``math.inf`` removes one. ``usd`` and
+                ``wall_clock`` are the graph's; ``iterations`` (a graph has none of its own)
+                becomes the iteration limit of each node that resumes.
             force: continue even though the graph's structure changed since the run.
             store: the store to read (default: the graph's ``checkpoint``).
             on_progress: ``hook(ProgressEvent)`` as the graph and its nodes start and finish.
@@ -447,14 +426,14 @@ class _Execution:
         self.done: dict[str, anyio.Event] = {}
         self.exhausted = False  # the graph's own budget ran out
         self.aborted = False  # the attempt is being cancelled
-        self.db_cost = 0.0
-        self.orphan_cost = 0.0
-        self.cost_lock = anyio.Lock()
+        self.spent_before = 0.0  # what the graph's tree had spent before this attempt
+        self.carried_in = 0.0  # of which its node runs' stored totals (re-found nodes carry from it)
         self.handle_signals = False
         self.signalled: int | None = None
         self.run_id = ""
         self.ledger = Ledger("")
-        self.slots: dict[str, _Slot] = {}
+        self.priors: dict[str, RunInfo] = {}
+        self.node_iterations: int | float | None = None  # a resume's new iteration limit for resumed nodes
         self.claim: Claim | None = None  # this process's hold on the graph run
 
     def release(self) -> None:
@@ -501,20 +480,26 @@ class _Execution:
                 f"graph {g.name!r} changed since run {run_id} started (its nodes, their loops or edges differ); "
                 "resume it with the graph as it was, or call graph.resume(run_id, force=True) to continue with this one"
             )
+        limits = Budget.merged(info.budget, budget)
         with anyio.CancelScope(shield=True):
-            await self.astore.acquire(run_id, self.owner, budget.to_dict() if budget is not None else None)
+            await self.astore.acquire(run_id, self.owner, limits.to_dict() if budget is not None else None)
         try:
-            graph_input, index, existing = await self._prepare_resume(run_id, info)
+            graph_input, index, existing = await self._prepare_resume(run_id, info, limits)
         except BaseException:
             with anyio.CancelScope(shield=True):  # cancelled before the attempt began: still recorded
                 await self.astore.finish_run(run_id, RunStatus.INTERRUPTED, "interrupted", info.wall_s)
             raise
-        limits = budget if budget is not None else Budget.from_dict(info.budget)
         return await self._attempt(run_id, graph_input, limits, index, existing, info.wall_s)
 
-    async def _prepare_resume(self, run_id: str, info: RunInfo) -> tuple[Any, dict[str, int], dict[str, RunInfo]]:
+    async def _prepare_resume(
+        self, run_id: str, info: RunInfo, limits: Budget
+    ) -> tuple[Any, dict[str, int], dict[str, RunInfo]]:
         """The graph input, each node's call index and the node runs already started."""
         g = self.graph
+        held = await self.astore.charge_holds(run_id) if supports_holds(self.store) else None
+        if held is not None:  # calls in flight in its nodes when a process died: charged to the graph
+            info = replace(info, meta=charge_record(info.meta, held))
+        self.node_iterations = limits.iterations
         graph_input = await self.astore.load_state(run_id, -1)
         old = {n["name"]: int(n["index"]) for n in info.meta.get("nodes", []) if "name" in n and "index" in n}
         index: dict[str, int] = {}
@@ -534,9 +519,12 @@ class _Execution:
         children = {
             c.call_index: c for c in await self.astore.children(run_id) if c.parent_step == 0 and c.call_index is not None
         }
-        used = set(index.values())
-        self.orphan_cost = sum(c.cost_usd for i, c in children.items() if i not in used)
-        self.db_cost = info.cost_usd
+        # Node runs roll their spending into the graph's row as they commit, so the stored
+        # total holds all of it (and what interrupted steps spent); a node no longer in the
+        # graph stays counted. Re-found nodes carry their spending from ``carried_in``.
+        self.carried_in = round(sum(c.cost_usd for c in children.values()), 12)
+        # holds left by calls in flight when a process died were just added to the stored total
+        self.spent_before = round(max(info.cost_usd, self.carried_in) + (held.usd if held else 0.0), 12)
         existing = {name: children[i] for name, i in index.items() if i in children}
         return graph_input, index, existing
 
@@ -555,18 +543,17 @@ class _Execution:
         wall_cap = budget.wall_clock_seconds
         ctx = RunContext(run_id, g.name, self.store, None, budget)
         ledger = Ledger(
-            run_id, usd_cap=budget.usd, spent=self.orphan_cost,
+            run_id, usd_cap=budget.usd, spent=self.spent_before,
             deadline=(t0 + wall_cap - wall_base) if wall_cap is not None else None, context=ctx,
         )
+        ledger.prepaid = self.carried_in
         ctx.ledger = ledger
         ctx.begin_step(0)
-        slots = {name: _Slot(ledger, existing[name].cost_usd if name in existing else 0.0) for name in g._nodes}
-        self.ledger, self.slots, self.run_id = ledger, slots, run_id
+        self.ledger, self.priors, self.run_id = ledger, existing, run_id
         self.done = {name: anyio.Event() for name in g._nodes}
         limiter = anyio.CapacityLimiter(g.max_concurrency) if g.max_concurrency else None
         try:
             self._emit(None, RunStatus.RUNNING.value, run_id)
-            await self._sync_cost()
             finished = False
 
             async def watch() -> None:
@@ -617,15 +604,21 @@ class _Execution:
 
     def _total(self) -> float:
         with _lock:
-            return round(self.ledger.spent + sum(s.prepaid for s in self.slots.values()), 12)
+            return round(self.ledger.spent, 12)
 
     async def _sync_cost(self) -> None:
-        async with self.cost_lock:
-            total = self._total()
-            delta = round(total - self.db_cost, 12)
-            if abs(delta) > EPS:
-                await self.astore.add_cost(self.run_id, delta)
-                self.db_cost = total
+        """Store the graph's exact total once every node has stopped.
+
+        While nodes run, their commits raise the graph's stored total; this adds what was
+        spent but never committed (a step cut short), so the row equals the ledger.
+        """
+        info = await self.astore.get_run(self.run_id)
+        delta = round(self._total() - (info.cost_usd if info is not None else 0.0), 12)
+        if abs(delta) > EPS:
+            await self.astore.add_cost(self.run_id, delta)
+        held = self.ledger.take_durable()  # holds of node steps that never committed: now in the total
+        if held and supports_holds(self.store):
+            await self.astore.drop_holds(held)
 
     def _verdict(self) -> tuple[RunStatus, str | None]:
         order = [n for n in self.graph.nodes if n in self.infos]
@@ -680,10 +673,10 @@ class _Execution:
                 await self.done[up].wait()
             ups = [self.infos[u] for u in node.after]
             if any(u.status == PENDING for u in ups):
-                return self._finish(NodeInfo(name, PENDING))
+                return self._finish(self._not_run(name, PENDING))
             blocked = [u.name for u in ups if u.status not in _HANDOFF]
             if blocked:
-                return self._finish(NodeInfo(name, SKIPPED, stop_reason=f"upstream {blocked[0]!r} did not finish"))
+                return self._finish(self._not_run(name, SKIPPED, f"upstream {blocked[0]!r} did not finish"))
             reused = prior is not None and prior.status is RunStatus.COMPLETED
             try:
                 state = self._input(node, graph_input)
@@ -697,9 +690,18 @@ class _Execution:
                 await self._start(node, idx, state, prior, reused)
         finally:
             if name not in self.infos:
-                self.infos[name] = NodeInfo(name, RunStatus.INTERRUPTED.value if self.aborted else PENDING)
+                self.infos[name] = self._not_run(name, RunStatus.INTERRUPTED.value if self.aborted else PENDING)
                 self.done[name].set()
         return None
+
+    def _not_run(self, name: str, status: str, reason: str | None = None) -> NodeInfo:
+        """A node this attempt did not run: what its run of an earlier attempt, if any, had done."""
+        prior = self.priors.get(name)
+        if prior is None:
+            return NodeInfo(name, status, stop_reason=reason)
+        if status == PENDING:  # it ran before: it keeps the status it ended with
+            status, reason = prior.status.value, prior.stop_reason
+        return NodeInfo(name, status, prior.id, prior.steps, prior.cost_usd, reason)
 
     def _input(self, node: _Node, graph_input: Any) -> Any:
         up = {u: self.outputs[u] for u in node.after}
@@ -713,7 +715,9 @@ class _Execution:
 
     async def _start(self, node: _Node, idx: int, state: Any, prior: RunInfo | None, reused: bool) -> None:
         name = node.name
-        if not reused and (self.exhausted or not self._room()):
+        # A node that ran before is resumed even without room: it stops at once on the
+        # graph's budget and reports its run (id, steps, cost, last state) as it stands.
+        if prior is None and (self.exhausted or not self._room()):
             self.exhausted = True
             return self._finish(NodeInfo(name, PENDING, stop_reason="graph budget ran out before it started"))
         if self.aborted:
@@ -721,13 +725,15 @@ class _Execution:
         if not reused:
             self._emit(name, RunStatus.RUNNING.value, prior.id if prior else None)
         meta = {"node": name, "graph": self.graph.name}
-        slot = self.slots[name]
-        token = _parent_ledger.set(slot)
+        limits = None
+        if prior is not None and not reused and self.node_iterations is not None:
+            limits = Budget.from_dict({**prior.budget, "iterations": self.node_iterations})
+        token = _parent_ledger.set(self.ledger)
         try:
             if node.is_async:
-                result: RunResult = await node.runner._run_child(state, call_index=idx, meta=meta)
+                result: RunResult = await node.runner._run_child(state, call_index=idx, meta=meta, budget=limits)
             else:
-                call = functools.partial(node.runner._run_child, state, call_index=idx, meta=meta)
+                call = functools.partial(node.runner._run_child, state, call_index=idx, meta=meta, budget=limits)
                 # A thread cannot be cancelled: on cancellation the node stops at its next step
                 # boundary (see _abort) and its result is still recorded.
                 with anyio.CancelScope(shield=True):
@@ -735,8 +741,6 @@ class _Execution:
         except Exception as exc:  # noqa: BLE001 - a node that cannot run fails alone
             self._finish(NodeInfo(name, RunStatus.FAILED.value, prior.id if prior else None,
                                   stop_reason=f"{type(exc).__name__}: {exc}", error=exc))
-            with anyio.CancelScope(shield=True):
-                await self._sync_cost()
             return None
         finally:
             _parent_ledger.reset(token)
@@ -751,8 +755,6 @@ class _Execution:
             self.exhausted = True
         if status in _HANDOFF or status == RunStatus.STALLED.value:
             self.outputs[name] = result.state
-        with anyio.CancelScope(shield=True):
-            await self._sync_cost()
         self._finish(NodeInfo(
             name, status, result.run_id, result.steps, result.cost_usd, result.stop_reason,
             result.error if status != RunStatus.COMPLETED.value else None, reused,

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from loomc import RunStatus, SQLiteStore
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -66,3 +68,71 @@ def test_pipeline_example_runs_through_the_cli(tmp_path: Path) -> None:
     assert re.search(r"graph report: run \w{12} completed", out.stdout), out.stdout
     for node in ("research", "draft", "fact_check", "critique", "final"):
         assert re.search(rf"^{node}\s+completed", out.stdout, re.M), node
+
+
+def _first_line_id(stdout: str, prefix: str = "run") -> str:
+    first = stdout.splitlines()[0]
+    match = re.match(rf"{prefix} ([0-9a-f]{{12}}): starting", first)
+    assert match, first
+    return match.group(1)
+
+
+def test_examples_print_their_run_id_before_the_first_step(tmp_path: Path) -> None:
+    """Every example's first line names its run, and it is the run the example ends with."""
+    fixer = run([sys.executable, str(EXAMPLES / "code_fixer.py")], tmp_path, FIXER_STEP_DELAY="0").stdout
+    rid = _first_line_id(fixer)
+    assert f"continue with: python examples/code_fixer.py --resume {rid}" in fixer.splitlines()[0]
+    assert f"run {rid}: completed after 5 steps" in fixer
+
+    planner = run([sys.executable, str(EXAMPLES / "planner_worker.py")], tmp_path).stdout
+    rid = _first_line_id(planner)
+    assert f"run {rid}: completed" in planner
+
+    refiner = run([sys.executable, str(EXAMPLES / "llm_refiner.py")], tmp_path).stdout
+    rid = _first_line_id(refiner)
+    assert f"run {rid}: completed after 3 steps" in refiner
+
+    pipeline = run([sys.executable, str(EXAMPLES / "pipeline.py")], tmp_path).stdout
+    rid = _first_line_id(pipeline, "graph run")
+    assert f"graph run {rid}: completed" in pipeline
+    resumed = run([sys.executable, str(EXAMPLES / "pipeline.py"), "--resume", rid], tmp_path).stdout
+    assert resumed.splitlines()[0].startswith(f"graph run {rid}: resuming")
+
+
+def test_code_fixer_ctrl_c_prints_the_command_that_resumes_it(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) mid-run: exit 130, the run is interrupted, and the printed command finishes it."""
+    env = {k: v for k, v in os.environ.items() if k != "LOOMC_DB"} | {"FIXER_STEP_DELAY": "0.2"}
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "code_fixer.py")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    rid = _first_line_id(first)
+    assert proc.stdout.readline().startswith("  step 0:")  # a step committed-or-running: the loop is live
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    command = f"python examples/code_fixer.py --resume {rid}"
+    assert command in err.strip().splitlines()[-1]
+    info = SQLiteStore(tmp_path / ".loomc" / "checkpoints.db", create=False).get_run(rid)
+    assert info is not None
+    # (interrupted, or crashed when the signal lands inside a commit: either way resumable)
+    assert info.status in (RunStatus.INTERRUPTED, RunStatus.CRASHED)
+    assert info.steps < 5
+
+    again = run([sys.executable, str(EXAMPLES / "code_fixer.py"), "--resume", rid], tmp_path, FIXER_STEP_DELAY="0")
+    assert f"run {rid}: completed after 5 steps, $0.25" in again.stdout
+
+
+def test_llm_refiner_live_without_a_key_fails_in_one_line(tmp_path: Path) -> None:
+    """`llm_refiner.py --live` with no ANTHROPIC_API_KEY: one clear line on stderr, non-zero exit, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOOMC_DB", "ANTHROPIC_API_KEY")}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "llm_refiner.py"), "--live"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "ANTHROPIC_API_KEY" in lines[0]
+    assert "without --live" in lines[0]
+    assert not (tmp_path / ".loomc").exists()  # nothing ran

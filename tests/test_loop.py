@@ -154,7 +154,7 @@ def test_failed_steps_count_as_iterations(db: str) -> None:
 def test_step_exception_propagates_with_a_resume_note(db: str) -> None:
     """Without LastGood the step's own exception propagates, noting the run and how to resume."""
 
-    @loop(checkpoint=db)
+    @loop(checkpoint=db, budget=Budget(iterations=3))
     def broken(state: dict[str, int]) -> dict[str, int]:
         raise KeyError("missing")
 
