@@ -255,6 +255,7 @@ class _nullctx:  # noqa: N801
 def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -> RunResult:
     send: Any = None
     throw: BaseException | None = None
+    held: BaseException | None = None  # a signal held past a store call, delivered here
     main = threading.current_thread() is threading.main_thread()
     outer = _SigTerm.defer
     if main:
@@ -267,6 +268,10 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
                 if main and _SigTerm.pending is not None and not outer:
                     raise _interrupt(_take_pending()) from None
                 return stop.value  # type: ignore[no-any-return]
+            except KeyboardInterrupt as exc:
+                if exc is held:  # it was raised here, not in anyone's code: show no loomc internals
+                    raise exc.with_traceback(None) from None
+                raise
             send, throw = None, None
             if type(op) is StoreOp:
                 try:
@@ -274,7 +279,7 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
                 except BaseException as exc:  # noqa: BLE001 - raised inside the protocol, so its cleanup runs now
                     throw = exc
             elif main and _SigTerm.pending is not None:
-                throw = _interrupt(_take_pending())  # held outside the step: it interrupts this one
+                throw = held = _interrupt(_take_pending())  # held outside the step: it interrupts this one
             elif type(op) is SleepOp:
                 if main:
                     _SigTerm.defer = False  # a backoff, like the step, may be cut short at once
