@@ -582,8 +582,9 @@ class _Execution:
             raise
         status, reason = self._verdict()
         wall = wall_base + (time.monotonic() - t0)
-        await self._sync_cost()
-        await self.astore.finish_run(run_id, status, reason, wall)
+        with anyio.CancelScope(shield=True):  # the outcome is written even if cancelled now
+            await self._sync_cost()
+            await self.astore.finish_run(run_id, status, reason, wall)
         nodes = {name: self.infos[name] for name in g._nodes}
         return GraphResult(run_id, status, dict(self.outputs), self._total(), nodes, reason)
 
