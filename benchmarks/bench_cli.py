@@ -1,7 +1,7 @@
 """How fast the ``loomc`` command answers on a large database.
 
 Builds (once, then reuses) a database of 100,000 runs and 1,000,000 steps with the real
-schema (``loomc._sql``), then times real ``loomc`` subprocesses, end to end (interpreter
+schema (``loomc.store.sqlite.sql``), then times real ``loomc`` subprocesses, end to end (interpreter
 start-up included), median of several runs::
 
     python benchmarks/bench_cli.py                 # build if missing, then time
@@ -26,7 +26,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from loomc import _sql
+from loomc.store.sqlite import sql as _sql
 
 STATUSES = ["completed"] * 6 + ["budget_exhausted", "stalled", "failed", "interrupted", "running"]
 ERRORS = [None] * 12 + ["RuntimeError: rate limit", "TimeoutError: model did not answer"]

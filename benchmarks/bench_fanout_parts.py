@@ -66,10 +66,10 @@ def bare(d: Path) -> Callable[[], Awaitable[None]]:
 def hand_written(durability: str, commit: bool) -> Callable[[Path], Callable[[], Awaitable[None]]]:
     """A loop written by hand on the async store (with or without its commits)."""
     from loomc import RunStatus
-    from loomc._astore import AsyncSQLiteStore
-    from loomc._codec import encode
-    from loomc._sql import StepRow, now_iso
-    from loomc._store import NewRun
+    from loomc.store.codec import encode
+    from loomc.store.sqlite.aio import AsyncSQLiteStore
+    from loomc.store.sqlite.sql import StepRow, now_iso
+    from loomc.store.sqlite.sync import NewRun
 
     def make(d: Path) -> Callable[[], Awaitable[None]]:
         async def one(store: AsyncSQLiteStore) -> None:
@@ -98,7 +98,7 @@ def hand_written(durability: str, commit: bool) -> Callable[[Path], Callable[[],
 def with_loop(durability: str, null_commit: bool) -> Callable[[Path], Callable[[], Awaitable[None]]]:
     """``@loop`` (optionally with a store whose commit does nothing)."""
     from loomc import Budget, loop
-    from loomc._astore import AsyncSQLiteStore
+    from loomc.store.sqlite.aio import AsyncSQLiteStore
 
     def make(d: Path) -> Callable[[], Awaitable[None]]:
         @loop(checkpoint=str(d / "fan.db"), durability=durability, budget=Budget(iterations=STEPS), name="bench-fan")

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 # module first, then bind the name to the decorator.
 from loomc.loop import AsyncLoopRunner, LoopRunner, loop  # isort: skip
 from loomc import circuit_breaker as _circuit_breaker_module  # isort: skip
-from loomc._astore import AsyncCheckpointStore, AsyncSQLiteStore
-from loomc._budget import Budget
-from loomc._context import Reservation, RunView, areserve, charge, current_run, reserve, with_run_context
-from loomc._detectors import BestScore, Escalate, JudgeDetector, LastGood, judge, predicate, score_plateau
-from loomc._errors import (
+from loomc._core.budget import Budget
+from loomc._core.context import Reservation, RunView, areserve, charge, current_run, reserve, with_run_context
+from loomc._core.detectors import BestScore, Escalate, JudgeDetector, LastGood, judge, predicate, score_plateau
+from loomc._core.errors import (
     AmbiguousRunId,
     BudgetExhausted,
     CircuitOpenError,
@@ -33,14 +32,15 @@ from loomc._errors import (
     StoreError,
     UnboundedLoopWarning,
 )
-from loomc._retry import Retry
-from loomc._semantic import SemanticDelta, semantic_delta
-from loomc._store import CheckpointStore, MemoryStore, SQLiteStore
-from loomc._types import RunInfo, RunResult, RunStatus, StepRecord
+from loomc._core.retry import Retry
+from loomc._core.types import RunInfo, RunResult, RunStatus, StepRecord
 from loomc.circuit_breaker import BreakerState, CircuitBreaker, circuit_breaker
+from loomc.integrations.semantic import SemanticDelta, semantic_delta
+from loomc.store.sqlite.aio import AsyncCheckpointStore, AsyncSQLiteStore
+from loomc.store.sqlite.sync import CheckpointStore, MemoryStore, SQLiteStore
 
 if TYPE_CHECKING:
-    from loomc.adapters import AnthropicAdapter, OpenAIAdapter
+    from loomc.integrations.adapters import AnthropicAdapter, OpenAIAdapter
 
 __version__ = "0.5.0"
 
@@ -96,7 +96,7 @@ __all__ = [
     "with_run_context",
 ]
 
-_LAZY = {"AnthropicAdapter": "loomc.adapters", "OpenAIAdapter": "loomc.adapters"}
+_LAZY = {"AnthropicAdapter": "loomc.integrations.adapters", "OpenAIAdapter": "loomc.integrations.adapters"}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from loomc._detectors import BestScore, LastGood
+from loomc._core.detectors import BestScore, LastGood
 
 __all__ = ["BestScore", "LastGood"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from loomc._budget import Budget, parse_duration
-from loomc._errors import BudgetExhausted
+from loomc._core.budget import Budget, parse_duration
+from loomc._core.errors import BudgetExhausted
 
 __all__ = ["Budget", "BudgetExhausted", "BudgetLedger"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from loomc._store import CheckpointStore, MemoryStore, SQLiteStore
-from loomc._types import RunInfo, RunStatus, StepRecord
+from loomc._core.types import RunInfo, RunStatus, StepRecord
+from loomc.store.sqlite.sync import CheckpointStore, MemoryStore, SQLiteStore
 
 SQLiteCheckpointStore = SQLiteStore
 

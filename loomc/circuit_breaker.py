@@ -1,8 +1,8 @@
-"""Circuit breakers (loomc 0.3.0 module path): see :mod:`loomc._breaker`."""
+"""Circuit breakers (loomc 0.3.0 module path): see :mod:`loomc._core.breaker`."""
 
 from __future__ import annotations
 
-from loomc._breaker import (
+from loomc._core.breaker import (
     Backoff,
     BreakerPolicy,
     BreakerState,
@@ -12,7 +12,7 @@ from loomc._breaker import (
     circuit_breaker,
     settle,
 )
-from loomc._errors import CircuitOpenError, LoomcError
+from loomc._core.errors import CircuitOpenError, LoomcError
 
 __all__ = [
     "Backoff",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loomc._detectors import (
+from loomc._core.detectors import (
     All,
     Any_,
     Detector,
@@ -13,7 +13,7 @@ from loomc._detectors import (
     predicate,
     score_plateau,
 )
-from loomc._semantic import SemanticDelta, semantic_delta
+from loomc.integrations.semantic import SemanticDelta, semantic_delta
 
 __all__ = [
     "All",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from loomc._context import _parent_ledger
-from loomc._detectors import Escalate
-from loomc._errors import StallError
-from loomc._runner import AsyncLoopRunner, LoopRunner, loop
+from loomc._core.context import _parent_ledger
+from loomc._core.detectors import Escalate
+from loomc._core.errors import StallError
+from loomc._core.runner import AsyncLoopRunner, LoopRunner, loop
 
 __all__ = ["AsyncLoopRunner", "Escalate", "LoopRunner", "StallError", "loop"]
 _ = _parent_ledger  # re-exported for code written against 0.3.0

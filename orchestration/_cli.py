@@ -15,9 +15,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from loomc._errors import LoomcError
-from loomc._store import open_store
-from loomc._types import RunInfo, RunStatus
+from loomc._core.errors import LoomcError
+from loomc._core.types import RunInfo, RunStatus
+from loomc.store.sqlite.sync import open_store
 from orchestration._graph import PENDING, Graph, GraphResult, ProgressEvent
 
 __all__ = ["graph_run", "graph_show", "load_graph"]
@@ -28,7 +28,7 @@ class CliError(Exception):
 
 
 def _fail(msg: str) -> int:
-    from loomc._cli_render import clip
+    from loomc.cli.render import clip
 
     print(f"loomc: {clip(msg, 2000)}", file=sys.stderr)  # it may quote a stored error: escaped, cut
     return 1
@@ -259,7 +259,7 @@ def graph_run(
 
 def _new_limits(store: Any, run_id: str, usd: float | None, iterations: float | None, wall_clock: str | None) -> Any:
     """The graph run's stored budget with the limits given on the command line."""
-    from loomc._cli_resume import resume_budget
+    from loomc.cli.resume import resume_budget
 
     info = store.get_run(store.resolve(run_id))
     try:
@@ -308,7 +308,7 @@ def _print_end(path: str, progress: _Progress, result: GraphResult) -> None:
     head = f"graph {progress.graph.name}: run {result.run_id} {result.status.value}, cost {money(result.cost_usd)}{cap}"
     if result.stop_reason:
         head += f" ({result.stop_reason})"
-    from loomc._cli_render import clip
+    from loomc.cli.render import clip
 
     head = clip(head)  # the stop reason can quote a node's error
     if progress.tty:

@@ -23,18 +23,18 @@ from typing import Any
 import anyio
 import networkx as nx
 
-from loomc import _codec
-from loomc._budget import Budget
-from loomc._context import Ledger, _lock, _parent_ledger
-from loomc._detectors import predicate
-from loomc._engine import RunContext
-from loomc._errors import SpecMismatch
-from loomc._holds import charge_record, supports_holds
-from loomc._lease import Claim, claim, owner_token
-from loomc._policy import EPS
-from loomc._runner import AsyncLoopRunner, LoopRunner, loop
-from loomc._store import MemoryStore, NewRun, new_run_id, open_store
-from loomc._types import RunInfo, RunResult, RunStatus
+from loomc._core.budget import Budget
+from loomc._core.context import Ledger, _lock, _parent_ledger
+from loomc._core.detectors import predicate
+from loomc._core.engine import RunContext
+from loomc._core.errors import SpecMismatch
+from loomc._core.holds import charge_record, supports_holds
+from loomc._core.policy import EPS
+from loomc._core.runner import AsyncLoopRunner, LoopRunner, loop
+from loomc._core.types import RunInfo, RunResult, RunStatus
+from loomc.store import codec as _codec
+from loomc.store.lease import Claim, claim, owner_token
+from loomc.store.sqlite.sync import MemoryStore, NewRun, new_run_id, open_store
 
 __all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]
 
@@ -414,7 +414,7 @@ class _Execution:
     """One attempt at a graph run: the scheduler."""
 
     def __init__(self, graph: Graph, store: Any, hook: ProgressHook | None) -> None:
-        from loomc._astore import async_twin
+        from loomc.store.sqlite.aio import async_twin
 
         self.graph = graph
         self.store = store

@@ -14,9 +14,9 @@ import pytest
 
 import loomc
 from loomc import Budget, BudgetExhausted, RunStatus, current_run, loop
-from loomc._context import current_ledger
-from loomc._pricing import ANTHROPIC_PRICES, OPENAI_PRICES, PRICES_CHECKED, Price, lookup
+from loomc._core.context import current_ledger
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter, estimate_input_tokens
+from loomc.integrations.pricing import ANTHROPIC_PRICES, OPENAI_PRICES, PRICES_CHECKED, Price, lookup
 from loomc.testing import FakeAPI, Usage, serve
 
 M = 1_000_000

@@ -14,9 +14,9 @@ import pytest
 
 import loomc
 from loomc import AsyncCheckpointStore, Budget, BudgetExhausted, MemoryStore, RunStatus, SQLiteStore, loop, predicate
-from loomc._astore import AsyncSQLiteStore, ThreadedStore, async_twin
-from loomc._store import NewRun
-from loomc._types import StepRecord
+from loomc._core.types import StepRecord
+from loomc.store.sqlite.aio import AsyncSQLiteStore, ThreadedStore, async_twin
+from loomc.store.sqlite.sync import NewRun
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
 
@@ -285,7 +285,7 @@ async def test_aiosqlite_connection_closes_when_the_runs_end(db: str) -> None:
 
 
 def _all_twins() -> list[Any]:
-    from loomc import _astore
+    from loomc.store.sqlite import aio as _astore
 
     return [t for twins in list(_astore._per_loop.values()) for t in twins.values()]
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 import loomc
 from loomc import Budget, BudgetExhausted, Reservation, RunStatus, SQLiteStore, loop
-from loomc._context import Ledger, _lock
-from loomc._policy import EPS
+from loomc._core.context import Ledger, _lock
+from loomc._core.policy import EPS
 
 pytestmark = pytest.mark.usefixtures("no_blocking")
 

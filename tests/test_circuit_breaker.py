@@ -19,7 +19,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loomc import Budget, LastGood, RunStatus, loop
-from loomc._store import SQLiteStore
 from loomc.circuit_breaker import (
     BreakerPolicy,
     BreakerState,
@@ -31,6 +30,7 @@ from loomc.circuit_breaker import (
     circuit_breaker,
     settle,
 )
+from loomc.store.sqlite.sync import SQLiteStore
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

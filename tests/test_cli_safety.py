@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from loomc import Budget, LastGood, SQLiteStore, loop
-from loomc import _cli_render as r
+from loomc.cli import render as r
 from tests.test_cli import assert_user_error, on_terminal, plain, table
 from tests.test_cli import loomc as run_loomc
 
@@ -245,7 +245,7 @@ def test_show_all_with_a_window_is_a_usage_error(long_run: dict[str, Any]) -> No
 
 def test_windowed_reads_never_load_the_whole_run(long_run: dict[str, Any]) -> None:
     """Every query a window makes on the steps table is LIMITed or an aggregate: rows not shown are not read."""
-    from loomc.cli import _step_rows as window
+    from loomc.cli.app import _step_rows as window
 
     store = SQLiteStore(long_run["db"], create=False)
     seen: list[str] = []

@@ -39,7 +39,7 @@ ZERO_THREE_NAMES = [
     ("loomc", "CircuitOpenError"),
     ("loomc", "AnthropicAdapter"),
     ("loomc", "OpenAIAdapter"),
-    ("loomc._types", "StepRecord"),
+    ("loomc._core.types", "StepRecord"),
     ("loomc.checkpoint", "SQLiteCheckpointStore"),
     ("loomc.checkpoint", "RunStatus"),
     ("loomc.checkpoint", "StepRecord"),

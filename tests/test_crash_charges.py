@@ -26,9 +26,9 @@ import pytest
 
 import loomc
 from loomc import Budget, MemoryStore, RunStatus, SQLiteStore, loop
-from loomc._holds import HoldStore
-from loomc._sql import SCHEMA_VERSION
+from loomc._core.holds import HoldStore
 from loomc.adapters import AnthropicAdapter
+from loomc.store.sqlite.sql import SCHEMA_VERSION
 from loomc.testing import FakeAPI, serve
 
 RUN_ID = "inflightrun1"
@@ -429,7 +429,7 @@ def test_a_v2_database_migrates_to_v3_and_its_runs_resume(tmp_path: Path) -> Non
         return {"n": state["n"] + 1}
 
     step.run({"n": 0}, run_id="old1")
-    for s in list(loomc._store._stores.values()):
+    for s in list(loomc.store.sqlite.sync._stores.values()):
         s.close()
     with sqlite3.connect(db) as c:  # what loomc 0.5.0 left: schema v2, no holds table
         c.execute("DROP TABLE holds")
@@ -449,7 +449,7 @@ def test_a_v3_database_is_refused_by_a_loomc_that_reads_v2(tmp_path: Path, monke
     db = tmp_path / "v3.db"
     SQLiteStore(db).list_runs()
     before = db.read_bytes()
-    monkeypatch.setattr(loomc._sql, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(loomc.store.sqlite.sql, "SCHEMA_VERSION", 2)
     with pytest.raises(loomc.SchemaTooNew, match="schema v3"):
         SQLiteStore(db).list_runs()
     assert db.read_bytes() == before

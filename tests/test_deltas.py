@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loomc import AsyncSQLiteStore, Budget, MemoryStore, SQLiteStore, StateError, loop
-from loomc._codec import StateEncoder, decode, delta_base, encode
-from loomc._store import expand_rows
+from loomc.store.codec import StateEncoder, decode, delta_base, encode
+from loomc.store.sqlite.sync import expand_rows
 
 WORDS = ["agent", "loop", "budget", "state", "draft", "review", "plan", "score", "token", "answer", "tool"]
 

@@ -129,7 +129,7 @@ def test_newer_schema_is_refused_untouched(db: str) -> None:
     """A database from a newer loomc is refused with a clear message and never altered."""
     _runner(db).run({"n": 1})
     SQLiteStore(db).close()
-    for store in list(loomc._store._stores.values()):
+    for store in list(loomc.store.sqlite.sync._stores.values()):
         store.close()
     with sqlite3.connect(db) as c:
         c.execute("PRAGMA user_version=99")

@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loomc
-from loomc import Budget, LoomcError, MemoryStore, RunLocked, RunStatus, SQLiteStore, StoreError, _lease, loop, predicate
-from loomc._astore import AsyncSQLiteStore
-from loomc._store import NewRun
+from loomc import Budget, LoomcError, MemoryStore, RunLocked, RunStatus, SQLiteStore, StoreError, loop, predicate
+from loomc.store import lease as _lease
+from loomc.store.sqlite.aio import AsyncSQLiteStore
+from loomc.store.sqlite.sync import NewRun
 from orchestration import Graph
 
 
@@ -546,7 +547,7 @@ def test_a_graph_keeps_its_lease_fresh(db: str, fast_heartbeat: float) -> None:
 
 def test_the_staleness_window_is_configurable_from_the_environment(tmp_path: Path) -> None:
     """``LOOMC_HEARTBEAT_STALE_S`` sets the window; a value that is not a positive number is refused at import."""
-    code = "import loomc._lease as l; print(l.HEARTBEAT_STALE_S)"
+    code = "import loomc.store.lease as l; print(l.HEARTBEAT_STALE_S)"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env={**env, "LOOMC_HEARTBEAT_STALE_S": "4.5"},
                          capture_output=True, text=True, check=True)

@@ -32,8 +32,8 @@ from loomc import (
     loop,
     predicate,
 )
-from loomc._pricing import Price, anthropic_cost, openai_cost
 from loomc.adapters import AnthropicAdapter
+from loomc.integrations.pricing import Price, anthropic_cost, openai_cost
 from loomc.testing import FakeAPI, Usage, serve
 from orchestration import Graph
 

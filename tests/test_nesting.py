@@ -127,7 +127,7 @@ def test_a_child_charge_reaches_every_ancestor_at_once(db: str) -> None:
     @loop(checkpoint=db, budget=Budget(iterations=1), name="g")
     def grandchild(state: dict[str, int]) -> dict[str, int]:
         loomc.charge(0.5)
-        led = loomc._context.current_ledger()
+        led = loomc._core.context.current_ledger()
         assert led is not None
         views.append(tuple(round(x.spent, 9) for x in led.chain()))  # type: ignore[arg-type]
         return state
@@ -584,7 +584,7 @@ def test_event_loops_started_by_sync_steps_are_not_kept_alive(db: str) -> None:
     """Each anyio.run inside a sync step gets its own async store, released with its event loop."""
     import gc
 
-    from loomc import _astore
+    from loomc.store.sqlite import aio as _astore
 
     @loop(checkpoint=db, budget=Budget(iterations=1), name="inner")
     async def inner(state: dict[str, int]) -> dict[str, int]:

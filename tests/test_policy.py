@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loomc import BestScore, Budget, Escalate, LastGood, StepRecord, predicate, score_plateau
-from loomc._policy import Headroom, Policy, Usage, after_step, check_budget
-from loomc._types import RunStatus
+from loomc._core.policy import Headroom, Policy, Usage, after_step, check_budget
+from loomc._core.types import RunStatus
 
 
 def hist(*scores: float | None, errors: tuple[int, ...] = ()) -> list[StepRecord]:
@@ -192,7 +192,7 @@ def test_incremental_detectors_decide_as_a_full_scan(
     """Called after every step on the engine's growing History — including one whose earlier
     steps are read in front of it later, as a resumed run's are — score_plateau, BestScore
     and Escalate give what a scan of the whole list gives, and so they do on a plain list."""
-    from loomc._types import History
+    from loomc._core.types import History
 
     records = [StepRecord(step_n=i, score=s, error="E: x" if failed else None) for i, (s, failed) in enumerate(steps)]
     plateau, best, stall = score_plateau(patience=patience, min_delta=0.05), BestScore(), Escalate(after=patience)

@@ -17,9 +17,9 @@ import pytest
 
 import loomc
 from loomc import Budget, RunStatus, loop
-from loomc._retry import Retry, as_retry, is_transient
-from loomc._store import SQLiteStore
+from loomc._core.retry import Retry, as_retry, is_transient
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter
+from loomc.store.sqlite.sync import SQLiteStore
 from loomc.testing import FakeAPI, Usage, serve
 
 HI = [{"role": "user", "content": "hi"}]

@@ -10,7 +10,7 @@ import pytest
 
 import loomc
 from loomc import Budget, StepRecord, loop, semantic_delta
-from loomc._semantic import SemanticDelta, _model_path, cosine_distance, load_model
+from loomc.integrations.semantic import SemanticDelta, _model_path, cosine_distance, load_model
 
 REPORT = "The quarterly report shows revenue grew 12% driven by strong sales in Europe."
 REPORT_COMMA = "The quarterly report shows revenue grew 12%, driven by strong sales in Europe."

@@ -25,8 +25,8 @@ from pydantic import BaseModel
 
 import loomc
 from loomc import Budget, BudgetExhausted, LastGood, MemoryStore, RunNotFound, RunStatus, SQLiteStore, loop
-from loomc._astore import AsyncSQLiteStore
-from loomc._errors import StateError, StoreError
+from loomc._core.errors import StateError, StoreError
+from loomc.store.sqlite.aio import AsyncSQLiteStore
 
 # --------------------------------------------------------------------------- helpers
 
@@ -368,7 +368,7 @@ def test_the_exactness_check_is_cheap_for_a_small_state() -> None:
     """Encoding a 100-byte dict state with the check stays within a few microseconds."""
     import time
 
-    from loomc import _codec
+    from loomc.store import codec as _codec
 
     state = {"x": "a" * 80, "n": 0}
     for _ in range(100):

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from loomc import AmbiguousRunId, MemoryStore, RunNotFound, RunStatus, SQLiteStore, StepRecord
-from loomc._codec import encode
-from loomc._lease import owner_token
-from loomc._sql import StepRow, now_iso
-from loomc._store import CheckpointStore, NewRun
+from loomc.store.codec import encode
+from loomc.store.lease import owner_token
+from loomc.store.sqlite.sql import StepRow, now_iso
+from loomc.store.sqlite.sync import CheckpointStore, NewRun
 
 
 @pytest.fixture(params=["sqlite", "memory"])

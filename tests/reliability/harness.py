@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from loomc._sql import STATE_OF
+from loomc.store.sqlite.sql import STATE_OF
 
 WORKER = Path(__file__).with_name("worker.py")
 

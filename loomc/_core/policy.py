@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loomc._budget import Budget
-from loomc._detectors import All, Any_, BestScore, Escalate, LastGood, ScorePlateau, as_detector
-from loomc._types import RunStatus, StepRecord
+from loomc._core.budget import Budget
+from loomc._core.detectors import All, Any_, BestScore, Escalate, LastGood, ScorePlateau, as_detector
+from loomc._core.types import RunStatus, StepRecord
 
 __all__ = ["Headroom", "Policy", "Stop", "Usage", "Verdict", "after_step", "check_budget"]
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from loomc._lease import is_alive
-from loomc._types import RunInfo, RunStatus
+from loomc._core.types import RunInfo, RunStatus
+from loomc.store.lease import is_alive
 
 __all__ = ["SCHEMA_VERSION", "StepRow"]
 
@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     # v2 changes no table: large states may now be zstd keyframes (b"Z") and deltas (b"D"),
     # which a v1 reader could not decode, so the version keeps such readers out.
     1: "",
-    # v3: reservations made durable before the call they pay for (see ``loomc._holds``).
+    # v3: reservations made durable before the call they pay for (see ``loomc._core.holds``).
     # A row lives from ``reserve`` until the step that made it commits; one still here
     # when a run is resumed was in flight when its process died, and is charged in full.
     2: """
@@ -353,7 +353,7 @@ def insert_run(execute: Any, new: Any, run_id: str, heartbeat: float, where: str
         RunLocked: a run with this id is running in a live process.
         LoomcError: a run with this id already exists (it is not changed).
     """
-    from loomc._errors import LoomcError, RunLocked
+    from loomc._core.errors import LoomcError, RunLocked
 
     row = execute(SELECT_LEASE, (run_id,)).fetchone()
     if row is not None:
@@ -389,7 +389,7 @@ def match_prefix(run_id: str, ids: list[str]) -> str | None:
     Raises:
         AmbiguousRunId: several ids share the prefix.
     """
-    from loomc._errors import AmbiguousRunId
+    from loomc._core.errors import AmbiguousRunId
 
     if run_id in ids:
         return run_id
@@ -419,7 +419,7 @@ def check_lease(run_id: str, row: tuple[Any, ...] | None, owner: str, where: str
         RunNotFound: no such run.
         RunLocked: another live process holds the run.
     """
-    from loomc._errors import RunLocked, RunNotFound
+    from loomc._core.errors import RunLocked, RunNotFound
 
     if row is None:
         raise RunNotFound(run_id, where=where)
@@ -460,7 +460,7 @@ def missing_state(run_id: str, step_n: int, where: str, *, row: bool) -> Any:
 
     ``row``: the step's row is there but its state (or the blob it points at) is not.
     """
-    from loomc._errors import StoreError
+    from loomc._core.errors import StoreError
 
     what = "its state is missing (the blob it points at was deleted)" if row else "its row is missing"
     return StoreError(
@@ -486,8 +486,8 @@ def check_last_step(run_id: str, steps: int, last_step: int | None, where: str) 
 
 def step_record(row: tuple[Any, ...], ref: str | None) -> Any:
     """A ``StepRecord`` (state decoded) from a ``SELECT_STEPS_FULL`` row."""
-    from loomc._codec import decode
-    from loomc._types import StepRecord
+    from loomc._core.types import StepRecord
+    from loomc.store.codec import decode
 
     return StepRecord(
         step_n=row[0], state=decode(row[1], ref), cost_usd=row[2], score=row[3],

@@ -18,14 +18,14 @@ import warnings
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar, overload
 
-from loomc._budget import Budget
-from loomc._context import _parent_ledger
-from loomc._engine import CallOp, RunRequest, RunSpec, SleepOp, StoreOp, WallClockExceeded, run_protocol
-from loomc._errors import BudgetExhausted, StallError, UnboundedLoopWarning
-from loomc._policy import Policy
-from loomc._retry import Retry, as_retry
-from loomc._store import MemoryStore, open_store
-from loomc._types import RunResult, RunStatus
+from loomc._core.budget import Budget
+from loomc._core.context import _parent_ledger
+from loomc._core.engine import CallOp, RunRequest, RunSpec, SleepOp, StoreOp, WallClockExceeded, run_protocol
+from loomc._core.errors import BudgetExhausted, StallError, UnboundedLoopWarning
+from loomc._core.policy import Policy
+from loomc._core.retry import Retry, as_retry
+from loomc._core.types import RunResult, RunStatus
+from loomc.store.sqlite.sync import MemoryStore, open_store
 
 __all__ = ["AsyncLoopRunner", "LoopRunner", "loop"]
 
@@ -333,7 +333,7 @@ class AsyncLoopRunner(_BaseRunner[S]):
     async def _drive(self, req: RunRequest) -> RunResult:
         import anyio.to_thread
 
-        from loomc._astore import AsyncSQLiteStore, async_twin
+        from loomc.store.sqlite.aio import AsyncSQLiteStore, async_twin
 
         parent = _parent_ledger.get()
         nested = parent is not None and parent.context is not None and parent.context.in_step
@@ -357,7 +357,7 @@ class AsyncLoopRunner(_BaseRunner[S]):
         budget: Budget | None = None,
     ) -> RunResult:
         """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
-        from loomc._astore import async_twin
+        from loomc.store.sqlite.aio import async_twin
 
         gen = self._child_protocol(state, call_index, kind, meta, budget)
         return await _drive_async(gen, self._fn, async_twin)

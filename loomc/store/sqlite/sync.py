@@ -21,11 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from loomc import _sql
-from loomc._codec import decode, delta_base, encode, expand
-from loomc._errors import AmbiguousRunId, LoomcError, RunNotFound, SchemaTooNew, StoreError
-from loomc._holds import HeldCharge, charge_record
-from loomc._types import _MISSING, RunInfo, RunStatus, StepRecord
+from loomc._core.errors import AmbiguousRunId, LoomcError, RunNotFound, SchemaTooNew, StoreError
+from loomc._core.holds import HeldCharge, charge_record
+from loomc._core.types import _MISSING, RunInfo, RunStatus, StepRecord
+from loomc.store.codec import decode, delta_base, encode, expand
+from loomc.store.sqlite import sql as _sql
 
 __all__ = [
     "CheckpointStore",
@@ -551,7 +551,7 @@ class SQLiteStore:
         with self._tx() as conn:
             conn.execute(_sql.ADD_COST, (usd, _sql.now_iso(), run_id))
 
-    # -- holds (``loomc._holds``) ---------------------------------------------------
+    # -- holds (``loomc._core.holds``) ---------------------------------------------------
     def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
         """Commit a reservation of ``run_id`` before the call it pays for is sent."""
         with self._tx() as conn:

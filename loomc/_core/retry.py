@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from loomc._errors import LoomcError
+from loomc._core.errors import LoomcError
 
 __all__ = ["Retry", "RetryDecision", "as_retry", "is_transient"]
 

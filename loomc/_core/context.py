@@ -18,9 +18,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from loomc._errors import BudgetExhausted, LoomcError, RunContextLost
-from loomc._money import check_usd
-from loomc._policy import EPS, Headroom
+from loomc._core.errors import BudgetExhausted, LoomcError, RunContextLost
+from loomc._core.money import check_usd
+from loomc._core.policy import EPS, Headroom
 
 __all__ = [
     "Ledger", "Reservation", "RunView", "areserve", "charge", "current_ledger", "current_run", "reserve", "step_ended",
@@ -61,7 +61,7 @@ class Ledger:
         # A resumed run's ``spent`` starts at its stored total, which already includes what
         # the children of its uncommitted step spent: re-found children carry from this.
         self.prepaid = 0.0
-        # Ids of holds written to the store (``loomc._holds``) by this run or a run below it
+        # Ids of holds written to the store (``loomc._core.holds``) by this run or a run below it
         # since this run's last commit; its next commit deletes them. None: none (the common case).
         self.durable: set[int] | None = None
 
@@ -384,7 +384,7 @@ def reserve(usd: float) -> Reservation:
         RunContextLost: as for :func:`charge`.
         StoreError: the hold could not be written (then nothing is held: do not send the call).
     """
-    from loomc import _holds
+    from loomc._core import holds as _holds
 
     reservation = reserve_in_memory(usd)
     if reservation.ledger is not None and not _holds.on_event_loop():
@@ -398,7 +398,7 @@ async def areserve(usd: float) -> Reservation:
     Raises :class:`BudgetExhausted` if it cannot fit, or :class:`~loomc.StoreError` if the
     hold cannot be written (then nothing is held, and the call must not be sent).
     """
-    from loomc import _holds
+    from loomc._core import holds as _holds
 
     reservation = reserve_in_memory(usd)
     if reservation.ledger is not None:

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from loomc._errors import CostError
-from loomc._money import check_usd
+from loomc._core.errors import CostError
+from loomc._core.money import check_usd
 
 __all__ = [
     "ANTHROPIC_PRICES",
@@ -93,7 +93,7 @@ class Price:
             return value
         if not isinstance(value, Mapping) or "input" not in value or "output" not in value:
             raise ValueError(
-                f"pricing={value!r}: pass loomc.adapters.Price(...) or a dict with 'input' and 'output' "
+                f"pricing={value!r}: pass loomc.integrations.adapters.Price(...) or a dict with 'input' and 'output' "
                 "(USD per 1M tokens; optional 'cache_read', 'cache_write', 'cache_write_1h')"
             )
         known = {"input", "output", "cache_read", "cache_write", "cache_write_1h"}

@@ -11,9 +11,9 @@ import threading
 import time
 from typing import Any
 
-from loomc import _cli_render as r
-from loomc._errors import RunNotFound
-from loomc._types import RunInfo, RunStatus
+from loomc._core.errors import RunNotFound
+from loomc._core.types import RunInfo, RunStatus
+from loomc.cli import render as r
 
 __all__ = ["Follower"]
 

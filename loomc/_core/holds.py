@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from loomc._context import Reservation
+    from loomc._core.context import Reservation
 
 __all__ = ["HeldCharge", "HoldStore", "apersist", "charge_record", "new_hold_id", "on_event_loop", "persist", "supports_holds"]
 
@@ -129,7 +129,7 @@ async def apersist(hold: Reservation) -> None:
     target = _target(hold)
     if target is None:
         return
-    from loomc._astore import async_twin
+    from loomc.store.sqlite.aio import async_twin
 
     store, run_id = target
     hold_id = new_hold_id()

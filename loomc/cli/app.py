@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from loomc._errors import LoomcError, StoreError
-from loomc._types import RunInfo, RunStatus
+from loomc._core.errors import LoomcError, StoreError
+from loomc._core.types import RunInfo, RunStatus
 
 if TYPE_CHECKING:
-    from loomc._store import SQLiteStore
+    from loomc.store.sqlite.sync import SQLiteStore
 
 __all__ = ["app", "main"]
 
@@ -56,7 +56,7 @@ class _Fail(Exception):
 
 
 def _die(message: str, code: int = 1) -> None:
-    from loomc._cli_render import clip
+    from loomc.cli.render import clip
 
     # Messages can quote stored text (a step's error, a run's name): escaped, and cut.
     sys.stderr.write(f"loomc: {clip(message, 2000)}\n")
@@ -88,7 +88,7 @@ def main() -> None:
 
 def _open(db: Path | None) -> SQLiteStore:
     """The database named by ``--db`` / ``$LOOMC_DB`` / the default, opened for reading."""
-    from loomc._store import SQLiteStore, default_db_path
+    from loomc.store.sqlite.sync import SQLiteStore, default_db_path
 
     path = db if db is not None else default_db_path()
     if path.is_dir():
@@ -103,7 +103,7 @@ def _refuse_older(path: Path) -> None:
     """Refuse, untouched, a database an older loomc wrote: readers never migrate one."""
     import sqlite3
 
-    from loomc import _sql
+    from loomc.store.sqlite import sql as _sql
 
     if not path.is_file():
         return  # the store reports a missing file
@@ -129,7 +129,7 @@ def _run(store: SQLiteStore, run_id: str) -> RunInfo:
     rid = store.resolve(run_id)
     info = store.get_run(rid)
     if info is None:  # deleted between the two reads
-        from loomc._errors import RunNotFound
+        from loomc._core.errors import RunNotFound
 
         raise RunNotFound(run_id, where=str(store.path))
     return info
@@ -151,7 +151,7 @@ def runs(
     json_: JsonOpt = False,
 ) -> None:
     """List runs, newest first: ID STATUS STEPS COST CREATED NAME."""
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     store = _open(db)
     found = store.list_runs(status=status.value if status else None, limit=limit or None, roots_only=not all_)
@@ -174,7 +174,7 @@ def runs(
 
 
 def _tree_json(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     kids = store.children(info.id)
     d = r.run_dict(info)
@@ -186,7 +186,7 @@ def _tree_json(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, A
 def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo]) -> Any:
     from rich.text import Text
 
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     label = Text()
     label.append(r.visible(info.id), style="bold")
@@ -202,7 +202,7 @@ def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo]) -> Any:
 
 def _node_rows(info: RunInfo, kids: list[RunInfo]) -> list[tuple[str, Any, str, str, str, list[str], RunInfo | None]]:
     """A graph's nodes in declaration order, with their runs (``pending`` for a node not started)."""
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     by_node = {k.meta.get("node"): k for k in kids if k.kind == "node"}
     declared = [n for n in info.meta.get("nodes", []) if isinstance(n, dict) and "name" in n]
@@ -239,7 +239,7 @@ def _show_tree(out: Any, store: SQLiteStore, info: RunInfo) -> None:
 
 
 def _header(info: RunInfo, out: Any) -> list[tuple[str, Any]]:
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     pairs: list[tuple[str, Any]] = [("run", info.id), ("name", info.name or "-"), ("kind", info.kind)]
     pairs.append(("status", out.status(info.status)))
@@ -266,7 +266,7 @@ def _window(first: int | None, last: int | None, all_: bool, tty: bool) -> tuple
             raise typer.BadParameter("--all shows every step: drop --first/--last, or drop --all", param_hint="--all")
         return None, None
     if first is None and last is None and tty:
-        from loomc._cli_render import TTY_STEPS
+        from loomc.cli.render import TTY_STEPS
 
         return None, TTY_STEPS
     return first, last
@@ -282,7 +282,7 @@ def _step_rows(
     Only the rows shown are read (``LIMIT``); what a window leaves out is counted and
     summed by SQLite, never loaded.
     """
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     chars = None if full else r.ERROR_READ
     head = r.read_steps(store, run_id, first=first, error_chars=chars) if first is not None or last is None else []
@@ -324,7 +324,7 @@ def show(
     json_: JsonOpt = False,
 ) -> None:
     """Show a run: budget used and left, why it stopped, and STEP COST CUMUL SCORE ERROR per step."""
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     store = _open(db)
     info = _run(store, run_id)
@@ -446,7 +446,7 @@ def resume(
     db: DbOpt = None,
 ) -> None:
     """How to resume a run, and what is left of its budget; --run resumes it here, with live progress."""
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     new_limits: dict[str, Any] = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
     if new_limits and not run:
@@ -454,7 +454,7 @@ def resume(
     store = _open(db)
     info = _run(store, run_id)
     if run:
-        from loomc._cli_resume import resume_budget, resume_here
+        from loomc.cli.resume import resume_budget, resume_here
 
         try:
             budget = resume_budget(info.budget, usd=usd, iterations=iterations, wall_clock=wall_clock)
@@ -515,7 +515,7 @@ def watch(
     db: DbOpt = None,
 ) -> None:
     """Follow a run from another terminal: new steps appear as they commit; ends when the run ends."""
-    from loomc._cli_follow import Follower
+    from loomc.cli.follow import Follower
 
     store = _open(db)
     info = _run(store, run_id)
@@ -529,10 +529,10 @@ def watch(
 
 
 def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
-    from loomc import _cli_render as r
-    from loomc import _sql
-    from loomc._codec import decode
-    from loomc._store import expand_rows
+    from loomc.cli import render as r
+    from loomc.store.codec import decode
+    from loomc.store.sqlite import sql as _sql
+    from loomc.store.sqlite.sync import expand_rows
 
     kids = store.children(info.id)
     rows = store._read(_sql.SELECT_RESUME, (info.id,))
@@ -577,7 +577,7 @@ def export(
     """Export a run and its whole subtree (nested runs), states included, as JSON."""
     from datetime import datetime
 
-    from loomc import _cli_render as r
+    from loomc.cli import render as r
 
     store = _open(db)
     info = _run(store, run_id)

@@ -5,7 +5,7 @@ Every object here is a pure function of the run's history (a list of
 original would have. Detectors compose: ``a | b`` stops when either does, ``a & b``
 when both do; plain callables ``history -> bool`` are accepted anywhere.
 
-The engine's history is a :class:`~loomc._types.History` (a list) that keeps, per
+The engine's history is a :class:`~loomc._core.types.History` (a list) that keeps, per
 detector, how far it has been read: a detector called after every step reads only the
 new records, so a long run costs O(1) per step rather than O(steps). What is kept is
 derived from the records alone; when the list changed other than by appending (a resumed
@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from loomc._types import StepRecord
+from loomc._core.types import StepRecord
 
 __all__ = [
     "All",

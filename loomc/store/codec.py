@@ -24,7 +24,7 @@ import zlib
 from collections import OrderedDict
 from typing import Any
 
-from loomc._errors import StateError
+from loomc._core.errors import StateError
 
 __all__ = [
     "COMPRESS_AT", "StateEncoder", "TypeRef", "decode", "delta_base", "encode", "encode_json", "expand",

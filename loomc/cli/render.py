@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loomc._types import RunInfo, RunStatus, StepRecord
+from loomc._core.types import RunInfo, RunStatus, StepRecord
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -279,7 +279,7 @@ def read_steps(
     """
     from datetime import datetime
 
-    from loomc import _sql
+    from loomc.store.sqlite import sql as _sql
 
     error = "error" if error_chars is None else f"substr(error, 1, {int(error_chars)})"
     if last is not None:
@@ -303,7 +303,7 @@ def read_steps(
 
 def step_totals(store: Any, run_id: str, before: int) -> tuple[int, float]:
     """``(steps, cost)`` of a run's steps numbered below ``before``: what a window leaves out."""
-    from loomc import _sql
+    from loomc.store.sqlite import sql as _sql
 
     count, cost = store._read(_sql.STEP_TOTALS_BEFORE, (run_id, before))[0]
     return int(count), float(cost)

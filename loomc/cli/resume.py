@@ -17,8 +17,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from loomc._errors import LoomcError
-from loomc._types import RunInfo, RunStatus
+from loomc._core.errors import LoomcError
+from loomc._core.types import RunInfo, RunStatus
 
 __all__ = ["load_loop", "resume_budget", "resume_here"]
 
@@ -40,7 +40,7 @@ def resume_budget(
     Raises:
         ValueError: a limit is not a valid budget value (the message names it).
     """
-    from loomc._budget import Budget
+    from loomc._core.budget import Budget
 
     given: dict[str, Any] = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
     if not given:
@@ -61,7 +61,7 @@ def _load_script(path: Path) -> ModuleType:
         raise LoomcError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
     # States of classes defined in the script were stored as "__main__:Name":
     # bring them back as those classes, not as dicts.
-    from loomc import _codec
+    from loomc.store import codec as _codec
 
     for value in list(vars(module).values()):
         if isinstance(value, type) and value.__module__ == SCRIPT_MODULE:
@@ -75,7 +75,7 @@ def load_loop(info: RunInfo, cwd: Path) -> Any:
     Raises:
         LoomcError: the name is not importable, the import fails, or it is not a loop.
     """
-    from loomc._runner import AsyncLoopRunner, LoopRunner
+    from loomc._core.runner import AsyncLoopRunner, LoopRunner
 
     module_name, sep, qualname = info.name.partition(":")
     if not sep or not module_name or not qualname:
@@ -126,7 +126,7 @@ def load_loop(info: RunInfo, cwd: Path) -> Any:
 
 def _checkpoint_path(checkpoint: Any) -> Path | None:
     """The database file a ``checkpoint=`` argument writes to (``None``: not a file)."""
-    from loomc._store import default_db_path
+    from loomc.store.sqlite.sync import default_db_path
 
     if checkpoint is None or checkpoint == "sqlite":
         return default_db_path()
@@ -146,12 +146,12 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
         info: the run to resume (a root loop run).
         budget: new limits (a ``Budget``), or ``None`` to keep the run's own.
     """
-    from loomc import _cli_render as r
-    from loomc._cli_follow import Follower
-    from loomc._runner import AsyncLoopRunner
+    from loomc._core.runner import AsyncLoopRunner
+    from loomc.cli import render as r
+    from loomc.cli.follow import Follower
 
     if info.parent_run_id:
-        from loomc._engine import nested_resume_error
+        from loomc._core.engine import nested_resume_error
 
         root = info
         while root.parent_run_id and (up := store.get_run(root.parent_run_id)) is not None:

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Protocol, runtime_checkable
 
-from loomc._errors import RunLocked
+from loomc._core.errors import RunLocked
 
 __all__ = ["HEARTBEAT_STALE_S", "Claim", "LeaseRenewal", "claim", "is_alive", "owner_token"]
 

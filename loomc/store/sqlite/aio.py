@@ -22,11 +22,12 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from loomc import _sql
-from loomc._codec import decode, delta_base, encode, expand
-from loomc._errors import RunNotFound, StoreError
-from loomc._holds import HeldCharge
-from loomc._store import (
+from loomc._core.errors import RunNotFound, StoreError
+from loomc._core.holds import HeldCharge
+from loomc._core.types import RunInfo, RunStatus, StepRecord
+from loomc.store.codec import decode, delta_base, encode, expand
+from loomc.store.sqlite import sql as _sql
+from loomc.store.sqlite.sync import (
     Durability,
     NewRun,
     ResumePoint,
@@ -38,7 +39,6 @@ from loomc._store import (
     expand_rows,
     new_run_id,
 )
-from loomc._types import RunInfo, RunStatus, StepRecord
 
 if TYPE_CHECKING:
     import os

@@ -21,9 +21,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from loomc._detectors import Detector
-from loomc._errors import LoomcError
-from loomc._types import StepRecord
+from loomc._core.detectors import Detector
+from loomc._core.errors import LoomcError
+from loomc._core.types import StepRecord
 
 __all__ = ["SemanticDelta", "cosine_distance", "load_model", "semantic_delta"]
 

@@ -12,7 +12,7 @@ import math
 import numbers
 from decimal import Decimal
 
-from loomc._errors import CostError
+from loomc._core.errors import CostError
 
 __all__ = ["check_usd"]
 

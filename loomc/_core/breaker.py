@@ -32,9 +32,9 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
-from loomc._budget import parse_duration
-from loomc._context import current_ledger
-from loomc._errors import CircuitOpenError
+from loomc._core.budget import parse_duration
+from loomc._core.context import current_ledger
+from loomc._core.errors import CircuitOpenError
 
 __all__ = [
     "Backoff",

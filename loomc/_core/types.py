@@ -176,7 +176,7 @@ class History(list):  # type: ignore[type-arg]
     """A run's step records, in order: a list, with room for what detectors have read of it.
 
     ``scans`` maps a detector to how far it has read this list and what it derived
-    (see ``loomc._detectors``), so one called after every step reads only the new records.
+    (see ``loomc._core.detectors``), so one called after every step reads only the new records.
     """
 
     __slots__ = ("scans",)

@@ -13,17 +13,17 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from loomc import _codec
-from loomc._budget import Budget
-from loomc._context import Ledger, RunView, _parent_ledger, step_ended, step_started
-from loomc._errors import BudgetExhausted, LoomcError, SpecMismatch, StateError, StoreError
-from loomc._holds import HeldCharge, charge_record, supports_holds
-from loomc._lease import Claim, claim, owner_token
-from loomc._money import check_usd
-from loomc._policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
-from loomc._sql import StepRow, now_iso
-from loomc._store import NewRun, ResumePoint, StateLoader, new_run_id
-from loomc._types import History, RunInfo, RunResult, RunStatus, StepRecord
+from loomc._core.budget import Budget
+from loomc._core.context import Ledger, RunView, _parent_ledger, step_ended, step_started
+from loomc._core.errors import BudgetExhausted, LoomcError, SpecMismatch, StateError, StoreError
+from loomc._core.holds import HeldCharge, charge_record, supports_holds
+from loomc._core.money import check_usd
+from loomc._core.policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
+from loomc._core.types import History, RunInfo, RunResult, RunStatus, StepRecord
+from loomc.store import codec as _codec
+from loomc.store.lease import Claim, claim, owner_token
+from loomc.store.sqlite.sql import StepRow, now_iso
+from loomc.store.sqlite.sync import NewRun, ResumePoint, StateLoader, new_run_id
 
 __all__ = [
     "CallOp", "RunContext", "RunRequest", "RunSpec", "SleepOp", "StoreOp", "WallClockExceeded", "nested_resume_error",
@@ -74,7 +74,7 @@ class RunSpec:
     durability: str | None
     kind: str = "loop"
     meta: dict[str, Any] = field(default_factory=dict)
-    retry: Any = None  # loomc._retry.Retry | None
+    retry: Any = None  # loomc._core.retry.Retry | None
     none_ok: bool = False  # a step may return None (a graph's plain-function node: its output)
 
 
@@ -136,21 +136,21 @@ class RunContext:
 
     def carry(self, child_id: str, child_cost: float) -> float:
         """What of a found child's stored cost is not yet in this run's ledger (in this process)."""
-        from loomc._context import _lock
+        from loomc._core.context import _lock
 
         with _lock:
             return max(0.0, round(child_cost - self.children_paid.get(child_id, 0.0), 12))
 
     def child_paid(self, child_id: str, child_cost: float) -> None:
         """A child run of the current step ends with ``child_cost`` in this run's ledger."""
-        from loomc._context import _lock
+        from loomc._core.context import _lock
 
         with _lock:
             self.children_paid[child_id] = child_cost
 
     def next_call_index(self) -> int:
         """The call order of the next nested loop started by the current step."""
-        from loomc._context import _lock
+        from loomc._core.context import _lock
 
         with _lock:
             i = self._calls
@@ -218,7 +218,7 @@ def nested_resume_error(info: RunInfo, root: RunInfo) -> LoomcError:
 def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: Any) -> Generator[Any, Any, RunResult]:
     """Drive one run to its end; yields :class:`StoreOp`/:class:`CallOp`, returns the result.
 
-    The run is claimed in this process before its row is read (:func:`loomc._lease.claim`:
+    The run is claimed in this process before its row is read (:func:`loomc.store.lease.claim`:
     a second thread or task resuming it gets ``RunLocked``) and let go when this ends.
     """
     claims: list[Claim] = []

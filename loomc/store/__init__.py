@@ -1,0 +1,1 @@
+"""Checkpoint stores: the protocol, the state codec, leases, and the SQLite and memory stores."""
