@@ -437,7 +437,7 @@ def test_a_v2_database_migrates_to_v3_and_its_runs_resume(tmp_path: Path) -> Non
         c.execute("DELETE FROM steps WHERE step_n = 2")
         c.execute("PRAGMA user_version=2")
     store = SQLiteStore(db)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert store.conn.execute("SELECT count(*) FROM holds").fetchone()[0] == 0
     store.close()
     result = step.resume_run("old1")
@@ -450,7 +450,7 @@ def test_a_v3_database_is_refused_by_a_loomc_that_reads_v2(tmp_path: Path, monke
     SQLiteStore(db).list_runs()
     before = db.read_bytes()
     monkeypatch.setattr(loomc.store.sqlite.sql, "SCHEMA_VERSION", 2)
-    with pytest.raises(loomc.SchemaTooNew, match="schema v3"):
+    with pytest.raises(loomc.SchemaTooNew, match=f"schema v{SCHEMA_VERSION}"):
         SQLiteStore(db).list_runs()
     assert db.read_bytes() == before
 

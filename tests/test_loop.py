@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_returns_final_state_on_convergence(db: str) -> None:
     assert run.steps == 3
     assert run.name == f"{__name__}:test_returns_final_state_on_convergence.<locals>.count"
     assert len(run.id) == 12
-    assert rows(db, run.id)[-1][4] == "converged"
+    assert json.loads(rows(db, run.id)[-1][4]) == [{"kind": "converged"}]  # events: a JSON list of records
 
 
 def test_iterations_budget_raises_with_details(db: str) -> None:
@@ -148,7 +149,7 @@ def test_failed_steps_count_as_iterations(db: str) -> None:
     assert result.state == {"n": 3}
     errors = [r[3] for r in rows(db, result.run_id)]
     assert errors == [None, "RuntimeError: rate limit", None, "RuntimeError: rate limit", None]
-    assert rows(db, result.run_id)[1][4] == "backtrack to step 0"
+    assert json.loads(rows(db, result.run_id)[1][4]) == [{"kind": "backtrack", "to": 0}]
 
 
 def test_step_exception_propagates_with_a_resume_note(db: str) -> None:
@@ -256,8 +257,13 @@ def test_backtrack_and_converge_markers(db: str) -> None:
 
     final = refine({"score": 0.0})
     assert final["step"] == 1
-    events = [r[4] for r in rows(db, SQLiteStore(db).list_runs()[0].id)]
-    assert events == [None, None, "backtrack to step 1", "backtrack to step 1", "backtrack to step 1; converged"]
+    run_id = SQLiteStore(db).list_runs()[0].id
+    events = [r[4] for r in rows(db, run_id)]
+    back = {"kind": "backtrack", "to": 1}
+    assert [json.loads(e) if e else None for e in events] == [None, None, [back], [back], [back, {"kind": "converged"}]]
+    assert [s.event for s in SQLiteStore(db).load_steps(run_id)] == [
+        None, None, "backtrack to step 1", "backtrack to step 1", "backtrack to step 1; converged"
+    ]
 
 
 def test_stall_raises_with_states(db: str) -> None:

@@ -32,9 +32,11 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+from loomc._core import events as _events
 from loomc._core.budget import parse_duration
 from loomc._core.context import current_ledger
 from loomc._core.errors import CircuitOpenError
+from loomc._core.events import Event
 
 __all__ = [
     "Backoff",
@@ -166,12 +168,11 @@ def settle(status: BreakerStatus, *, failed: bool, policy: BreakerPolicy, now: f
     return dataclasses.replace(status, consecutive_failures=failures)
 
 
-def _note(name: str, old: BreakerStatus, new: BreakerStatus) -> str:
-    """The text a step's event carries for one change of state."""
-    text = f"breaker {name}: {old.state.value} -> {new.state.value}"
+def _note(name: str, old: BreakerStatus, new: BreakerStatus) -> Event:
+    """The step event for one change of state."""
     if new.state is BreakerState.OPEN:
-        text += f" ({new.consecutive_failures} failures, cooldown {new.cooldown:g}s)"
-    return text
+        return _events.breaker(name, old.state.value, new.state.value, new.consecutive_failures, new.cooldown)
+    return _events.breaker(name, old.state.value, new.state.value)
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -391,8 +392,8 @@ class CircuitBreaker(Generic[P, R]):
                 "timestamp": self._changed_at, "from": old.state.value, "to": new.state.value,
                 "consecutive_failures": new.consecutive_failures, "cooldown": new.cooldown,
             })
-            if ctx is not None and isinstance(getattr(ctx, "notes", None), list):
-                ctx.notes.append(_note(self.name, old, new))
+            if ctx is not None and isinstance(getattr(ctx, "events", None), list):
+                ctx.events.append(_note(self.name, old, new))
         if ctx is not None:
             entry = self.to_dict()
             with _meta_lock:

@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loomc._core import events as _events
 from loomc._core.budget import Budget
 from loomc._core.detectors import All, Any_, BestScore, Escalate, LastGood, ScorePlateau, as_detector
+from loomc._core.events import Event
 from loomc._core.types import RunStatus, StepRecord
 
 __all__ = ["Headroom", "Policy", "Stop", "Usage", "Verdict", "after_step", "check_budget"]
@@ -57,11 +59,16 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What a finished step means: the row's marker, where the next step starts, and any stop."""
+    """What a finished step means: the step's events, where the next step starts, and any stop."""
 
-    event: str | None
+    events: tuple[Event, ...]
     next_from: int
     stop: Stop | None
+
+    @property
+    def event(self) -> str | None:
+        """The events as one line (``"backtrack to step 1; converged"``), or ``None``."""
+        return "; ".join(_events.text(e) for e in self.events) or None
 
 
 @dataclass(frozen=True)
@@ -164,10 +171,6 @@ def consecutive_errors(history: Sequence[StepRecord]) -> int:
     return n
 
 
-def _marker(k: int) -> str:
-    return "backtrack to input" if k < 0 else f"backtrack to step {k}"
-
-
 def after_step(policy: Policy, history: Sequence[StepRecord], *, start_from: int, attempt_start: int) -> Verdict:
     """Decide what the last step of ``history`` means.
 
@@ -182,15 +185,15 @@ def after_step(policy: Policy, history: Sequence[StepRecord], *, start_from: int
     if last.error is not None:
         lg = policy.last_good
         if lg is None:
-            return Verdict(None, start_from, Stop(RunStatus.FAILED, f"error: {last.error}"))
+            return Verdict((), start_from, Stop(RunStatus.FAILED, f"error: {last.error}"))
         if consecutive_errors(history) >= lg.max_consecutive_errors:
             return Verdict(
-                None, start_from,
+                (), start_from,
                 Stop(RunStatus.FAILED, f"error: {lg.max_consecutive_errors} consecutive errors ({last.error})"),
             )
-        return Verdict(_marker(start_from), start_from, None)
+        return Verdict((_events.backtrack(start_from),), start_from, None)
 
-    events: list[str] = []
+    events: list[Event] = []
     next_from = last.step_n
     for strategy in policy.backtrack:
         if isinstance(strategy, BestScore):
@@ -202,17 +205,17 @@ def after_step(policy: Policy, history: Sequence[StepRecord], *, start_from: int
             k = k if ok else None
         if k is not None:
             next_from = k
-            events.append(_marker(k))
+            events.append(_events.backtrack(k))
             break
 
     stop = None
     if policy.converge_on is not None and policy.converge_on(history):
-        events.append("converged")
+        events.append({"kind": "converged"})
         stop = Stop(RunStatus.COMPLETED, "converged")
     elif policy.on_stall is not None and policy.on_stall.stalled(history, attempt_start):
-        events.append("stalled")
+        events.append({"kind": "stalled", "after": policy.on_stall.after})
         stop = Stop(RunStatus.STALLED, f"stalled: no score improvement in {policy.on_stall.after} steps")
-    return Verdict("; ".join(events) or None, next_from, stop)
+    return Verdict(tuple(events), next_from, stop)
 
 
 def best_step(history: Sequence[StepRecord]) -> StepRecord | None:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from loomc._core import events as _events
 from loomc._core.errors import LoomcError
+from loomc._core.events import Event
 
 __all__ = ["Retry", "RetryDecision", "as_retry", "is_transient"]
 
@@ -72,10 +74,18 @@ def _retry_after(exc: BaseException) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class RetryDecision:
-    """What to do after a failed attempt: wait ``delay`` seconds and retry, or not (``None``)."""
+    """What to do after a failed attempt: wait ``delay`` seconds and retry, or not (``None``).
+
+    ``event`` is the step event recording the retry (or why none was made), if any.
+    """
 
     delay: float | None
-    note: str | None
+    event: Event | None
+
+    @property
+    def note(self) -> str | None:
+        """The event as text (``"retry 1 in 0.50s after RateLimitError: ..."``)."""
+        return None if self.event is None else _events.text(self.event)
 
 
 class Retry:
@@ -175,12 +185,12 @@ class Retry:
             return RetryDecision(None, None)
         what = _describe(exc)
         if usd_left is not None and step_estimate > usd_left + 1e-12:
-            return RetryDecision(None, f"retry skipped after {what}: the budget has ${max(usd_left, 0.0):.4f} left, "
-                                       f"an attempt costs about ${step_estimate:.4f}")
+            return RetryDecision(None, {"kind": "retry_skipped", "reason": "budget", "error": what,
+                                        "usd_left": max(usd_left, 0.0), "estimate_usd": step_estimate})
         delay = self.wait(failed, exc)
         if wall_left is not None and delay >= wall_left:
-            return RetryDecision(None, f"retry skipped after {what}: waiting {delay:.2f}s would pass the wall clock")
-        return RetryDecision(delay, f"retry {failed} in {delay:.2f}s after {what}")
+            return RetryDecision(None, {"kind": "retry_skipped", "reason": "wall_clock", "error": what, "delay_s": delay})
+        return RetryDecision(delay, {"kind": "retry", "attempt": failed, "delay_s": delay, "error": what})
 
 
 def _describe(exc: BaseException) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from loomc._core.budget import Budget
 from loomc._core.context import _parent_ledger
-from loomc._core.engine import CallOp, RunRequest, RunSpec, SleepOp, StoreOp, WallClockExceeded, run_protocol
+from loomc._core.engine import CallOp, RunRequest, RunSpec, SleepOp, StoreCall, WallClockExceeded, run_protocol
 from loomc._core.errors import BudgetExhausted, StallError, UnboundedLoopWarning
 from loomc._core.policy import Policy
 from loomc._core.retry import Retry, as_retry
@@ -273,9 +273,9 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
                     raise exc.with_traceback(None) from None
                 raise
             send, throw = None, None
-            if type(op) is StoreOp:
+            if type(op) is StoreCall:
                 try:
-                    send = getattr(op.store, op.method)(*op.args)
+                    send = op.fn(*op.args)
                 except BaseException as exc:  # noqa: BLE001 - raised inside the protocol, so its cleanup runs now
                     throw = exc
             elif main and _SigTerm.pending is not None:
@@ -380,16 +380,18 @@ async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], 
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             send, throw = None, None
-            if type(op) is StoreOp:
+            if type(op) is StoreCall:
                 try:
-                    astore = opened.get(id(op.store))
+                    # the same protocol method, on the async twin of the store it is bound to
+                    store = op.fn.__self__  # type: ignore[attr-defined]
+                    astore = opened.get(id(store))
                     if astore is not None and not op.shield:  # the common case: no scope to enter
-                        send = await getattr(astore, op.method)(*op.args)
+                        send = await getattr(astore, op.fn.__name__)(*op.args)
                     else:
                         with anyio.CancelScope(shield=op.shield):
                             if astore is None:
-                                astore = opened[id(op.store)] = await stores.enter_async_context(twin(op.store))
-                            send = await getattr(astore, op.method)(*op.args)
+                                astore = opened[id(store)] = await stores.enter_async_context(twin(store))
+                            send = await getattr(astore, op.fn.__name__)(*op.args)
                 except BaseException as exc:  # noqa: BLE001 - raised inside the protocol, so its cleanup runs now
                     throw = exc
             elif type(op) is SleepOp:

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from loomc._core import events as _events
+from loomc._core.events import Event
+
 __all__ = ["RunInfo", "RunResult", "RunStatus", "StepRecord"]
 
 
@@ -39,9 +42,12 @@ class StepRecord:
 
     ``state`` is the state the step returned (for a failed step, the state it started
     from). A record read back from a long run may load its state lazily from the store.
+
+    ``events`` are what happened during the step, as records (``{"kind": "backtrack",
+    "to": 2}``; see ``docs/semantics.md``); ``event`` is their 0.3.0 text, joined with ``"; "``.
     """
 
-    __slots__ = ("_loader", "_state", "_ts", "cost_usd", "error", "event", "score", "step_n")
+    __slots__ = ("_events", "_loader", "_state", "_ts", "cost_usd", "error", "score", "step_n")
 
     def __init__(
         self,
@@ -53,6 +59,8 @@ class StepRecord:
         error: str | None = None,
         event: str | None = None,
         breaker_event: str | None = None,
+        *,
+        events: list[Event] | None = None,
     ) -> None:
         self.step_n = step_n
         self._state = state
@@ -61,7 +69,10 @@ class StepRecord:
         self.score = score
         self._ts: datetime | str = timestamp if timestamp is not None else datetime.now(UTC)
         self.error = error
-        self.event = event if event is not None else breaker_event
+        # the stored text (JSON, or an older loomc's line) is parsed when first read
+        self._events: list[Event] | str | None = events if events is not None else (
+            event if event is not None else breaker_event
+        )
 
     @classmethod
     def lazy(
@@ -80,7 +91,7 @@ class StepRecord:
         ``timestamp`` may be the stored ISO text; it is parsed on first access.
         """
         rec = cls.__new__(cls)
-        rec.step_n, rec.cost_usd, rec.score, rec.error, rec.event = step_n, cost_usd, score, error, event
+        rec.step_n, rec.cost_usd, rec.score, rec.error, rec._events = step_n, cost_usd, score, error, event
         rec._ts = timestamp if timestamp is not None else datetime.now(UTC)
         rec._state, rec._loader = _MISSING, loader
         return rec
@@ -116,6 +127,31 @@ class StepRecord:
         self._loader = loader
 
     @property
+    def events(self) -> list[Event]:
+        """What happened during the step, as records (``[]``: nothing)."""
+        evs = self._events
+        if not isinstance(evs, list):
+            evs = self._events = _events.decode(evs)
+        return evs
+
+    @events.setter
+    def events(self, value: list[Event]) -> None:
+        self._events = list(value)
+
+    @property
+    def event(self) -> str | None:
+        """The step's events as one line (``"backtrack to step 1; converged"``), or ``None``.
+
+        Setting it to such a line (or to the stored JSON) replaces :attr:`events`.
+        """
+        evs = self.events
+        return "; ".join(_events.text(e) for e in evs) if evs else None
+
+    @event.setter
+    def event(self, value: str | None) -> None:
+        self._events = value
+
+    @property
     def breaker_event(self) -> str | None:
         """loomc 0.3.0 name of :attr:`event`."""
         return self.event
@@ -142,7 +178,7 @@ class StepRecord:
             and self.cost_usd == other.cost_usd
             and self.score == other.score
             and self.error == other.error
-            and self.event == other.event
+            and self.events == other.events
         )
 
     __hash__ = None  # type: ignore[assignment]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from loomc._core import events as _step_events
 from loomc._core.errors import LoomcError, StoreError
 from loomc._core.types import RunInfo, RunStatus
 
@@ -554,7 +555,7 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
                 "cumul_usd": round(cumul, 9),
                 "score": s[3],
                 "error": s[5],
-                "events": [e.strip() for e in (s[6] or "").split(";") if e.strip()],
+                **r.event_fields(_step_events.decode(s[6])),
                 "timestamp": s[4],
                 "state": decode(s[1], "json"),
             }

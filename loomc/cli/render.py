@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from loomc._core import events as _events
+from loomc._core.events import Event
 from loomc._core.types import RunInfo, RunStatus, StepRecord
 
 if TYPE_CHECKING:
@@ -149,11 +151,11 @@ def short(text: str | None, width: int | None = ERROR_WIDTH) -> str:
 _PARTIAL = re.compile(r"\\(?:x[0-9a-f]?|u[0-9a-f]{0,3})?$")
 
 
-def markers(event: str | None) -> str:
-    """``<- backtrack to step 1  <- converged`` from a stored ``"; "``-joined event."""
-    if not event:
+def markers(events: list[Event]) -> str:
+    """``<- backtrack to step 1  <- converged`` from a step's event records."""
+    if not events:
         return ""
-    return visible("  ".join(f"<- {e.strip()}" for e in event.split(";") if e.strip()))
+    return visible("  ".join(f"<- {_events.text(e)}" for e in events))
 
 
 def own_cost(info: RunInfo, children: Sequence[RunInfo]) -> float:
@@ -252,15 +254,21 @@ def step_dict(rec: StepRecord, cumul: float) -> dict[str, Any]:
         "cumul_usd": round(cumul, 9),
         "score": rec.score,
         "error": rec.error,
-        "events": [e.strip() for e in (rec.event or "").split(";") if e.strip()],
+        **event_fields(rec.events),
         "timestamp": rec.timestamp.isoformat(),
     }
+
+
+def event_fields(events: list[Event]) -> dict[str, Any]:
+    """A step's events for JSON output: ``events`` (their text, as loomc 0.3.0 showed them) and
+    ``event_records`` (the records themselves, e.g. ``{"kind": "backtrack", "to": 2}``)."""
+    return {"events": [_events.text(e) for e in events], "event_records": events}
 
 
 def step_cells(rec: StepRecord, cumul: float, *, full: bool = False) -> list[str]:
     """One row of the step table: STEP COST CUMUL SCORE ERROR and the markers (``full``: errors uncut)."""
     error = short(rec.error, None if full else ERROR_WIDTH)
-    return [str(rec.step_n), money(rec.cost_usd), money(cumul), score_text(rec.score), error, markers(rec.event)]
+    return [str(rec.step_n), money(rec.cost_usd), money(cumul), score_text(rec.score), error, markers(rec.events)]
 
 
 def read_steps(

@@ -16,7 +16,7 @@ from loomc.store.lease import is_alive
 
 __all__ = ["SCHEMA_VERSION", "StepRow"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The oldest schema this loomc reads without migrating it (readers never write).
 READS_FROM = 1
 
@@ -85,6 +85,11 @@ CREATE TABLE IF NOT EXISTS holds (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS holds_run ON holds(run_id);
+""",
+    # v4: a step's events are a JSON list of records (``loomc._core.events``), no longer
+    # "; "-joined text. ``loomc_events_v4`` is registered by the migrating connection.
+    3: """
+UPDATE steps SET event = loomc_events_v4(event) WHERE event IS NOT NULL
 """,
 }
 

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from loomc._core import events as _step_events
 from loomc._core.errors import AmbiguousRunId, LoomcError, RunNotFound, SchemaTooNew, StoreError
 from loomc._core.holds import HeldCharge, charge_record
 from loomc._core.types import _MISSING, RunInfo, RunStatus, StepRecord
@@ -330,6 +331,7 @@ class SQLiteStore:
                 conn.execute(pragma)
             conn.execute(f"PRAGMA synchronous={_sql.SYNCHRONOUS[self.durability]}")
             if version < _sql.SCHEMA_VERSION and self.create:
+                conn.create_function("loomc_events_v4", 1, _step_events.migrate, deterministic=True)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     version = conn.execute("PRAGMA user_version").fetchone()[0]
