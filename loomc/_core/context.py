@@ -303,24 +303,21 @@ def current_ledger() -> Ledger | None:
     return _parent_ledger.get()
 
 
-# How many steps of this process are executing right now (any run, any thread). A charge
-# made with no run in its context while this is not zero comes from a thread that lost the
-# step's context: refused, never silently dropped. Only that (rare) path reads it.
-_steps_in_flight = 0
+# The steps of this process executing right now (any run, any thread), one entry each. A
+# charge made with no run in its context while this is not empty comes from a thread that
+# lost the step's context: refused, never silently dropped. Only that (rare) path reads it.
+# ``list.append``/``list.pop`` are atomic, so the per-step count needs no lock.
+_steps_in_flight: list[None] = []
 
 
 def step_started() -> None:
     """A step (its call, cost_fn and scorer) starts executing in this process."""
-    global _steps_in_flight  # one process-wide count, under _lock
-    with _lock:
-        _steps_in_flight += 1
+    _steps_in_flight.append(None)
 
 
 def step_ended() -> None:
     """A step counted by :func:`step_started` is over."""
-    global _steps_in_flight  # one process-wide count, under _lock
-    with _lock:
-        _steps_in_flight -= 1
+    _steps_in_flight.pop()
 
 
 def _no_run(what: str) -> None:
