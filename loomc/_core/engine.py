@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loomc._core.budget import Budget
-from loomc._core.context import Ledger, RunView, _parent_ledger, step_ended, step_started
+from loomc._core.context import RunView, _current_ledger, step_ended, step_started
 from loomc._core.errors import BudgetExhausted, LoomcError, SpecMismatch, StateError, StoreError
 from loomc._core.holds import HeldCharge, charge_record, supports_holds
+from loomc._core.ledger import RunLedger, ledger_factory
 from loomc._core.money import check_usd
 from loomc._core.policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
 from loomc._core.types import History, RunInfo, RunResult, RunStatus, StepRecord
@@ -46,7 +47,7 @@ class CallOp:
     """Run the user's step on ``state`` with ``ledger`` as the current run (until ``deadline``)."""
 
     state: Any
-    ledger: Ledger
+    ledger: RunLedger
     deadline: float | None
 
 
@@ -110,7 +111,7 @@ class RunContext:
         # this process: a child found again (a retried attempt) carries only the rest.
         self.children_paid: dict[str, float] = {}
         self.iterations = 0
-        self.ledger: Ledger | None = None
+        self.ledger: RunLedger | None = None
         self.meta: dict[str, Any] = {}
         self.meta_dirty = False  # set by components (circuit breakers) that changed ``meta``
         self.notes: list[str] = []  # retries, breaker transitions: joined into the step's event
@@ -136,21 +137,21 @@ class RunContext:
 
     def carry(self, child_id: str, child_cost: float) -> float:
         """What of a found child's stored cost is not yet in this run's ledger (in this process)."""
-        from loomc._core.context import _lock
+        from loomc._core.ledger import _lock
 
         with _lock:
             return max(0.0, round(child_cost - self.children_paid.get(child_id, 0.0), 12))
 
     def child_paid(self, child_id: str, child_cost: float) -> None:
         """A child run of the current step ends with ``child_cost`` in this run's ledger."""
-        from loomc._core.context import _lock
+        from loomc._core.ledger import _lock
 
         with _lock:
             self.children_paid[child_id] = child_cost
 
     def next_call_index(self) -> int:
         """The call order of the next nested loop started by the current step."""
-        from loomc._core.context import _lock
+        from loomc._core.ledger import _lock
 
         with _lock:
             i = self._calls
@@ -174,7 +175,7 @@ class RunContext:
 _COST_FN_HINT = "return the USD the step spent (0.0 if it spent nothing)"
 
 
-def _refused(exc: BudgetExhausted, ledger: Ledger) -> Stop | None:
+def _refused(exc: BudgetExhausted, ledger: RunLedger) -> Stop | None:
     """The stop a refused charge calls for: when the cap is this run's or an ancestor's."""
     if not any(exc.owner == led.run_id for led in ledger.chain()):
         return None  # a cap of a nested run (inside the step) only: a plain step error
@@ -215,7 +216,7 @@ def nested_resume_error(info: RunInfo, root: RunInfo) -> LoomcError:
     )
 
 
-def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: Any) -> Generator[Any, Any, RunResult]:
+def run_protocol(spec: RunSpec, req: RunRequest, parent: RunLedger | None, store: Any) -> Generator[Any, Any, RunResult]:
     """Drive one run to its end; yields :class:`StoreOp`/:class:`CallOp`, returns the result.
 
     The run is claimed in this process before its row is read (:func:`loomc.store.lease.claim`:
@@ -230,7 +231,7 @@ def run_protocol(spec: RunSpec, req: RunRequest, parent: Ledger | None, store: A
 
 
 def _run(
-    spec: RunSpec, req: RunRequest, parent: Ledger | None, store: Any, claims: list[Claim]
+    spec: RunSpec, req: RunRequest, parent: RunLedger | None, store: Any, claims: list[Claim]
 ) -> Generator[Any, Any, RunResult]:
     owner = owner_token()
     parent_ctx: RunContext | None = parent.context if parent is not None else None
@@ -363,12 +364,12 @@ def _run(
     ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
     if meta_after is not None:
         ctx.meta = meta_after  # what the store now holds: a later ``set_meta`` keeps the note
-    ledger = Ledger(
+    ledger = ledger_factory(store)(
         run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
+        # what re-found children carry again: already in ``usage.usd``
+        prepaid=rp.in_flight_usd if rp is not None else 0.0,
         deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
     )
-    if rp is not None:
-        ledger.prepaid = rp.in_flight_usd  # already in ``usage.usd``: re-found children take from it
     if nested and parent is not None and carried:
         parent.carry(carried)
     if nested and parent is not None and held:
@@ -458,7 +459,7 @@ def _run(
             # they charge (an LLM grader) counts in this step's cost, under this run's caps.
             score: float | None = None
             if error is None and (spec.cost_fn is not None or spec.scorer is not None):
-                token = _parent_ledger.set(ledger)
+                token = _current_ledger.set(ledger)
                 try:
                     if spec.cost_fn is not None:
                         # reported after the fact: the money is spent, so it is recorded even past a cap
@@ -475,7 +476,7 @@ def _run(
                     yield from interrupted(exc)
                     raise
                 finally:
-                    _parent_ledger.reset(token)
+                    _current_ledger.reset(token)
             ctx.leave_step()
             ledger.settle_open()  # a hold the step never settled counts in full
             iterations += 1
@@ -501,14 +502,14 @@ def _run(
             else:
                 if needs_history:
                     yield from earlier_steps()
-                token = _parent_ledger.set(ledger)  # a judge's own LLM call is charged to this run
+                token = _current_ledger.set(ledger)  # a judge's own LLM call is charged to this run
                 try:
                     verdict = after_step(policy, history, start_from=start_from, attempt_start=attempt_start)
                 except BudgetExhausted as exc:  # the judge's call did not fit: keep the step, stop the run
                     verdict = Verdict(None, step_n, Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}", exc.limit,
                                                          exc.used, exc.cap, exc.owner if exc.owner != run_id else None))
                 finally:
-                    _parent_ledger.reset(token)
+                    _current_ledger.reset(token)
                 verdict_event, verdict_next, stop = verdict.event, verdict.next_from, verdict.stop
                 cost = record.cost_usd = round(ledger.spent - ledger.prepaid - spent_before, 12)
             ledger.release_step()
@@ -523,8 +524,7 @@ def _run(
                 ledger.spent, iterations, wall, max_step_cost, _RUNNING if stop is None else stop.status.value,
                 None if stop is None else stop.reason, ancestors,
             )
-            if ledger.durable is not None:  # the step reserved: its commit deletes the holds it now pays for
-                row.holds = ledger.take_durable()
+            row.holds = ledger.take_durable()  # the step reserved: its commit deletes the holds it now pays for
             recorded = stop is not None  # the last commit is the run's outcome
             yield StoreOp(store, "commit_step", (run_id, row), recorded)
             if row.holds:
@@ -601,7 +601,7 @@ def _take(op: StoreOp, run_id: str, wall_s: float) -> Generator[Any, Any, Any]:
 
 
 def _attempts(
-    retry: Any, ctx: RunContext, ledger: Ledger, state: Any, spent_before: float, max_step_cost: float,
+    retry: Any, ctx: RunContext, ledger: RunLedger, state: Any, spent_before: float, max_step_cost: float,
     deadline: float | None,
 ) -> Generator[Any, Any, Any]:
     """The step's call, retried on transient errors while ``retry`` and the budget allow.
