@@ -19,8 +19,8 @@ from loomc._core.errors import BudgetExhausted, LoomcError, SpecMismatch, StateE
 from loomc._core.holds import HeldCharge, charge_record, supports_holds
 from loomc._core.ledger import RunLedger, ledger_factory
 from loomc._core.money import check_usd
-from loomc._core.policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
-from loomc._core.types import History, RunInfo, RunResult, RunStatus, StepRecord
+from loomc._core.policy import Policy, RunUsage, Stop, Verdict, after_step, best_step, check_budget
+from loomc._core.types import RunHistory, RunInfo, RunResult, RunStatus, StepRecord
 from loomc.store import codec as _codec
 from loomc.store.lease import Claim, claim, owner_token
 from loomc.store.sqlite.sql import StepRow, now_iso
@@ -313,7 +313,7 @@ def _run(
             _codec._seen_types[state_type] = type(req.state)
         _codec.require_type(state_type, run_id)  # a renamed class must not come back as a dict
         state = _codec.decode(rp.start_blob, state_type)
-        history = History(rp.history)
+        history = RunHistory(rp.history)
         partial = rp.partial  # only the last step: the earlier ones are read when first needed
         if history and history[-1].step_n == rp.next_from and history[-1].error is None:
             history[-1].state = state  # already decoded: detectors need not read it back
@@ -341,14 +341,14 @@ def _run(
             if charged is not None:
                 held = charged.usd
                 meta_after = charge_record(rp.info.meta, charged)
-        usage = Usage(round(info.cost_usd + held, 12), info.steps, info.wall_s, info.max_step_cost)
+        usage = RunUsage(round(info.cost_usd + held, 12), info.steps, info.wall_s, info.max_step_cost)
         next_from = rp.next_from
         parent_run_id = info.parent_run_id
     else:
         state = req.state
-        history = History()
+        history = RunHistory()
         partial = False
-        usage = Usage()
+        usage = RunUsage()
         next_from = -1
         parent_run_id = parent_ctx.run_id if nested and parent_ctx is not None else None
 
@@ -415,7 +415,7 @@ def _run(
         while True:
             now = time.monotonic()
             ctx.iterations = iterations
-            used = Usage(ledger.spent, iterations, wall_base + (now - t0), max_step_cost)
+            used = RunUsage(ledger.spent, iterations, wall_base + (now - t0), max_step_cost)
             stop = check_budget(budget, used, ledger.headroom(now))
             if stop is None and (refused := ledger.hold_step(max_step_cost)) is not None:
                 # a concurrent sibling took the enclosing run's headroom since the check
