@@ -149,14 +149,22 @@ class LedgerStore(Protocol):
         ...
 
 
+# Whether a store class is a LedgerStore: a Protocol isinstance check costs microseconds, and
+# a nested loop opens a run (and a ledger) in every step of its parent.
+_makes_ledgers: dict[type, bool] = {}
+
+
 def ledger_factory(store: Any) -> LedgerFactory:
     """How a run of ``store`` gets its ledger: the store's own if it is a :class:`LedgerStore`, else :class:`TreeLedger`.
 
     The engine and the graph layer make every run's ledger through this, once per run.
+    Whether a store makes its ledgers is decided once per store class.
     """
-    if isinstance(store, LedgerStore):
-        return store.open_ledger
-    return TreeLedger
+    kind = type(store)
+    own = _makes_ledgers.get(kind)
+    if own is None:
+        own = _makes_ledgers[kind] = isinstance(store, LedgerStore)
+    return store.open_ledger if own else TreeLedger  # type: ignore[no-any-return]
 
 
 class TreeLedger:
