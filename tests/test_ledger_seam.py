@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import json
 import sqlite3
 import subprocess
@@ -12,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 import loomc
-from loomc import Budget, BudgetExhausted, RunStatus, SQLiteStore, loop
+from loomc import Budget, BudgetExhausted, MemoryStore, RunStatus, SQLiteStore, loop
 from loomc._core import seams
+from loomc._core.context import current_ledger
 from loomc._core.ledger import LedgerStore, Reservation, RunLedger, TreeLedger
+from loomc._core.policy import Headroom
 from orchestration import Graph
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +135,8 @@ def test_a_store_made_ledger_caps_runs_in_several_processes(tmp_path: Path) -> N
     assert abs(sum(r.cost_usd for r in SQLiteStore(str(db)).list_runs()) - spent) < 1e-9
 
 
-def test_a_store_made_ledger_caps_a_graph_of_sync_async_and_nested_loops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_store_made_ledger_caps_a_graph_of_sync_async_and_nested_loops(tmp_path: Path, backend: str) -> None:
     """A graph (a sync node, an async node, a node whose step runs a nested loop) draws from the store's ledger."""
     pool, db = tmp_path / "pool.db", str(tmp_path / "runs.db")
     make_pool(pool, 0.50)
@@ -160,12 +165,168 @@ def test_a_store_made_ledger_caps_a_graph_of_sync_async_and_nested_loops(tmp_pat
     graph.add(sync_node)
     graph.add(async_node)
     graph.add(outer)
-    result = graph.run(0)
+    result = anyio.run(functools.partial(graph.arun, 0), backend=backend)
     spent = pool_spent(pool)
     assert spent <= 0.50 + 1e-9
     assert spent > 0.50 - 0.03 - 1e-9  # 30 steps of each node would be $2.40: the pool stopped them
     assert abs(result.cost_usd - spent) < 1e-9
     assert {n.status for n in result.nodes.values()} <= {RunStatus.BUDGET_EXHAUSTED, RunStatus.FAILED}
+
+
+# -- a ledger written from the protocol alone -------------------------------------------------
+class FlatLedger:
+    """A top-level run's ledger written from :class:`RunLedger` alone: one cap, no tree, no lock."""
+
+    def __init__(
+        self, run_id: str, *, parent: RunLedger | None, usd_cap: float | None, spent: float, prepaid: float,
+        deadline: float | None, context: Any,
+    ) -> None:
+        if parent is not None:
+            raise TypeError("FlatLedger is for top-level runs")
+        self.run_id, self.context, self.usd_cap = run_id, context, usd_cap
+        self.spent, self.prepaid, self.deadline = spent, prepaid, deadline
+        self.reserved = 0.0
+        self.open: set[Reservation] = set()
+        self.durable: set[int] = set()
+
+    def chain(self) -> Any:
+        """Only this run."""
+        yield self
+
+    def deadline_in_chain(self) -> float | None:
+        """This run's deadline."""
+        return self.deadline
+
+    def _left(self) -> float | None:
+        return None if self.usd_cap is None else self.usd_cap - self.spent - self.reserved
+
+    def headroom(self, now: float, *, include_self: bool = False) -> Headroom:
+        """No enclosing runs; this run's own limits if asked."""
+        if not include_self:
+            return Headroom()
+        wall = None if self.deadline is None else self.deadline - now
+        return Headroom(self._left(), self.run_id, self.usd_cap, wall, self.run_id)
+
+    def available(self) -> float | None:
+        """What is left under the cap."""
+        return self._left()
+
+    def _check(self, usd: float) -> None:
+        left = self._left()
+        if left is not None and usd > left + 1e-9:
+            raise BudgetExhausted("usd", self.spent, self.usd_cap or 0.0, run_id=self.run_id, owner=self.run_id,
+                                  requested=usd)
+
+    def charge(self, usd: float, *, enforce: bool = True) -> None:
+        """Record ``usd``, refusing what would cross the cap."""
+        if enforce and usd > 0:
+            self._check(usd)
+        self.spent += usd
+
+    def carry(self, usd: float) -> None:
+        """Earlier spending: from ``prepaid`` first."""
+        take = min(self.prepaid, usd)
+        self.prepaid -= take
+        self.spent += usd - take
+
+    def reserve(self, usd: float) -> Reservation:
+        """Hold ``usd`` under the cap."""
+        self._check(usd)
+        self.reserved += usd
+        hold = Reservation(self, usd)
+        self.open.add(hold)
+        return hold
+
+    def settle(self, hold: Reservation, actual: float) -> None:
+        """The hold becomes what the call cost."""
+        if hold.settled is None:
+            hold.settled = actual
+            self.open.discard(hold)
+            self.reserved -= hold.usd
+            self.spent += actual
+
+    def settle_open(self) -> float:
+        """Open holds count in full."""
+        holds = list(self.open)
+        for hold in holds:
+            self.settle(hold, hold.usd)
+        return sum(h.usd for h in holds)
+
+    def hold_step(self, usd: float) -> BudgetExhausted | None:
+        """No enclosing runs to hold against."""
+        return None
+
+    def release_step(self) -> None:
+        """Nothing held."""
+
+    def expire(self) -> None:
+        """The wall clock ends now."""
+        self.deadline = float("-inf")
+
+    def note_durable(self, hold_id: int) -> None:
+        """A stored hold the next commit deletes."""
+        self.durable.add(hold_id)
+
+    def take_durable(self) -> tuple[int, ...] | None:
+        """The stored holds the commit deletes."""
+        ids, self.durable = tuple(self.durable), set()
+        return ids or None
+
+    def forget_durable(self, ids: tuple[int, ...]) -> None:
+        """No ancestors to tell."""
+
+
+class FlatStore(MemoryStore):
+    """A memory store whose runs get a :class:`FlatLedger`."""
+
+    def open_ledger(
+        self, run_id: str, *, parent: RunLedger | None, usd_cap: float | None, spent: float, prepaid: float,
+        deadline: float | None, context: Any,
+    ) -> RunLedger:
+        """A :class:`FlatLedger`."""
+        return FlatLedger(run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid, deadline=deadline,
+                          context=context)
+
+
+def test_a_ledger_written_from_the_protocol_alone_runs_a_sync_loop() -> None:
+    """Charges, reservations (stored and settled) and the cap all go through the store's own ledger."""
+    kinds: list[type] = []
+
+    @loop(budget=Budget(usd=0.5, iterations=20), checkpoint=FlatStore())
+    def step(n: int) -> int:
+        kinds.append(type(current_ledger()))
+        with loomc.reserve(0.1) as hold:
+            hold.settle(0.08)
+        loomc.charge(0.02)
+        return n + 1
+
+    result = step.run(0)
+    assert kinds == [FlatLedger] * 5
+    assert result.status is RunStatus.BUDGET_EXHAUSTED
+    assert result.steps == 5
+    assert abs(result.cost_usd - 0.5) < 1e-9
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_ledger_written_from_the_protocol_alone_runs_an_async_loop(backend: str) -> None:
+    """The async driver uses the store's ledger the same way (areserve written to the store, then settled)."""
+    remaining: list[float | None] = []
+
+    @loop(budget=Budget(usd=0.3, iterations=20), checkpoint=FlatStore())
+    async def step(n: int) -> int:
+        assert isinstance(current_ledger(), FlatLedger)
+        hold = await loomc.areserve(0.1)
+        assert hold.hold_id is not None  # committed to the store before the call
+        hold.settle(0.1)
+        view = loomc.current_run()
+        assert view is not None
+        remaining.append(view.usd_remaining)
+        return n + 1
+
+    result = anyio.run(step.run, 0, backend=backend)
+    assert result.status is RunStatus.BUDGET_EXHAUSTED
+    assert result.steps == 3
+    assert [round(r or 0.0, 9) for r in remaining] == [0.2, 0.1, 0.0]
 
 
 def test_open_host_ledger_goes_through_the_store_ledger_factory(tmp_path: Path) -> None:
