@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from loomc._core.context import _parent_ledger
+from loomc._core.context import _current_ledger
 from loomc._core.detectors import Escalate
 from loomc._core.errors import StallError
 from loomc._core.runner import AsyncLoopRunner, LoopRunner, loop
 
 __all__ = ["AsyncLoopRunner", "Escalate", "LoopRunner", "StallError", "loop"]
-_ = _parent_ledger  # re-exported for code written against 0.3.0
+
+# loomc 0.3.0 named the current run's ledger ``_parent_ledger`` (the parent of any loop a step starts).
+_parent_ledger = _current_ledger

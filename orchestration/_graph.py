@@ -12,29 +12,33 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import networkx as nx
 
-from loomc._core.budget import Budget
-from loomc._core.context import Ledger, _lock, _parent_ledger
-from loomc._core.detectors import predicate
-from loomc._core.engine import RunContext
-from loomc._core.errors import SpecMismatch
-from loomc._core.holds import charge_record, supports_holds
-from loomc._core.policy import EPS
-from loomc._core.runner import AsyncLoopRunner, LoopRunner, loop
-from loomc._core.types import RunInfo, RunResult, RunStatus
-from loomc.store import codec as _codec
-from loomc.store.lease import Claim, claim, owner_token
-from loomc.store.sqlite.sync import MemoryStore, NewRun, new_run_id, open_store
+from loomc import AsyncLoopRunner, Budget, LoopRunner, RunInfo, RunResult, RunStatus, SpecMismatch, loop, predicate
+from loomc._core.seams import (
+    Claim,
+    MemoryStore,
+    RunLedger,
+    arun_child,
+    async_twin,
+    charge_left_holds,
+    claim,
+    has_room,
+    new_top_run,
+    open_host_ledger,
+    open_store,
+    owner_token,
+    run_child,
+    store_spent,
+)
 
 __all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]
 
@@ -345,12 +349,7 @@ class Graph:
                 ex.release()
 
     def resume(
-        self,
-        run_id: str,
-        *,
-        budget: Budget | None = None,
-        force: bool = False,
-        store: Any = None,
+        self, run_id: str, *, budget: Budget | None = None, force: bool = False, store: Any = None,
         on_progress: ProgressHook | None = None,
     ) -> GraphResult:
         """Continue a stopped or crashed graph run.
@@ -379,14 +378,8 @@ class Graph:
         ))
 
     async def aresume(
-        self,
-        run_id: str,
-        *,
-        budget: Budget | None = None,
-        force: bool = False,
-        store: Any = None,
-        on_progress: ProgressHook | None = None,
-        _signals: bool = False,
+        self, run_id: str, *, budget: Budget | None = None, force: bool = False, store: Any = None,
+        on_progress: ProgressHook | None = None, _signals: bool = False,
     ) -> GraphResult:
         """Async :meth:`resume`."""
         self._check_not_empty()
@@ -414,8 +407,6 @@ class _Execution:
     """One attempt at a graph run: the scheduler."""
 
     def __init__(self, graph: Graph, store: Any, hook: ProgressHook | None) -> None:
-        from loomc.store.sqlite.aio import async_twin
-
         self.graph = graph
         self.store = store
         self.astore = async_twin(store)
@@ -431,7 +422,7 @@ class _Execution:
         self.handle_signals = False
         self.signalled: int | None = None
         self.run_id = ""
-        self.ledger = Ledger("")
+        self.ledger: RunLedger | None = None  # the graph run's, once the attempt starts
         self.priors: dict[str, RunInfo] = {}
         self.node_iterations: int | float | None = None  # a resume's new iteration limit for resumed nodes
         self.claim: Claim | None = None  # this process's hold on the graph run
@@ -449,10 +440,9 @@ class _Execution:
             {"name": n.name, "index": i, "loop": n.runner.spec.name, "after": list(n.after)}
             for i, n in enumerate(g._nodes.values())
         ], "max_concurrency": g.max_concurrency}
-        new = NewRun(
-            spec_hash=g.structure_hash, name=g.name, kind="graph", run_id=new_run_id(),
-            state_type=_codec.type_ref(graph_input), input_blob=_codec.encode(graph_input), budget=g.budget.to_dict(),
-            meta=meta, owner=self.owner,
+        new = new_top_run(
+            name=g.name, kind="graph", spec_hash=g.structure_hash, state=graph_input, budget=g.budget, meta=meta,
+            owner=self.owner,
         )
         assert new.run_id is not None
         self.claim = claim(self.store, new.run_id, self.owner)
@@ -496,9 +486,8 @@ class _Execution:
     ) -> tuple[Any, dict[str, int], dict[str, RunInfo]]:
         """The graph input, each node's call index and the node runs already started."""
         g = self.graph
-        held = await self.astore.charge_holds(run_id) if supports_holds(self.store) else None
-        if held is not None:  # calls in flight in its nodes when a process died: charged to the graph
-            info = replace(info, meta=charge_record(info.meta, held))
+        # calls in flight in its nodes when a process died: charged to the graph
+        info, held = await charge_left_holds(self.astore, self.store, run_id, info)
         self.node_iterations = limits.iterations
         graph_input = await self.astore.load_state(run_id, -1)
         old = {n["name"]: int(n["index"]) for n in info.meta.get("nodes", []) if "name" in n and "index" in n}
@@ -524,7 +513,7 @@ class _Execution:
         # graph stays counted. Re-found nodes carry their spending from ``carried_in``.
         self.carried_in = round(sum(c.cost_usd for c in children.values()), 12)
         # holds left by calls in flight when a process died were just added to the stored total
-        self.spent_before = round(max(info.cost_usd, self.carried_in) + (held.usd if held else 0.0), 12)
+        self.spent_before = round(max(info.cost_usd, self.carried_in) + held, 12)
         existing = {name: children[i] for name, i in index.items() if i in children}
         return graph_input, index, existing
 
@@ -541,15 +530,11 @@ class _Execution:
         g = self.graph
         t0 = time.monotonic()
         wall_cap = budget.wall_clock_seconds
-        ctx = RunContext(run_id, g.name, self.store, None, budget)
-        ledger = Ledger(
-            run_id, usd_cap=budget.usd, spent=self.spent_before,
-            deadline=(t0 + wall_cap - wall_base) if wall_cap is not None else None, context=ctx,
+        self.ledger = open_host_ledger(
+            run_id, g.name, self.store, budget, spent=self.spent_before, prepaid=self.carried_in,
+            deadline=(t0 + wall_cap - wall_base) if wall_cap is not None else None,
         )
-        ledger.prepaid = self.carried_in
-        ctx.ledger = ledger
-        ctx.begin_step(0)
-        self.ledger, self.priors, self.run_id = ledger, existing, run_id
+        self.priors, self.run_id = existing, run_id
         self.done = {name: anyio.Event() for name in g._nodes}
         limiter = anyio.CapacityLimiter(g.max_concurrency) if g.max_concurrency else None
         try:
@@ -600,26 +585,16 @@ class _Execution:
     def _abort(self) -> None:
         """Cancelled: stop sync nodes (running in threads) at their next step boundary."""
         self.aborted = True
-        with _lock:
-            self.ledger.deadline = -math.inf
+        if self.ledger is not None:
+            self.ledger.expire()
 
     def _total(self) -> float:
-        with _lock:
-            return round(self.ledger.spent, 12)
+        return round(self.ledger.spent, 12) if self.ledger is not None else 0.0
 
     async def _sync_cost(self) -> None:
-        """Store the graph's exact total once every node has stopped.
-
-        While nodes run, their commits raise the graph's stored total; this adds what was
-        spent but never committed (a step cut short), so the row equals the ledger.
-        """
-        info = await self.astore.get_run(self.run_id)
-        delta = round(self._total() - (info.cost_usd if info is not None else 0.0), 12)
-        if abs(delta) > EPS:
-            await self.astore.add_cost(self.run_id, delta)
-        held = self.ledger.take_durable()  # holds of node steps that never committed: now in the total
-        if held and supports_holds(self.store):
-            await self.astore.drop_holds(held)
+        """Store the graph's exact total once every node has stopped (what steps cut short spent included)."""
+        if self.ledger is not None:
+            await store_spent(self.astore, self.store, self.ledger)
 
     def _verdict(self) -> tuple[RunStatus, str | None]:
         order = [n for n in self.graph.nodes if n in self.infos]
@@ -640,17 +615,14 @@ class _Execution:
         return RunStatus.COMPLETED, None
 
     def _limit_hit(self) -> str:
-        led = self.ledger
-        if led.deadline is not None and led.deadline - time.monotonic() <= 0:
+        deadline = self.ledger.deadline if self.ledger is not None else None
+        if deadline is not None and deadline - time.monotonic() <= 0:
             return "wall_clock"
         return "usd"
 
     def _room(self) -> bool:
         """May a new node start under the graph's budget?"""
-        room = self.ledger.headroom(time.monotonic(), include_self=True)
-        if room.wall_s is not None and room.wall_s <= 0:
-            return False
-        return not (room.usd is not None and room.usd <= EPS)
+        return self.ledger is not None and has_room(self.ledger, time.monotonic())
 
     def _emit(self, name: str | None, status: str, run_id: str | None) -> None:
         if self.hook is not None:
@@ -729,12 +701,16 @@ class _Execution:
         limits = None
         if prior is not None and not reused and self.node_iterations is not None:
             limits = Budget.from_dict({**prior.budget, "iterations": self.node_iterations})
-        token = _parent_ledger.set(self.ledger)
+        assert self.ledger is not None
         try:
             if node.is_async:
-                result: RunResult = await node.runner._run_child(state, call_index=idx, meta=meta, budget=limits)
+                result: RunResult = await arun_child(
+                    node.runner, self.ledger, state, call_index=idx, meta=meta, budget=limits
+                )
             else:
-                call = functools.partial(node.runner._run_child, state, call_index=idx, meta=meta, budget=limits)
+                call = functools.partial(
+                    run_child, node.runner, self.ledger, state, call_index=idx, meta=meta, budget=limits
+                )
                 # A thread cannot be cancelled: on cancellation the node stops at its next step
                 # boundary (see _abort) and its result is still recorded.
                 with anyio.CancelScope(shield=True):
@@ -743,8 +719,6 @@ class _Execution:
             self._finish(NodeInfo(name, RunStatus.FAILED.value, prior.id if prior else None,
                                   stop_reason=f"{type(exc).__name__}: {exc}", error=exc))
             return None
-        finally:
-            _parent_ledger.reset(token)
         if self.aborted and result.status is RunStatus.BUDGET_EXHAUSTED:
             # Stopped by the cancellation, not by a budget: record it as interrupted.
             with anyio.CancelScope(shield=True):

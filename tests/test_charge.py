@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import loomc
 from loomc import Budget, BudgetExhausted, Reservation, RunStatus, SQLiteStore, loop
-from loomc._core.context import Ledger, _lock
+from loomc._core.ledger import TreeLedger as Ledger
+from loomc._core.ledger import _lock
 from loomc._core.policy import EPS
 
 pytestmark = pytest.mark.usefixtures("no_blocking")

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loomc import BestScore, Budget, Escalate, LastGood, StepRecord, predicate, score_plateau
-from loomc._core.policy import Headroom, Policy, Usage, after_step, check_budget
+from loomc._core.policy import Headroom, Policy, RunUsage, after_step, check_budget
 from loomc._core.types import RunStatus
 
 
@@ -21,8 +21,8 @@ def hist(*scores: float | None, errors: tuple[int, ...] = ()) -> list[StepRecord
 def test_iterations_limit_stops_at_cap() -> None:
     """A step starts only while iterations_used < iterations."""
     b = Budget(iterations=3)
-    assert check_budget(b, Usage(iterations=2)) is None
-    stop = check_budget(b, Usage(iterations=3))
+    assert check_budget(b, RunUsage(iterations=2)) is None
+    stop = check_budget(b, RunUsage(iterations=3))
     assert stop is not None
     assert (stop.status, stop.limit, stop.used, stop.cap) == (RunStatus.BUDGET_EXHAUSTED, "iterations", 3, 3)
 
@@ -30,22 +30,22 @@ def test_iterations_limit_stops_at_cap() -> None:
 def test_usd_uses_largest_step_cost_as_estimate() -> None:
     """A step starts only if spent + the largest step cost so far fits the cap."""
     b = Budget(usd=1.0)
-    assert check_budget(b, Usage(usd=0.7, max_step_cost=0.3)) is None
-    stop = check_budget(b, Usage(usd=0.71, max_step_cost=0.3))
+    assert check_budget(b, RunUsage(usd=0.7, max_step_cost=0.3)) is None
+    stop = check_budget(b, RunUsage(usd=0.71, max_step_cost=0.3))
     assert stop is not None
     assert stop.limit == "usd"
 
 
 def test_first_step_estimate_is_zero() -> None:
     """Before any step the estimate is 0, so the first step may start at any cap."""
-    assert check_budget(Budget(usd=0.0), Usage()) is None
+    assert check_budget(Budget(usd=0.0), RunUsage()) is None
 
 
 def test_wall_clock_limit() -> None:
     """Active time at or past the limit stops the run."""
     b = Budget(wall_clock="10s")
-    assert check_budget(b, Usage(wall_s=9.99)) is None
-    stop = check_budget(b, Usage(wall_s=10.0))
+    assert check_budget(b, RunUsage(wall_s=9.99)) is None
+    stop = check_budget(b, RunUsage(wall_s=10.0))
     assert stop is not None
     assert stop.limit == "wall_clock"
 
@@ -54,8 +54,8 @@ def test_ancestor_headroom_caps_the_child() -> None:
     """A child may not start a step its ancestors cannot afford, and the stop names the ancestor."""
     b = Budget(usd=10.0)
     outer = Headroom(usd=0.05, usd_owner="parent123456", usd_cap=1.0)
-    assert check_budget(b, Usage(max_step_cost=0.05), outer) is None
-    stop = check_budget(b, Usage(max_step_cost=0.06), outer)
+    assert check_budget(b, RunUsage(max_step_cost=0.05), outer) is None
+    stop = check_budget(b, RunUsage(max_step_cost=0.06), outer)
     assert stop is not None
     assert stop.owner == "parent123456"
     assert stop.limit == "usd"
@@ -63,7 +63,7 @@ def test_ancestor_headroom_caps_the_child() -> None:
 
 def test_ancestor_deadline_passed() -> None:
     """An ancestor out of wall clock stops the child too."""
-    stop = check_budget(Budget(), Usage(), Headroom(wall_s=0.0, wall_owner="p"))
+    stop = check_budget(Budget(), RunUsage(), Headroom(wall_s=0.0, wall_owner="p"))
     assert stop is not None
     assert stop.limit == "wall_clock"
 
@@ -138,14 +138,14 @@ def test_detectors_compose() -> None:
 def test_known_costs_never_cross_the_cap(costs: list[float], cap: float) -> None:
     """Simulated runs: when each step's cost is at most the estimate, spend never crosses the cap."""
     budget = Budget(usd=cap)
-    used = Usage()
+    used = RunUsage()
     for c in costs:
         if check_budget(budget, used) is not None:
             break
         c = min(c, used.max_step_cost) if used.iterations else c  # cost known in advance: <= estimate
         if used.iterations == 0 and c > cap:
             break  # the first step's cost is unknown before it runs
-        used = Usage(used.usd + c, used.iterations + 1, 0.0, max(used.max_step_cost, c))
+        used = RunUsage(used.usd + c, used.iterations + 1, 0.0, max(used.max_step_cost, c))
     assert used.usd <= cap + 1e-9
 
 
@@ -189,15 +189,15 @@ def _stalled_by_scan(h: list[StepRecord], after: int, since: int) -> bool:
 def test_incremental_detectors_decide_as_a_full_scan(
     steps: list[tuple[float | None, bool]], patience: int, since: int, resumed_at: int
 ) -> None:
-    """Called after every step on the engine's growing History — including one whose earlier
+    """Called after every step on the engine's growing RunHistory — including one whose earlier
     steps are read in front of it later, as a resumed run's are — score_plateau, BestScore
     and Escalate give what a scan of the whole list gives, and so they do on a plain list."""
-    from loomc._core.types import History
+    from loomc._core.types import RunHistory
 
     records = [StepRecord(step_n=i, score=s, error="E: x" if failed else None) for i, (s, failed) in enumerate(steps)]
     plateau, best, stall = score_plateau(patience=patience, min_delta=0.05), BestScore(), Escalate(after=patience)
     cut = min(resumed_at, len(records) - 1)
-    grown = History(records[cut:cut + 1])  # a resumed run: its last step first, the rest read later
+    grown = RunHistory(records[cut:cut + 1])  # a resumed run: its last step first, the rest read later
     for i in range(cut + 1, len(records) + 1):
         if i == cut + 2 or (i == len(records) and cut):
             grown[:0] = records[: grown[0].step_n]  # the earlier steps, read in front

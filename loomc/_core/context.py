@@ -1,306 +1,58 @@
-"""The run context: ledgers that roll costs up the run tree, and ``charge``/``reserve``.
+"""The run context: which run's ledger is current here, and ``charge``/``reserve`` into it.
 
-A ``ContextVar`` holds the ledger of the run whose step is executing. The ledger is a
-mutable object with a parent pointer, so a child run started in a worker thread or a
-task (which sees a *copy* of the context) still charges the very same ledgers as its
-parent. All ledgers share one lock: a charge checks and updates every ancestor at once,
-so concurrent charges can never together cross a cap.
+A ``ContextVar`` holds the ledger (:class:`~loomc._core.ledger.RunLedger`) of the run
+whose step is executing. The ledger is a mutable object that knows its enclosing runs,
+so a child run started in a worker thread or a task (which sees a *copy* of the
+context) still charges the very same ledgers as its parent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
-import threading
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
-from loomc._core.errors import BudgetExhausted, LoomcError, RunContextLost
+from loomc._core.errors import LoomcError, RunContextLost
+from loomc._core.ledger import Reservation, RunLedger
 from loomc._core.money import check_usd
-from loomc._core.policy import EPS, Headroom
 
 __all__ = [
-    "Ledger", "Reservation", "RunView", "areserve", "charge", "current_ledger", "current_run", "reserve", "step_ended",
-    "step_started", "with_run_context",
+    "Reservation", "RunView", "areserve", "charge", "current_ledger", "current_run", "reserve", "running_under",
+    "step_ended", "step_started", "with_run_context",
 ]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_lock = threading.RLock()
-_NO_LIMITS = Headroom()
+# The ledger of the run whose step is executing in this context (None outside runs): the
+# current run's, which is the parent of any loop the step starts. loomc 0.3.0 exposed it as
+# ``loomc.loop._parent_ledger`` (still importable there). The engine sets it around a step
+# directly (the hot path); everything else goes through ``running_under``.
+_current_ledger: ContextVar[RunLedger | None] = ContextVar("loomc_current_ledger", default=None)
 
 
-class Ledger:
-    """Money spent and reserved by one run, its descendants included."""
-
-    def __init__(
-        self,
-        run_id: str,
-        *,
-        parent: Ledger | None = None,
-        usd_cap: float | None = None,
-        spent: float = 0.0,
-        deadline: float | None = None,
-        context: Any = None,
-    ) -> None:
-        self.run_id = run_id
-        self.parent = parent
-        self.usd_cap = usd_cap
-        self.spent = spent
-        self.reserved = 0.0
-        self.deadline = deadline  # time.monotonic() value at which the run's wall clock runs out
-        self.context = context
-        self.holds: set[Reservation] = set()  # open reservations made on this ledger
-        # What this run holds against its ancestors' caps for the step in flight (its
-        # next-step estimate): spending that passes through it draws the hold down first.
-        self.step_hold = 0.0
-        # A resumed run's ``spent`` starts at its stored total, which already includes what
-        # the children of its uncommitted step spent: re-found children carry from this.
-        self.prepaid = 0.0
-        # Ids of holds written to the store (``loomc._core.holds``) by this run or a run below it
-        # since this run's last commit; its next commit deletes them. None: none (the common case).
-        self.durable: set[int] | None = None
-
-    @property
-    def total_cost_usd(self) -> float:
-        """Spent so far, nested runs included (loomc 0.3.0 name)."""
-        return self.spent
-
-    def chain(self) -> Iterator[Ledger]:
-        """This ledger and its ancestors, innermost first."""
-        node: Ledger | None = self
-        while node is not None:
-            yield node
-            node = node.parent
-
-    def deadline_in_chain(self) -> float | None:
-        """The earliest wall-clock deadline (``time.monotonic()``) of this run and its ancestors."""
-        deadlines = [led.deadline for led in self.chain() if led.deadline is not None]
-        return min(deadlines) if deadlines else None
-
-    def headroom(self, now: float, *, include_self: bool = False) -> Headroom:
-        """The tightest remaining usd and wall time among the ancestors (and self if asked)."""
-        if self.parent is None and not include_self:
-            return _NO_LIMITS
-        usd = usd_owner = usd_cap = wall = wall_owner = None
-        with _lock:
-            for led in self.chain():
-                if led is self and not include_self:
-                    continue
-                if led.usd_cap is not None:
-                    left = led.usd_cap - led.spent - led.reserved
-                    if usd is None or left < usd:
-                        usd, usd_owner, usd_cap = left, led.run_id, led.usd_cap
-                if led.deadline is not None:
-                    w = led.deadline - now
-                    if wall is None or w < wall:
-                        wall, wall_owner = w, led.run_id
-        return Headroom(usd, usd_owner, usd_cap, wall, wall_owner)
-
-    def _draws(self, usd: float) -> tuple[list[Ledger], list[float], list[float]]:
-        """The chain, and for each ledger the part of ``usd`` covered by step holds below it.
-
-        Returns ``(chain, covered, takes)``: ``covered[i]`` is what holders strictly below
-        ``chain[i]`` already hold of ``usd`` there; ``takes[i]`` is what ``chain[i]``'s own
-        hold contributes (to the ledgers above it).
-        """
-        chain = list(self.chain())
-        covered, takes = [], []
-        drawn = 0.0
-        for led in chain:
-            covered.append(drawn)
-            take = min(max(usd - drawn, 0.0), led.step_hold) if led.step_hold > 0 else 0.0
-            takes.append(take)
-            drawn += take
-        return chain, covered, takes
-
-    def _refuse(self, usd: float, chain: list[Ledger], covered: list[float]) -> BudgetExhausted | None:
-        for led, cov in zip(chain, covered, strict=True):
-            if led.usd_cap is not None and led.spent + led.reserved - cov + usd > led.usd_cap + EPS:
-                return BudgetExhausted(
-                    "usd", led.spent, led.usd_cap, run_id=self.run_id, owner=led.run_id,
-                    requested=usd, state=None,
-                )
-        return None
-
-    @staticmethod
-    def _consume(chain: list[Ledger], covered: list[float], takes: list[float]) -> None:
-        for led, cov, take in zip(chain, covered, takes, strict=True):
-            if cov:
-                led.reserved = round(led.reserved - cov, 12)
-            if take:
-                led.step_hold = round(led.step_hold - take, 12)
-
-    def charge(self, usd: float, *, enforce: bool = True) -> None:
-        """Record ``usd`` spent on this run and every ancestor at once.
-
-        With ``enforce`` (the default) a charge that would cross any cap is refused
-        with :class:`BudgetExhausted` and nothing is recorded.
-        """
-        with _lock:
-            chain, covered, takes = self._draws(usd)
-            if enforce and usd > 0:
-                err = self._refuse(usd, chain, covered)
-                if err is not None:
-                    raise err
-            self._consume(chain, covered, takes)
-            for led in chain:
-                led.spent = round(led.spent + usd, 12)
-
-    def carry(self, usd: float) -> None:
-        """Count a re-found child's earlier spending on this run and its ancestors, once.
-
-        Each ledger in the chain takes ``usd`` from its ``prepaid`` first (spending its
-        stored total already holds) and records only the rest. Never refused: the money
-        was spent before.
-        """
-        with _lock:
-            for led in self.chain():
-                take = min(led.prepaid, usd)
-                if take > 0:
-                    led.prepaid = round(led.prepaid - take, 12)
-                if usd - take > 0:
-                    led.spent = round(led.spent + usd - take, 12)
-
-    def reserve(self, usd: float) -> Reservation:
-        """Hold ``usd`` against every cap in the chain until settled."""
-        with _lock:
-            chain, covered, takes = self._draws(usd)
-            err = self._refuse(usd, chain, covered)
-            if err is not None:
-                raise err
-            self._consume(chain, covered, takes)
-            for led in chain:
-                led.reserved = round(led.reserved + usd, 12)
-            hold = Reservation(self, usd)
-            self.holds.add(hold)
-        return hold
-
-    def available(self) -> float | None:
-        """The most this run could charge right now: the tightest cap left, its own holds counted."""
-        with _lock:
-            chain, covered, _ = self._draws(float("inf"))
-            left = [
-                led.usd_cap - led.spent - led.reserved + cov
-                for led, cov in zip(chain, covered, strict=True)
-                if led.usd_cap is not None
-            ]
-        return min(left) if left else None
-
-    def hold_step(self, usd: float) -> BudgetExhausted | None:
-        """Hold the next step's estimate against every ancestor's cap (concurrent siblings).
-
-        Returns the refusal instead of raising when an ancestor cannot afford it.
-        """
-        if usd <= 0 or self.parent is None:
-            return None
-        with _lock:
-            ancestors = list(self.parent.chain())
-            err = self._refuse(usd, ancestors, [0.0] * len(ancestors))
-            if err is not None:
-                return err
-            for led in ancestors:
-                led.reserved = round(led.reserved + usd, 12)
-            self.step_hold = round(self.step_hold + usd, 12)
-        return None
-
-    def release_step(self) -> None:
-        """Give back what is left of the step's hold."""
-        if not self.step_hold:  # the common case (a root run holds nothing): no lock
-            return
-        with _lock:
-            left, self.step_hold = self.step_hold, 0.0
-            if left and self.parent is not None:
-                for led in self.parent.chain():
-                    led.reserved = round(led.reserved - left, 12)
-
-    def note_durable(self, hold_id: int) -> None:
-        """Remember a hold written to the store, on this ledger and every ancestor."""
-        with _lock:
-            for led in self.chain():
-                if led.durable is None:
-                    led.durable = set()
-                led.durable.add(hold_id)
-
-    def take_durable(self) -> tuple[int, ...] | None:
-        """The ids of the holds this run's next commit deletes (and forgets them here)."""
-        if self.durable is None:  # the common case: nothing was reserved
-            return None
-        with _lock:
-            ids, self.durable = tuple(self.durable), None
-        return ids or None
-
-    def forget_durable(self, ids: tuple[int, ...]) -> None:
-        """Holds deleted by this run's commit: the ancestors' commits need not delete them again."""
-        with _lock:
-            node = self.parent
-            while node is not None:
-                if node.durable:
-                    node.durable.difference_update(ids)
-                node = node.parent
-
-    def settle_open(self) -> float:
-        """Settle the holds a step left open at their full amount (never under-count); their total."""
-        if not self.holds:  # the common case: every hold was settled in the step
-            return 0.0
-        with _lock:
-            holds = list(self.holds)
-        for hold in holds:
-            hold.settle(hold.usd)
-        return sum(h.usd for h in holds)
-
-
-class Reservation:
-    """Money held against the caps before a call; ``settle(actual)`` records what it cost.
-
-    As a context manager: leaving the block without ``settle`` records the full amount
-    (never under-count); leaving it with an exception releases it.
-    """
-
-    def __init__(self, ledger: Ledger | None, usd: float) -> None:
-        self.ledger = ledger
-        self.usd = usd
-        self.settled: float | None = None
-        self.hold_id: int | None = None  # set once the hold is written to the run's store
-
-    def settle(self, actual: float) -> None:
-        """Replace the reservation by the real cost (recorded even if it exceeds the hold)."""
-        actual = check_usd(actual, "the amount given to Reservation.settle")
-        with _lock:
-            if self.settled is not None:
-                return
-            self.settled = actual
-            if self.ledger is None:
-                return
-            self.ledger.holds.discard(self)
-            for led in self.ledger.chain():
-                led.reserved = round(led.reserved - self.usd, 12)
-                led.spent = round(led.spent + actual, 12)
-
-    def release(self) -> None:
-        """Give the reservation back: nothing was spent."""
-        self.settle(0.0)
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self.settled is None:
-            self.settle(0.0 if exc_type is not None else self.usd)
-
-
-# The ledger of the run whose step is executing in this context (None outside runs).
-# loomc 0.3.0 exposed it as ``loomc.loop._parent_ledger``.
-_parent_ledger: ContextVar[Ledger | None] = ContextVar("loomc_parent_ledger", default=None)
-
-
-def current_ledger() -> Ledger | None:
+def current_ledger() -> RunLedger | None:
     """The ledger of the run whose step is executing here, if any."""
-    return _parent_ledger.get()
+    return _current_ledger.get()
+
+
+@contextlib.contextmanager
+def running_under(ledger: RunLedger | None) -> Iterator[None]:
+    """Make ``ledger`` the current run's for the block: loops started in it are its children.
+
+    What ``charge``/``reserve`` record inside the block goes to ``ledger`` (and its
+    enclosing runs). The previous current ledger is back when the block ends.
+    """
+    token = _current_ledger.set(ledger)
+    try:
+        yield
+    finally:
+        _current_ledger.reset(token)
 
 
 # The steps of this process executing right now (any run, any thread), one entry each. A
@@ -345,7 +97,7 @@ def charge(usd: float) -> None:
             (a thread that does not carry the step's context; see :func:`with_run_context`).
     """
     usd = check_usd(usd, "the amount given to loomc.charge")
-    ledger = _parent_ledger.get()
+    ledger = _current_ledger.get()
     if ledger is not None:
         ledger.charge(usd)
     else:
@@ -355,7 +107,7 @@ def charge(usd: float) -> None:
 def reserve_in_memory(usd: float) -> Reservation:
     """``reserve`` without writing the hold to the store (the caller makes it durable)."""
     usd = check_usd(usd, "the amount given to loomc.reserve")
-    ledger = _parent_ledger.get()
+    ledger = _current_ledger.get()
     if ledger is None:
         _no_run("reserve")
         return Reservation(None, usd)
@@ -461,7 +213,7 @@ class RunView:
 
 def current_run() -> RunView | None:
     """The run whose step is executing here (id, step, remaining budget), or ``None``."""
-    ledger = _parent_ledger.get()
+    ledger = _current_ledger.get()
     if ledger is None or ledger.context is None:
         return None
     view = ledger.context.view()

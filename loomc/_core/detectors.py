@@ -5,7 +5,7 @@ Every object here is a pure function of the run's history (a list of
 original would have. Detectors compose: ``a | b`` stops when either does, ``a & b``
 when both do; plain callables ``history -> bool`` are accepted anywhere.
 
-The engine's history is a :class:`~loomc._core.types.History` (a list) that keeps, per
+The engine's history is a :class:`~loomc._core.types.RunHistory` (a list) that keeps, per
 detector, how far it has been read: a detector called after every step reads only the
 new records, so a long run costs O(1) per step rather than O(steps). What is kept is
 derived from the records alone; when the list changed other than by appending (a resumed
@@ -36,7 +36,8 @@ __all__ = [
     "score_plateau",
 ]
 
-History = Sequence[StepRecord]
+#: What a detector reads: a run's step records in order (the engine passes its ``RunHistory``).
+StepRecords = Sequence[StepRecord]
 _T = TypeVar("_T")
 
 
@@ -51,7 +52,7 @@ class _Scan:
         self.last: Any = None
 
 
-def _fold(history: History, key: Any, upto: int, init: Callable[[], _T], step: Callable[[_T, StepRecord], None]) -> _T:
+def _fold(history: StepRecords, key: Any, upto: int, init: Callable[[], _T], step: Callable[[_T, StepRecord], None]) -> _T:
     """``init()`` folded with ``step`` over ``history[:upto]``, resuming the last fold of this history.
 
     On a plain sequence (no ``scans`` room) the fold starts over at every call.
@@ -111,27 +112,27 @@ class _Best:
 class Detector:
     """Base of convergence detectors: ``detector(history) -> bool`` (True: stop)."""
 
-    def __call__(self, history: History) -> bool:  # pragma: no cover - abstract
+    def __call__(self, history: StepRecords) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def should_stop(self, history: History) -> bool:
+    def should_stop(self, history: StepRecords) -> bool:
         """loomc 0.3.0 name of ``__call__``."""
         return bool(self(history))
 
-    def __or__(self, other: Detector | Callable[[History], bool]) -> Detector:
+    def __or__(self, other: Detector | Callable[[StepRecords], bool]) -> Detector:
         return Any_(self, other)
 
-    def __ror__(self, other: Callable[[History], bool]) -> Detector:
+    def __ror__(self, other: Callable[[StepRecords], bool]) -> Detector:
         return Any_(other, self)
 
-    def __and__(self, other: Detector | Callable[[History], bool]) -> Detector:
+    def __and__(self, other: Detector | Callable[[StepRecords], bool]) -> Detector:
         return All(self, other)
 
-    def __rand__(self, other: Callable[[History], bool]) -> Detector:
+    def __rand__(self, other: Callable[[StepRecords], bool]) -> Detector:
         return All(other, self)
 
 
-def as_detector(obj: Any) -> Callable[[History], bool]:
+def as_detector(obj: Any) -> Callable[[StepRecords], bool]:
     """Accept a detector, a 0.3.0-style object with ``should_stop``, or a plain callable."""
     if isinstance(obj, Detector):
         return obj
@@ -142,8 +143,8 @@ def as_detector(obj: Any) -> Callable[[History], bool]:
     raise TypeError(f"converge_on={obj!r}: expected a detector or a callable history -> bool")
 
 
-def _flatten(kind: type, parts: tuple[Any, ...]) -> tuple[Callable[[History], bool], ...]:
-    out: list[Callable[[History], bool]] = []
+def _flatten(kind: type, parts: tuple[Any, ...]) -> tuple[Callable[[StepRecords], bool], ...]:
+    out: list[Callable[[StepRecords], bool]] = []
     for p in parts:
         if isinstance(p, kind):
             out.extend(p.detectors)  # type: ignore[attr-defined]
@@ -158,7 +159,7 @@ class Any_(Detector):  # noqa: N801 - ``Any`` would shadow typing.Any
     def __init__(self, *detectors: Any) -> None:
         self.detectors = _flatten(Any_, detectors)
 
-    def __call__(self, history: History) -> bool:
+    def __call__(self, history: StepRecords) -> bool:
         return any(d(history) for d in self.detectors)
 
     def __repr__(self) -> str:
@@ -171,7 +172,7 @@ class All(Detector):
     def __init__(self, *detectors: Any) -> None:
         self.detectors = _flatten(All, detectors)
 
-    def __call__(self, history: History) -> bool:
+    def __call__(self, history: StepRecords) -> bool:
         return all(d(history) for d in self.detectors)
 
     def __repr__(self) -> str:
@@ -189,7 +190,7 @@ class ScorePlateau(Detector):
         self.patience = patience
         self.min_delta = min_delta
 
-    def __call__(self, history: History) -> bool:
+    def __call__(self, history: StepRecords) -> bool:
         tail = _fold(history, self, len(history), lambda: _Tail(self.patience), _Tail.add)
         if tail.count < self.patience + 1:
             return False
@@ -204,12 +205,12 @@ class ScorePlateau(Detector):
 class Predicate(Detector):
     """Stop when ``fn(history)`` is true."""
 
-    def __init__(self, fn: Callable[[History], bool]) -> None:
+    def __init__(self, fn: Callable[[StepRecords], bool]) -> None:
         if not callable(fn):
             raise TypeError(f"predicate({fn!r}): expected a callable history -> bool")
         self.fn = fn
 
-    def __call__(self, history: History) -> bool:
+    def __call__(self, history: StepRecords) -> bool:
         return bool(self.fn(history))
 
     def __repr__(self) -> str:
@@ -224,7 +225,7 @@ class JudgeDetector(Detector):
             raise TypeError(f"judge({judge_fn!r}): expected a callable state -> bool")
         self.judge_fn = judge_fn
 
-    def __call__(self, history: History) -> bool:
+    def __call__(self, history: StepRecords) -> bool:
         if not history or history[-1].error is not None:
             return False
         return bool(self.judge_fn(history[-1].state))
@@ -238,7 +239,7 @@ def score_plateau(patience: int = 3, min_delta: float = 0.01) -> ScorePlateau:
     return ScorePlateau(patience=patience, min_delta=min_delta)
 
 
-def predicate(fn: Callable[[History], bool]) -> Predicate:
+def predicate(fn: Callable[[StepRecords], bool]) -> Predicate:
     """Stop when ``fn(history)`` returns true."""
     return Predicate(fn)
 
@@ -258,7 +259,7 @@ class BestScore:
     def __init__(self, metric: Callable[[Any], float] | None = None) -> None:
         self.metric = metric
 
-    def target(self, history: History) -> int | None:
+    def target(self, history: StepRecords) -> int | None:
         """The step to go back to after the last step, or ``None``."""
         last = history[-1] if history else None
         if last is None or last.error is not None or last.score is None:
@@ -268,7 +269,7 @@ class BestScore:
             return best.step_n
         return None
 
-    def should_backtrack(self, history: History) -> tuple[bool, int | None]:
+    def should_backtrack(self, history: StepRecords) -> tuple[bool, int | None]:
         """loomc 0.3.0 form: ``(backtrack?, step_n)``."""
         k = self.target(history)
         return (k is not None, k)
@@ -288,7 +289,7 @@ class LastGood:
             raise ValueError(f"LastGood(max_consecutive_errors={max_consecutive_errors!r}): must be >= 1")
         self.max_consecutive_errors = max_consecutive_errors
 
-    def should_backtrack(self, history: History) -> tuple[bool, int | None]:
+    def should_backtrack(self, history: StepRecords) -> tuple[bool, int | None]:
         """loomc 0.3.0 form: after an error, the last step without one."""
         if not history or history[-1].error is None:
             return False, None
@@ -312,7 +313,7 @@ class Escalate:
             raise ValueError(f"Escalate(after={after!r}): must be a whole number >= 1")
         self.after = after
 
-    def stalled(self, history: History, since: int = 0) -> bool:
+    def stalled(self, history: StepRecords, since: int = 0) -> bool:
         """True when the last ``after`` scored steps (from ``since`` on) beat no earlier score."""
         tail = _fold(history, (self, since), len(history), lambda: _Tail(self.after, since), _Tail.add)
         if tail.counted < self.after:

@@ -21,13 +21,14 @@ from typing import Any, Protocol, TypeVar, cast
 
 from loomc._core import events as _events
 from loomc._core.budget import Budget
-from loomc._core.context import Ledger, RunView, _parent_ledger, step_ended, step_started
+from loomc._core.context import RunView, _current_ledger, step_ended, step_started
 from loomc._core.errors import BudgetExhausted, LoomcError, SpecMismatch, StateError, StoreError
 from loomc._core.events import Event
 from loomc._core.holds import HeldCharge, HoldStore, charge_record, supports_holds
+from loomc._core.ledger import RunLedger, ledger_factory
 from loomc._core.money import check_usd
-from loomc._core.policy import Policy, Stop, Usage, Verdict, after_step, best_step, check_budget
-from loomc._core.types import History, RunInfo, RunResult, RunStatus, StepRecord
+from loomc._core.policy import Policy, RunUsage, Stop, Verdict, after_step, best_step, check_budget
+from loomc._core.types import RunHistory, RunInfo, RunResult, RunStatus, StepRecord
 from loomc.store import codec as _codec
 from loomc.store.lease import Claim, claim, owner_token
 from loomc.store.sqlite.sql import StepRow, now_iso
@@ -128,7 +129,7 @@ class CallOp:
     """Run the user's step on ``state`` with ``ledger`` as the current run (until ``deadline``)."""
 
     state: Any
-    ledger: Ledger
+    ledger: RunLedger
     deadline: float | None
 
 
@@ -192,7 +193,7 @@ class RunContext:
         # this process: a child found again (a retried attempt) carries only the rest.
         self.children_paid: dict[str, float] = {}
         self.iterations = 0
-        self.ledger: Ledger | None = None
+        self.ledger: RunLedger | None = None
         self.meta: dict[str, Any] = {}
         self.meta_dirty = False  # set by components (circuit breakers) that changed ``meta``
         self.events: list[Event] = []  # retries, breaker transitions during the current step
@@ -218,21 +219,21 @@ class RunContext:
 
     def carry(self, child_id: str, child_cost: float) -> float:
         """What of a found child's stored cost is not yet in this run's ledger (in this process)."""
-        from loomc._core.context import _lock
+        from loomc._core.ledger import _lock
 
         with _lock:
             return max(0.0, round(child_cost - self.children_paid.get(child_id, 0.0), 12))
 
     def child_paid(self, child_id: str, child_cost: float) -> None:
         """A child run of the current step ends with ``child_cost`` in this run's ledger."""
-        from loomc._core.context import _lock
+        from loomc._core.ledger import _lock
 
         with _lock:
             self.children_paid[child_id] = child_cost
 
     def next_call_index(self) -> int:
         """The call order of the next nested loop started by the current step."""
-        from loomc._core.context import _lock
+        from loomc._core.ledger import _lock
 
         with _lock:
             i = self._calls
@@ -256,7 +257,7 @@ class RunContext:
 _COST_FN_HINT = "return the USD the step spent (0.0 if it spent nothing)"
 
 
-def _refused(exc: BudgetExhausted, ledger: Ledger) -> Stop | None:
+def _refused(exc: BudgetExhausted, ledger: RunLedger) -> Stop | None:
     """The stop a refused charge calls for: when the cap is this run's or an ancestor's."""
     if not any(exc.owner == led.run_id for led in ledger.chain()):
         return None  # a cap of a nested run (inside the step) only: a plain step error
@@ -298,7 +299,7 @@ def nested_resume_error(info: RunInfo, root: RunInfo) -> LoomcError:
 
 
 def run_protocol(
-    spec: RunSpec, req: RunRequest, parent: Ledger | None, store: Any
+    spec: RunSpec, req: RunRequest, parent: RunLedger | None, store: Any
 ) -> Generator[StoreCall | CallOp | SleepOp, Any, RunResult]:
     """Drive one run to its end; yields :class:`StoreCall`/:class:`CallOp`/:class:`SleepOp`, returns the result.
 
@@ -322,7 +323,7 @@ class _Best:
 
     __slots__ = ("record", "state", "state_known")
 
-    def __init__(self, history: History) -> None:
+    def __init__(self, history: RunHistory) -> None:
         self.record = best_step(history)  # of the steps in memory (a resumed run's earlier ones are read later)
         self.state: Any = None
         self.state_known = False
@@ -339,7 +340,7 @@ class _Best:
             return True, self.state
         return False, None
 
-    def of(self, history: History) -> tuple[Any, float | None]:
+    def of(self, history: RunHistory) -> tuple[Any, float | None]:
         """The best state and score of the whole ``history``."""
         b = best_step(history)
         if b is None:
@@ -350,7 +351,7 @@ class _Best:
 class _Run:
     """One run's live state, and the phases of the protocol: open or resume, restore, steps, finish."""
 
-    def __init__(self, spec: RunSpec, req: RunRequest, parent: Ledger | None, store: Any) -> None:
+    def __init__(self, spec: RunSpec, req: RunRequest, parent: RunLedger | None, store: Any) -> None:
         self.spec, self.req, self.parent = spec, req, parent
         self.claims: list[Claim] = []
         self.owner = owner_token()
@@ -456,7 +457,7 @@ class _Run:
             _codec._seen_types[state_type] = type(req.state)
         _codec.require_type(state_type, run_id)  # a renamed class must not come back as a dict
         self.state = _codec.decode(rp.start_blob, state_type)
-        history = self.history = History(rp.history)
+        history = self.history = RunHistory(rp.history)
         self.partial = rp.partial  # only the last step: the earlier ones are read when first needed
         if history and history[-1].step_n == rp.next_from and history[-1].error is None:
             history[-1].state = self.state  # already decoded: detectors need not read it back
@@ -506,14 +507,14 @@ class _Run:
         pctx = self.parent_ctx if nested else None
         if rp is not None:
             info = rp.info
-            usage = Usage(round(info.cost_usd + self.held, 12), info.steps, info.wall_s, info.max_step_cost)
+            usage = RunUsage(round(info.cost_usd + self.held, 12), info.steps, info.wall_s, info.max_step_cost)
             self.next_from = rp.next_from
             parent_run_id = info.parent_run_id
         else:
             self.state = self.req.state
-            self.history = History()
+            self.history = RunHistory()
             self.partial = False
-            usage = Usage()
+            usage = RunUsage()
             self.next_from = -1
             parent_run_id = pctx.run_id if pctx is not None else None
         run_id, store, budget = self.run_id, self.store, self.budget
@@ -526,12 +527,12 @@ class _Run:
         ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
         if self.meta_after is not None:
             ctx.meta = self.meta_after  # what the store now holds: a later ``set_meta`` keeps the note
-        ledger = self.ledger = Ledger(
+        ledger = self.ledger = ledger_factory(store)(
             run_id, parent=parent if nested else None, usd_cap=budget.usd, spent=usage.usd,
+            # what re-found children carry again: already in ``usage.usd``
+            prepaid=rp.in_flight_usd if rp is not None else 0.0,
             deadline=(t0 + wall_cap - usage.wall_s) if wall_cap is not None else None, context=ctx,
         )
-        if rp is not None:
-            ledger.prepaid = rp.in_flight_usd  # already in ``usage.usd``: re-found children take from it
         if nested and parent is not None and self.carried:
             parent.carry(self.carried)
         if nested and parent is not None and self.held:
@@ -572,7 +573,7 @@ class _Run:
         step_n, state, max_step_cost = self.step_n, self.state, self.max_step_cost
         now = time.monotonic()
         ctx.iterations = self.iterations
-        used = Usage(ledger.spent, self.iterations, self.wall_base + (now - self.t0), max_step_cost)
+        used = RunUsage(ledger.spent, self.iterations, self.wall_base + (now - self.t0), max_step_cost)
         stop = check_budget(self.budget, used, ledger.headroom(now))
         if stop is None and (refused := ledger.hold_step(max_step_cost)) is not None:
             # a concurrent sibling took the enclosing run's headroom since the check
@@ -666,8 +667,7 @@ class _Run:
             ledger.spent, self.iterations, self.wall_base + (ended - self.t0), max_step_cost,
             _RUNNING if stop is None else stop.status.value, None if stop is None else stop.reason, self.ancestors,
         )
-        if ledger.durable is not None:  # the step reserved: its commit deletes the holds it now pays for
-            row.holds = ledger.take_durable()
+        row.holds = ledger.take_durable()  # the step reserved: its commit deletes the holds it now pays for
         self.recorded = stop is not None  # the last commit is the run's outcome
         yield from io.commit_step(run_id, row, self.recorded)
         if row.holds:
@@ -707,7 +707,7 @@ class _Run:
         LLM grader) counts in this step's cost, under this run's caps.
         """
         spec = self.spec
-        token = _parent_ledger.set(self.ledger)
+        token = _current_ledger.set(self.ledger)
         try:
             if spec.cost_fn is not None:
                 # reported after the fact: the money is spent, so it is recorded even past a cap
@@ -718,20 +718,20 @@ class _Run:
             raw = spec.scorer(new_state)
             return None if raw is None else float(raw)
         finally:
-            _parent_ledger.reset(token)
+            _current_ledger.reset(token)
 
     def _verdict(self, start_from: int) -> Generator[StoreCall, Any, Verdict]:
         """What the policy makes of the new step (a judge's own LLM call is charged to this run)."""
         if self.needs_history:
             yield from self._earlier_steps()
-        token = _parent_ledger.set(self.ledger)
+        token = _current_ledger.set(self.ledger)
         try:
             return after_step(self.spec.policy, self.history, start_from=start_from, attempt_start=self.attempt_start)
         except BudgetExhausted as exc:  # the judge's call did not fit: keep the step, stop the run
             return Verdict((), self.step_n, Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}", exc.limit,
                                                  exc.used, exc.cap, exc.owner if exc.owner != self.run_id else None))
         finally:
-            _parent_ledger.reset(token)
+            _current_ledger.reset(token)
 
     def _earlier_steps(self) -> Generator[StoreCall, Any, None]:
         """Read the steps a resumed run's history does not hold yet (once)."""
@@ -781,7 +781,7 @@ class _Run:
 
 
 def _attempts(
-    retry: Any, ctx: RunContext, ledger: Ledger, state: Any, spent_before: float, max_step_cost: float,
+    retry: Any, ctx: RunContext, ledger: RunLedger, state: Any, spent_before: float, max_step_cost: float,
     deadline: float | None,
 ) -> Generator[Any, Any, Any]:
     """The step's call, retried on transient errors while ``retry`` and the budget allow.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from loomc._core.context import Reservation
+    from loomc._core.ledger import Reservation
 
 __all__ = ["HeldCharge", "HoldStore", "apersist", "charge_record", "new_hold_id", "on_event_loop", "persist", "supports_holds"]
 

@@ -18,14 +18,14 @@ from loomc._core.detectors import All, Any_, BestScore, Escalate, LastGood, Scor
 from loomc._core.events import Event
 from loomc._core.types import RunStatus, StepRecord
 
-__all__ = ["Headroom", "Policy", "Stop", "Usage", "Verdict", "after_step", "check_budget"]
+__all__ = ["Headroom", "Policy", "Stop", "RunUsage", "Verdict", "after_step", "check_budget"]
 
 #: Slack for float sums of costs (a cent is 1e-2; this is far below any price).
 EPS = 1e-9
 
 
 @dataclass(slots=True)  # not frozen: one is made before every step, and frozen costs ~0.4 us more
-class Usage:
+class RunUsage:
     """What a run has used so far (carried across attempts)."""
 
     usd: float = 0.0
@@ -131,7 +131,7 @@ class Policy:
         return None
 
 
-def check_budget(budget: Budget, used: Usage, outer: Headroom | None = None) -> Stop | None:
+def check_budget(budget: Budget, used: RunUsage, outer: Headroom | None = None) -> Stop | None:
     """May the next step start? ``None`` if yes, else the limit that stops the run.
 
     A step starts only if iterations and wall clock remain and the run (and every

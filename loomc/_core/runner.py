@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar, overload
 
 from loomc._core.budget import Budget
-from loomc._core.context import _parent_ledger
+from loomc._core.context import _current_ledger
 from loomc._core.engine import CallOp, RunRequest, RunSpec, SleepOp, StoreCall, WallClockExceeded, run_protocol
 from loomc._core.errors import BudgetExhausted, StallError, UnboundedLoopWarning
 from loomc._core.policy import Policy
@@ -109,7 +109,7 @@ class _BaseRunner(Generic[S]):
 
         ``budget`` replaces the limits of a child that resumes (a graph resumed with new limits).
         """
-        parent = _parent_ledger.get()
+        parent = _current_ledger.get()
         assert parent is not None
         assert parent.context is not None
         assert parent.context.in_step
@@ -229,7 +229,7 @@ class LoopRunner(_BaseRunner[S]):
         return self._drive(self._request(None, run_id, True, budget, force))
 
     def _drive(self, req: RunRequest) -> RunResult:
-        parent = _parent_ledger.get()
+        parent = _current_ledger.get()
         nested = parent is not None and parent.context is not None and parent.context.in_step
         store = None if nested else self.store()
         gen = run_protocol(self.spec, req, parent, store)
@@ -292,7 +292,7 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
                         _SigTerm.defer = True
             else:
                 assert type(op) is CallOp
-                token = _parent_ledger.set(op.ledger)
+                token = _current_ledger.set(op.ledger)
                 if main:
                     _SigTerm.defer = False
                 try:
@@ -302,7 +302,7 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
                 finally:
                     if main:
                         _SigTerm.defer = True
-                    _parent_ledger.reset(token)
+                    _current_ledger.reset(token)
     finally:
         if main:
             _SigTerm.defer = outer
@@ -335,7 +335,7 @@ class AsyncLoopRunner(_BaseRunner[S]):
 
         from loomc.store.sqlite.aio import AsyncSQLiteStore, async_twin
 
-        parent = _parent_ledger.get()
+        parent = _current_ledger.get()
         nested = parent is not None and parent.context is not None and parent.context.in_step
         store = None
         if not nested:
@@ -401,7 +401,7 @@ async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], 
                     throw = exc
             else:
                 assert type(op) is CallOp
-                token = _parent_ledger.set(op.ledger)
+                token = _current_ledger.set(op.ledger)
                 try:
                     if op.deadline is None:
                         send = await fn(op.state)
@@ -415,7 +415,7 @@ async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], 
                 except BaseException as exc:  # noqa: BLE001 - handed to the protocol, which decides
                     throw = exc
                 finally:
-                    _parent_ledger.reset(token)
+                    _current_ledger.reset(token)
 
 
 @overload

@@ -208,7 +208,7 @@ class RunInfo:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class History(list):  # type: ignore[type-arg]
+class RunHistory(list):  # type: ignore[type-arg]
     """A run's step records, in order: a list, with room for what detectors have read of it.
 
     ``scans`` maps a detector to how far it has read this list and what it derived

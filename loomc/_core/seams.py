@@ -1,0 +1,127 @@
+"""What an orchestrator (``orchestration``'s graph, an executor) uses of loomc: named seams.
+
+A graph run is a run that hosts other loops' runs: its ledger is the parent of every
+node's run, its "step 0" is where the nodes start, its row keeps their total. Instead of
+reaching into the engine's globals, the graph layer goes through this module only:
+
+- the run's row and lease: :func:`new_top_run`, :func:`claim`, :func:`owner_token`,
+  :func:`open_store`, :func:`async_twin` (the store's async face);
+- its ledger: :func:`open_host_ledger` (through the same :func:`~loomc._core.ledger.ledger_factory`
+  as every run, so a store-backed shared ledger applies to graphs too),
+  :func:`has_room`, and the :class:`~loomc._core.ledger.RunLedger` methods
+  (``spent``, ``expire``, ``take_durable``...);
+- its children: :func:`run_child` / :func:`arun_child` run a ``@loop`` as the child at a
+  fixed place under the host, with the host's ledger current;
+- what the store keeps of the money: :func:`charge_left_holds` at a resume,
+  :func:`store_spent` when the attempt ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from loomc._core.budget import Budget
+from loomc._core.context import running_under
+from loomc._core.engine import RunContext
+from loomc._core.holds import charge_record, supports_holds
+from loomc._core.ledger import RunLedger, ledger_factory
+from loomc._core.policy import EPS
+from loomc._core.types import RunInfo, RunResult
+from loomc.store import codec
+from loomc.store.lease import Claim, claim, owner_token
+from loomc.store.sqlite.aio import async_twin
+from loomc.store.sqlite.sync import MemoryStore, NewRun, new_run_id, open_store
+
+__all__ = [
+    "Claim", "MemoryStore", "NewRun", "RunLedger", "arun_child", "async_twin", "charge_left_holds", "claim", "has_room",
+    "new_top_run", "open_host_ledger", "open_store", "owner_token", "run_child", "running_under", "store_spent",
+]
+
+
+def new_top_run(
+    *, name: str, kind: str, spec_hash: str, state: Any, budget: Budget, meta: dict[str, Any], owner: str
+) -> NewRun:
+    """The row of a new top-level run starting from ``state`` (its id chosen here)."""
+    return NewRun(
+        spec_hash=spec_hash, name=name, kind=kind, run_id=new_run_id(), state_type=codec.type_ref(state),
+        input_blob=codec.encode(state), budget=budget.to_dict(), meta=meta, owner=owner,
+    )
+
+
+def open_host_ledger(
+    run_id: str, name: str, store: Any, budget: Budget, *, spent: float, prepaid: float, deadline: float | None
+) -> RunLedger:
+    """The ledger of a run whose children start in its step 0 (a graph run), that step open.
+
+    Args:
+        run_id: the host run.
+        name: its name (what ``loomc.current_run()`` reports).
+        store: its store (children write there too).
+        budget: its limits; ``usd`` caps the sum of all its children.
+        spent: what its tree had spent before this attempt.
+        prepaid: of ``spent``, what its re-found children will carry again.
+        deadline: when its wall clock runs out (``time.monotonic()``).
+    """
+    ctx = RunContext(run_id, name, store, None, budget)
+    ledger = ledger_factory(store)(
+        run_id, parent=None, usd_cap=budget.usd, spent=spent, prepaid=prepaid, deadline=deadline, context=ctx
+    )
+    ctx.ledger = ledger
+    ctx.begin_step(0)
+    return ledger
+
+
+def has_room(ledger: RunLedger, now: float) -> bool:
+    """Whether a new child may start: money and wall time left on ``ledger`` and every enclosing run."""
+    room = ledger.headroom(now, include_self=True)
+    if room.wall_s is not None and room.wall_s <= 0:
+        return False
+    return not (room.usd is not None and room.usd <= EPS)
+
+
+def run_child(
+    runner: Any, ledger: RunLedger, state: Any, *, call_index: int, meta: dict[str, Any],
+    budget: Budget | None = None,
+) -> RunResult:
+    """Run (or resume) the sync ``@loop`` ``runner`` as the child at ``call_index`` of ``ledger``'s run.
+
+    Call it in the thread that should run the child (a worker thread for a graph).
+    ``budget`` replaces the limits of a child that resumes.
+    """
+    with running_under(ledger):
+        result: RunResult = runner._run_child(state, call_index=call_index, meta=meta, budget=budget)
+    return result
+
+
+async def arun_child(
+    runner: Any, ledger: RunLedger, state: Any, *, call_index: int, meta: dict[str, Any],
+    budget: Budget | None = None,
+) -> RunResult:
+    """:func:`run_child` for an async ``@loop``."""
+    with running_under(ledger):
+        result: RunResult = await runner._run_child(state, call_index=call_index, meta=meta, budget=budget)
+    return result
+
+
+async def charge_left_holds(astore: Any, store: Any, run_id: str, info: RunInfo) -> tuple[RunInfo, float]:
+    """Charge holds left in the store by calls in flight when a process died; ``info`` noted, and their total."""
+    held = await astore.charge_holds(run_id) if supports_holds(store) else None
+    if held is None:
+        return info, 0.0
+    return replace(info, meta=charge_record(info.meta, held)), held.usd
+
+
+async def store_spent(astore: Any, store: Any, ledger: RunLedger) -> None:
+    """Make the run's stored total equal its ledger once its children have stopped.
+
+    Children's commits raise the stored total as they go; this adds what was spent but
+    never committed (a step cut short) and drops the stored holds that spending covers.
+    """
+    info = await astore.get_run(ledger.run_id)
+    delta = round(ledger.spent - (info.cost_usd if info is not None else 0.0), 12)
+    if abs(delta) > EPS:
+        await astore.add_cost(ledger.run_id, delta)
+    held = ledger.take_durable()
+    if held and supports_holds(store):
+        await astore.drop_holds(held)
