@@ -318,7 +318,7 @@ def run_protocol(
             held.release()
 
 
-class _Best:
+class _BestStep:
     """The best step of a run (highest score, the earliest on ties), and its state while in memory."""
 
     __slots__ = ("record", "state", "state_known")
@@ -469,7 +469,7 @@ class _Run:
                     self.parent.carry(self.carried)
                 self.parent_ctx.child_paid(run_id, info.cost_usd)
             yield from self._earlier_steps()
-            best_state, best_score = _Best(history).of(history)
+            best_state, best_score = _BestStep(history).of(history)
             return RunResult(run_id, info.status, self.state, info.steps, info.cost_usd, best_state, best_score,
                              info.stop_reason, None, history)
         yield from self._take(
@@ -545,7 +545,7 @@ class _Run:
         self.deadline = ledger.deadline_in_chain()  # this run's or an ancestor's, whichever comes first
         self.iterations, self.max_step_cost, self.wall_base = usage.iterations, usage.max_step_cost, usage.wall_s
         self.attempt_start = self.step_n = self.history[-1].step_n + 1 if self.history else 0
-        self.best = _Best(self.history)
+        self.best = _BestStep(self.history)
         policy = spec.policy
         self.needs_history = policy.converge_on is not None or bool(policy.backtrack) or policy.on_stall is not None
 
