@@ -63,6 +63,24 @@ DbOpt = Annotated[
 ]
 RunIdArg = Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id, or a unique prefix of one.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+# New limits for a resume (``loomc resume --run``, ``loomc graph run --resume``).
+UsdOpt = Annotated[
+    float | None,
+    typer.Option("--usd", help="With a resume: a new USD limit (the only way to get more; inf: no limit).", show_default=False),
+]
+IterationsOpt = Annotated[
+    float | None,
+    typer.Option("--iterations", metavar="N", show_default=False,
+                 help="With a resume: a new iteration limit (a graph: for each node that resumes; inf: no limit)."),
+]
+WallClockOpt = Annotated[
+    str | None,
+    typer.Option("--wall-clock", help="With a resume: a new wall-clock limit (30s, 10m, 1h30m; inf: no limit).", show_default=False),
+]
+PipelineArg = Annotated[Path, typer.Argument(help="A Python file defining an orchestration.Graph.", show_default=False)]
+GraphOpt = Annotated[
+    str | None, typer.Option("--graph", "-g", help="The graph's name, when the file defines several.", show_default=False)
+]
 
 
 def _usage(check: Callable[..., None], *args: Any, **kwargs: Any) -> None:
@@ -417,18 +435,9 @@ def _import_hint(info: RunInfo) -> tuple[str, str]:
 def resume(
     run_id: RunIdArg,
     run: Annotated[bool, typer.Option("--run", help="Import the run's function (from the working directory) and resume it now.")] = False,
-    usd: Annotated[
-        float | None,
-        typer.Option("--usd", help="With --run: a new USD limit (the only way to get more; inf: no limit).", show_default=False),
-    ] = None,
-    iterations: Annotated[
-        float | None,
-        typer.Option("--iterations", metavar="N", help="With --run: a new iteration limit (inf: no limit).", show_default=False),
-    ] = None,
-    wall_clock: Annotated[
-        str | None,
-        typer.Option("--wall-clock", help="With --run: a new wall-clock limit (30s, 10m, 1h30m; inf: no limit).", show_default=False),
-    ] = None,
+    usd: UsdOpt = None,
+    iterations: IterationsOpt = None,
+    wall_clock: WallClockOpt = None,
     db: DbOpt = None,
 ) -> None:
     """How to resume a run, and what is left of its budget; --run resumes it here, with live progress."""
@@ -597,11 +606,8 @@ def _orchestration_cli() -> Any:
 
 @graph_app.command("run")
 def graph_run(
-    pipeline: Annotated[Path, typer.Argument(help="A Python file defining an orchestration.Graph.", show_default=False)],
-    graph: Annotated[
-        str | None,
-        typer.Option("--graph", "-g", help="The graph's name, when the file defines several.", show_default=False),
-    ] = None,
+    pipeline: PipelineArg,
+    graph: GraphOpt = None,
     input_json: Annotated[
         str | None,
         typer.Option("--input", "-i", help="The graph input, as JSON.", show_default=False),
@@ -617,21 +623,9 @@ def graph_run(
     force: Annotated[
         bool, typer.Option("--force", help="With --resume: continue even though the graph's structure changed.")
     ] = False,
-    usd: Annotated[
-        float | None,
-        typer.Option("--usd", help="With --resume: a new USD limit for the graph (the only way to get more).",
-                     show_default=False),
-    ] = None,
-    iterations: Annotated[
-        float | None,
-        typer.Option("--iterations", metavar="N", help="With --resume: a new iteration limit for each node that resumes (inf: no limit).",
-                     show_default=False),
-    ] = None,
-    wall_clock: Annotated[
-        str | None,
-        typer.Option("--wall-clock", help="With --resume: a new wall-clock limit for the graph (30s, 10m, 1h30m).",
-                     show_default=False),
-    ] = None,
+    usd: UsdOpt = None,
+    iterations: IterationsOpt = None,
+    wall_clock: WallClockOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Run (or resume) the graph defined in PIPELINE.py, with live progress per node."""
@@ -656,11 +650,8 @@ def graph_run(
 
 @graph_app.command("show")
 def graph_show(
-    pipeline: Annotated[Path, typer.Argument(help="A Python file defining an orchestration.Graph.", show_default=False)],
-    graph: Annotated[
-        str | None,
-        typer.Option("--graph", "-g", help="The graph's name, when the file defines several.", show_default=False),
-    ] = None,
+    pipeline: PipelineArg,
+    graph: GraphOpt = None,
     mermaid: Annotated[bool, typer.Option("--mermaid", help="Print the graph as a mermaid diagram.")] = False,
 ) -> None:
     """Draw the graph defined in PIPELINE.py (nodes, edges, budgets)."""

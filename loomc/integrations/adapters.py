@@ -234,6 +234,53 @@ class _Adapter:
             response = call()
         return acct.received(response)
 
+    # -- judge --------------------------------------------------------------------
+    sync_client = ""  # the provider's sync client class, for error messages
+
+    def _judge_resource(self, client: Any) -> Any:  # pragma: no cover - per provider
+        raise NotImplementedError
+
+    def _judge_request(self, content: str, max_tokens: int) -> dict[str, Any]:  # pragma: no cover - per provider
+        raise NotImplementedError
+
+    def _reply_text(self, response: Any) -> str:  # pragma: no cover - per provider
+        raise NotImplementedError
+
+    def judge(
+        self,
+        client: Any,
+        prompt: str = "Reply YES if the task is complete, NO otherwise. One word only.",
+        text_fn: Callable[[Any], str] | None = None,
+        *,
+        max_tokens: int = 8,
+    ) -> JudgeDetector:
+        """A detector that asks this model whether the latest state is done (a reply starting with Y).
+
+        The judge's own call is reserved and charged to the run like any wrapped call.
+
+        Args:
+            client: a sync client (``anthropic.Anthropic`` / ``openai.OpenAI``), wrapped or not.
+            prompt: the question, followed by the state's text.
+            text_fn: the state's text (default ``str(state)``).
+            max_tokens: bounds the reply (raise it for models that think before they answer).
+
+        Raises:
+            TypeError: ``client`` is an async client (the loop calls its detectors synchronously).
+        """
+        resource = self._judge_resource(client)
+        create = getattr(resource, "create", None)
+        if create is not None and _is_async(resource, create):
+            raise TypeError(f"judge() needs a sync client ({self.sync_client}), not {type(client).__name__}")
+
+        def ask_judge(state: Any) -> bool:
+            text = text_fn(state) if text_fn else str(state)
+            kwargs = self._judge_request(f"{prompt}\n\n---\n{text}", max_tokens)
+            response = self.accounted(kwargs, lambda: self._judge_resource(client).create(**kwargs))
+            return self._reply_text(response).strip().upper().startswith("Y")
+
+        ask_judge.__qualname__ = f"{self!r}.judge"
+        return JudgeDetector(ask_judge)
+
     def wrap(self, client: Any) -> Any:  # pragma: no cover - per provider
         """Patch ``client`` so every call is charged to the current run; returns the same client."""
         raise NotImplementedError
@@ -478,36 +525,16 @@ class AnthropicAdapter(_Adapter):
 
         return stream
 
-    def judge(
-        self,
-        client: Any,
-        prompt: str = "Reply YES if the task is complete, NO otherwise. One word only.",
-        text_fn: Callable[[Any], str] | None = None,
-        *,
-        max_tokens: int = 8,
-    ) -> JudgeDetector:
-        """A detector that asks this model whether the latest state is done (a reply starting with Y).
+    sync_client = "anthropic.Anthropic"
 
-        The judge's own call is reserved and charged to the run like any wrapped call.
-        ``client`` must be a sync client; ``max_tokens`` bounds the reply (raise it for
-        models that think before they answer).
-        """
-        messages = getattr(client, "messages", None)
-        create = getattr(messages, "create", None)
-        if create is not None and _is_async(messages, create):
-            raise TypeError("judge() needs a sync client (anthropic.Anthropic), not AsyncAnthropic")
+    def _judge_resource(self, client: Any) -> Any:
+        return getattr(client, "messages", None)
 
-        def ask_judge(state: Any) -> bool:
-            text = text_fn(state) if text_fn else str(state)
-            kwargs: dict[str, Any] = {
-                "model": self.model, "max_tokens": max_tokens,
-                "messages": [{"role": "user", "content": f"{prompt}\n\n---\n{text}"}],
-            }
-            response = self.accounted(kwargs, lambda: client.messages.create(**kwargs))
-            return str(response.content[0].text).strip().upper().startswith("Y")
+    def _judge_request(self, content: str, max_tokens: int) -> dict[str, Any]:
+        return {"model": self.model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
 
-        ask_judge.__qualname__ = f"AnthropicAdapter({self.model!r}).judge"
-        return JudgeDetector(ask_judge)
+    def _reply_text(self, response: Any) -> str:
+        return str(response.content[0].text)
 
 
 def _anthropic_stream(raw: Any, acct: _Call) -> _StreamProxy:
@@ -664,35 +691,17 @@ class OpenAIAdapter(_Adapter):
             _wrap_method(self, responses, "create", _responses_stream)
         return client
 
-    def judge(
-        self,
-        client: Any,
-        prompt: str = "Reply YES if the task is complete, NO otherwise. One word only.",
-        text_fn: Callable[[Any], str] | None = None,
-        *,
-        max_tokens: int = 8,
-    ) -> JudgeDetector:
-        """A detector that asks this model whether the latest state is done; its call is charged to the run.
+    sync_client = "openai.OpenAI"
 
-        The reply is bounded by ``max_completion_tokens=max_tokens`` (raise it for reasoning models).
-        """
-        completions = getattr(getattr(client, "chat", None), "completions", None)
-        create = getattr(completions, "create", None)
-        if create is not None and _is_async(completions, create):
-            raise TypeError("judge() needs a sync client (openai.OpenAI), not AsyncOpenAI")
+    def _judge_resource(self, client: Any) -> Any:
+        return getattr(getattr(client, "chat", None), "completions", None)
 
-        def ask_judge(state: Any) -> bool:
-            text = text_fn(state) if text_fn else str(state)
-            kwargs: dict[str, Any] = {
-                "model": self.model, "max_completion_tokens": max_tokens,
-                "messages": [{"role": "user", "content": f"{prompt}\n\n---\n{text}"}],
-            }
-            response = self.accounted(kwargs, lambda: client.chat.completions.create(**kwargs))
-            content = response.choices[0].message.content or ""
-            return str(content).strip().upper().startswith("Y")
+    def _judge_request(self, content: str, max_tokens: int) -> dict[str, Any]:
+        # max_completion_tokens bounds reasoning models' replies too
+        return {"model": self.model, "max_completion_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
 
-        ask_judge.__qualname__ = f"OpenAIAdapter({self.model!r}).judge"
-        return JudgeDetector(ask_judge)
+    def _reply_text(self, response: Any) -> str:
+        return str(response.choices[0].message.content or "")
 
 
 def _chat_stream(raw: Any, acct: _Call) -> _StreamProxy:
