@@ -88,7 +88,7 @@ def _state_response(state: Any) -> Any:
 class _Call:
     """One call's reservation protocol, free of I/O: reserve, send under a guard, settle once.
 
-    The sync and async shells (:func:`_accounting`, :class:`_AccountedStream`) differ only
+    The sync and async shells (:func:`_wrap_method`, :class:`_AccountedStream`) differ only
     in awaiting the call and :meth:`durable`; everything else about a call lives here:
 
     - constructing it reserves the most the call can cost (``BudgetExhausted``: not sent);
