@@ -19,12 +19,14 @@ from loomc.cli.common import (
     CliError,
     check_graph_input,
     check_new_limits,
+    checkpoint_path,
     error_line,
     fail,
     find_run,
     given_database_path,
     given_limits,
     import_file,
+    require_database,
     writable_store,
 )
 from loomc.cli.render import Col, clip, money, plain_table
@@ -89,7 +91,11 @@ def _read_input(input_json: str | None, input_file: str | None) -> Any:
 def _store_for(graph: Graph, db: str | None, *, resume: bool) -> Any:
     """``--db``, else ``$LOOMC_DB``, else the graph's own checkpoint; a resume never creates a database."""
     path = given_database_path(db)
-    return graph.store() if path is None else writable_store(path, existing=resume)
+    if path is not None:
+        return writable_store(path, existing=resume)
+    if resume:
+        require_database(checkpoint_path(graph.checkpoint))
+    return graph.store()
 
 
 # ---------------------------------------------------------------------------------

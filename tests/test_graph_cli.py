@@ -285,6 +285,23 @@ def test_graph_resume_never_creates_a_database(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "sub").exists()
 
 
+def test_graph_resume_never_creates_the_graphs_own_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --db or $LOOMC_DB, --resume reads the graph's own checkpoint file, and never creates it."""
+    missing = tmp_path / "own" / "graph.db"
+    path = _write(tmp_path, "pipe_own", f"""
+        from orchestration import Graph
+        g = Graph("own", checkpoint={str(missing)!r})
+        g.add(lambda s: s, name="only")
+    """)
+    monkeypatch.delenv("LOOMC_DB")
+    assert graph_run(str(path), None, None, None, "abc123", None) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"loomc: no loomc database at {missing}")
+    assert not (tmp_path / "own").exists()
+
+
 def test_graph_run_names_a_directory_given_as_db_like_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`graph run --db DIR` says what `loomc show --db DIR` says: it is a directory, pass --db FILE."""
     path = _write(tmp_path, "pipe_dir", """

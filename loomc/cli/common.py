@@ -23,6 +23,7 @@ __all__ = [
     "OptionError",
     "check_graph_input",
     "check_new_limits",
+    "checkpoint_path",
     "given_limits",
     "database_path",
     "error_line",
@@ -30,6 +31,7 @@ __all__ = [
     "find_run",
     "given_database_path",
     "import_file",
+    "require_database",
     "root_run",
     "writable_store",
 ]
@@ -113,6 +115,30 @@ def given_database_path(db: str | os.PathLike[str] | None) -> Path | None:
     return database_path(db)
 
 
+def checkpoint_path(checkpoint: Any) -> Path | None:
+    """The database file a ``checkpoint=`` argument writes to (``None``: not a file, e.g. ``"memory"``)."""
+    from loomc.store.sqlite.sync import default_db_path
+
+    if checkpoint is None or checkpoint == "sqlite":
+        return default_db_path()
+    if checkpoint == "memory":
+        return None
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return Path(checkpoint)
+    path = getattr(checkpoint, "path", None)
+    return Path(path) if path is not None else None
+
+
+def require_database(path: Path | None) -> None:
+    """Refuse to continue a stored run from a database file that does not exist (it would be created empty).
+
+    Raises:
+        StoreError: there is no database at ``path`` (``None``: not a file; nothing to check).
+    """
+    if path is not None and not path.is_file():
+        raise StoreError(f"no loomc database at {path}, so no run to resume there; pass the --db the run was started with")
+
+
 def writable_store(path: Path, *, existing: bool) -> Any:
     """The store a command writes runs to (one per file in this process).
 
@@ -126,8 +152,8 @@ def writable_store(path: Path, *, existing: bool) -> Any:
     """
     from loomc.store.sqlite.sync import open_store
 
-    if existing and not path.is_file():
-        raise StoreError(f"no loomc database at {path}, so no run to resume there; pass the --db the run was started with")
+    if existing:
+        require_database(path)
     return open_store(path)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from loomc._core.errors import LoomcError
 from loomc._core.types import RunInfo, RunStatus
-from loomc.cli.common import error_line, given_limits, import_file, root_run
+from loomc.cli.common import checkpoint_path, error_line, given_limits, import_file, root_run
 
 __all__ = ["load_loop", "resume_budget", "resume_here"]
 
@@ -116,20 +116,6 @@ def load_loop(info: RunInfo, cwd: Path) -> Any:
     return obj
 
 
-def _checkpoint_path(checkpoint: Any) -> Path | None:
-    """The database file a ``checkpoint=`` argument writes to (``None``: not a file)."""
-    from loomc.store.sqlite.sync import default_db_path
-
-    if checkpoint is None or checkpoint == "sqlite":
-        return default_db_path()
-    if checkpoint == "memory":
-        return None
-    if isinstance(checkpoint, (str, os.PathLike)):
-        return Path(checkpoint)
-    path = getattr(checkpoint, "path", None)
-    return Path(path) if path is not None else None
-
-
 def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
     """Resume ``info`` in this process with live progress; the exit code (0: completed).
 
@@ -156,7 +142,7 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
     # A loop declared with the default checkpoint writes to the database being read.
     os.environ["LOOMC_DB"] = str(db_path)
     runner = load_loop(info, Path.cwd())
-    target = _checkpoint_path(runner.spec.checkpoint)
+    target = checkpoint_path(runner.spec.checkpoint)
     if target is None or target.resolve() != db_path:
         raise LoomcError(
             f"{info.name} writes its checkpoints to {target or runner.spec.checkpoint!r}, not {db_path}; pass --db {target}"
