@@ -448,6 +448,34 @@ def test_async_messages_stream_never_entered_leaves_no_coroutine_and_costs_nothi
     assert api.paths() == ["/v1/messages"]
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_messages_stream_refused_by_the_cap_sends_nothing(api: FakeAPI, tmp_path: Path, backend: str) -> None:
+    """AsyncAnthropic: entering a stream that cannot fit raises BudgetExhausted; no request, no stray coroutine."""
+    import gc
+
+    ad = AnthropicAdapter("claude-opus-4-6")
+    aclaude = ad.wrap(anthropic.AsyncAnthropic(api_key="t", base_url=api.base_url, max_retries=0))
+
+    @loop(budget=Budget(usd=0.10, iterations=1), checkpoint=str(tmp_path / f"arefused-{backend}.db"))
+    async def step(state: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with aclaude.messages.stream(model="claude-opus-4-6", max_tokens=8000, messages=HI) as s:
+                await s.until_done()
+        finally:
+            await aclaude.close()
+        return state
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = anyio.run(step.run, {}, backend=backend)
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert api.requests == []
+    assert result.status is RunStatus.BUDGET_EXHAUSTED
+    assert isinstance(result.error, BudgetExhausted)
+    assert result.cost_usd == 0.0
+
+
 def test_adapters_read_no_private_sdk_attribute() -> None:
     """Outside loomc's own objects the adapters read no underscore attribute, by name or by string."""
     import ast
