@@ -33,8 +33,8 @@ from typing import Any
 
 
 @dataclass
-class Usage:
-    """Token counts the server reports for every call."""
+class TokenUsage:
+    """Token counts the server reports for every call (what a provider bills, not a run's budget usage)."""
 
     input: int = 1000
     output: int = 200
@@ -48,7 +48,7 @@ class FakeAPI:
     """The server's script and record; ``base_url`` for Anthropic, ``openai_url`` for OpenAI."""
 
     port: int = 0
-    usage: Usage = field(default_factory=Usage)
+    usage: TokenUsage = field(default_factory=TokenUsage)
     text: str = "YES"
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     failures: list[tuple[int, float | None]] = field(default_factory=list)
@@ -75,7 +75,7 @@ class FakeAPI:
         return [p for p, _ in self.requests]
 
 
-def _anthropic_usage(u: Usage) -> dict[str, Any]:
+def _anthropic_usage(u: TokenUsage) -> dict[str, Any]:
     return {
         "input_tokens": u.input,
         "output_tokens": u.output,
@@ -85,7 +85,7 @@ def _anthropic_usage(u: Usage) -> dict[str, Any]:
     }
 
 
-def _chat_usage(u: Usage) -> dict[str, Any]:
+def _chat_usage(u: TokenUsage) -> dict[str, Any]:
     prompt = u.input + u.cache_read
     return {
         "prompt_tokens": prompt, "completion_tokens": u.output, "total_tokens": prompt + u.output,
@@ -93,7 +93,7 @@ def _chat_usage(u: Usage) -> dict[str, Any]:
     }
 
 
-def _responses_usage(u: Usage) -> dict[str, Any]:
+def _responses_usage(u: TokenUsage) -> dict[str, Any]:
     prompt = u.input + u.cache_read
     return {
         "input_tokens": prompt, "input_tokens_details": {"cached_tokens": u.cache_read},
@@ -101,7 +101,7 @@ def _responses_usage(u: Usage) -> dict[str, Any]:
     }
 
 
-def _message(model: str, text: str, u: Usage) -> dict[str, Any]:
+def _message(model: str, text: str, u: TokenUsage) -> dict[str, Any]:
     return {
         "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
         "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
@@ -109,7 +109,7 @@ def _message(model: str, text: str, u: Usage) -> dict[str, Any]:
     }
 
 
-def _chat(model: str, text: str, u: Usage) -> dict[str, Any]:
+def _chat(model: str, text: str, u: TokenUsage) -> dict[str, Any]:
     return {
         "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -117,7 +117,7 @@ def _chat(model: str, text: str, u: Usage) -> dict[str, Any]:
     }
 
 
-def _response(model: str, text: str, u: Usage | None, status: str = "completed") -> dict[str, Any]:
+def _response(model: str, text: str, u: TokenUsage | None, status: str = "completed") -> dict[str, Any]:
     return {
         "id": "resp_fake", "object": "response", "created_at": 1, "model": model, "status": status,
         "output": [] if u is None else [{
@@ -129,7 +129,7 @@ def _response(model: str, text: str, u: Usage | None, status: str = "completed")
     }
 
 
-def _anthropic_sse(model: str, text: str, u: Usage, cut: bool) -> Iterator[str]:
+def _anthropic_sse(model: str, text: str, u: TokenUsage, cut: bool) -> Iterator[str]:
     start = _message(model, "", u)
     start["content"] = []
     start["stop_reason"] = None
@@ -146,7 +146,7 @@ def _anthropic_sse(model: str, text: str, u: Usage, cut: bool) -> Iterator[str]:
     yield _sse("message_stop", {"type": "message_stop"})
 
 
-def _chat_sse(model: str, text: str, u: Usage, include_usage: bool, cut: bool) -> Iterator[str]:
+def _chat_sse(model: str, text: str, u: TokenUsage, include_usage: bool, cut: bool) -> Iterator[str]:
     base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
     yield _sse(None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}]})
     if cut:
@@ -157,7 +157,7 @@ def _chat_sse(model: str, text: str, u: Usage, include_usage: bool, cut: bool) -
     yield "data: [DONE]\n\n"
 
 
-def _responses_sse(model: str, text: str, u: Usage, cut: bool) -> Iterator[str]:
+def _responses_sse(model: str, text: str, u: TokenUsage, cut: bool) -> Iterator[str]:
     yield _sse("response.created", {"type": "response.created", "sequence_number": 0,
                                     "response": _response(model, "", None, "in_progress")})
     yield _sse("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 1,
@@ -247,7 +247,10 @@ def _handler(api: FakeAPI, lock: threading.Lock) -> type[BaseHTTPRequestHandler]
     return Handler
 
 
-__all__ = ["FakeAPI", "Usage", "serve"]
+#: The name loomc 0.5.0 gave :class:`TokenUsage`.
+Usage = TokenUsage
+
+__all__ = ["FakeAPI", "TokenUsage", "Usage", "serve"]
 
 
 @contextmanager

@@ -6,70 +6,47 @@ the exit code and print errors as one line on stderr, never a traceback.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 import threading
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from loomc._core.errors import LoomcError
 from loomc._core.types import RunInfo, RunStatus
-from loomc.store.sqlite.sync import open_store
+from loomc.cli.common import (
+    LIMIT_OPTIONS,
+    CliError,
+    check_graph_input,
+    check_new_limits,
+    checkpoint_path,
+    error_line,
+    fail,
+    find_run,
+    given_database_path,
+    given_limits,
+    import_file,
+    require_database,
+    writable_store,
+)
+from loomc.cli.render import Col, clip, money, plain_table
 from orchestration._graph import PENDING, Graph, GraphResult, ProgressEvent
 
 __all__ = ["graph_run", "graph_show", "load_graph"]
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line on stderr."""
-
-
-def _fail(msg: str) -> int:
-    from loomc.cli.render import clip
-
-    print(f"loomc: {clip(msg, 2000)}", file=sys.stderr)  # it may quote a stored error: escaped, cut
-    return 1
-
-
-def money(usd: float | None) -> str:
-    """``$0.1500``: costs print with four decimals."""
-    value = float(usd or 0.0)
-    return f"${0.0 if abs(value) < 5e-5 else value:.4f}"
+#: What to add to ``loomc graph run`` for new limits to apply.
+GRAPH_RESUME = "--resume RUN_ID (a new run takes the graph's own budget)"
 
 
 # ---------------------------------------------------------------------------------
 # Loading a pipeline file
 
 
-def _import_file(path: str) -> ModuleType:
+def _import_file(path: str) -> Any:
     file = Path(path)
     if not file.is_file():
         raise CliError(f"no pipeline file at {path}; pass the path of a .py file that defines a Graph")
-    name = file.stem if file.stem.isidentifier() else "loomc_pipeline"
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise CliError(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    folder = str(file.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    previous = sys.modules.get(name)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except SystemExit as exc:
-        raise CliError(f"{path} exited while being imported (code {exc.code}); guard its script part with "
-                       "`if __name__ == \"__main__\":`") from exc
-    except Exception as exc:
-        if previous is not None:
-            sys.modules[name] = previous
-        else:
-            sys.modules.pop(name, None)
-        raise CliError(f"cannot import {path}: {type(exc).__name__}: {exc}") from exc
-    return module
+    return import_file(file, file.stem if file.stem.isidentifier() else "loomc_pipeline")
 
 
 def load_graph(path: str, graph_name: str | None = None) -> Graph:
@@ -95,8 +72,6 @@ def load_graph(path: str, graph_name: str | None = None) -> Graph:
 
 
 def _read_input(input_json: str | None, input_file: str | None) -> Any:
-    if input_json is not None and input_file is not None:
-        raise CliError("give either --input or --input-file, not both")
     if input_file is not None:
         try:
             text = Path(input_file).read_text()
@@ -113,11 +88,13 @@ def _read_input(input_json: str | None, input_file: str | None) -> Any:
         raise CliError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
 
 
-def _store_for(graph: Graph, db: str | None) -> Any:
-    if db:
-        return open_store(db)
-    if os.environ.get("LOOMC_DB"):
-        return open_store(os.environ["LOOMC_DB"])
+def _store_for(graph: Graph, db: str | None, *, resume: bool) -> Any:
+    """``--db``, else ``$LOOMC_DB``, else the graph's own checkpoint; a resume never creates a database."""
+    path = given_database_path(db)
+    if path is not None:
+        return writable_store(path, existing=resume)
+    if resume:
+        require_database(checkpoint_path(graph.checkpoint))
     return graph.store()
 
 
@@ -190,13 +167,12 @@ class _Progress:
 
 
 def _summary_text(progress: _Progress, result: GraphResult) -> str:
-    rows = [("NODE", "STATUS", "STEPS", "COST", "RUN")]
+    rows = []
     for name in progress.graph.nodes:
         n = result.nodes[name]
         status = str(n.status) + (" (done before)" if n.reused else "")
         rows.append((name, status, str(n.steps), money(n.cost_usd), n.run_id or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join(plain_table([Col(h) for h in ("NODE", "STATUS", "STEPS", "COST", "RUN")], rows))
 
 
 # ---------------------------------------------------------------------------------
@@ -227,16 +203,13 @@ def graph_run(
         interrupted.
     """
     try:
+        limits = given_limits(usd, iterations, wall_clock)
+        check_graph_input(input_json, input_file, resuming=resume is not None)
+        check_new_limits(limits, resuming=resume is not None, how=GRAPH_RESUME)
         graph = load_graph(path, graph_name)
         graph_input = _read_input(input_json, input_file) if resume is None else None
-        if resume is not None and (input_json is not None or input_file is not None):
-            raise CliError("--resume continues with the run's own input; drop --input/--input-file")
-        if resume is None and (usd, iterations, wall_clock) != (None, None, None):
-            raise CliError("--usd/--iterations/--wall-clock give a resumed graph new limits: add --resume RUN_ID")
-        store = _store_for(graph, db)
-        budget = None
-        if resume is not None and (usd, iterations, wall_clock) != (None, None, None):
-            budget = _new_limits(store, resume, usd, iterations, wall_clock)
+        store = _store_for(graph, db, resume=resume is not None)
+        budget = _new_limits(store, resume, limits) if resume is not None and limits else None
         progress = _Progress(graph, store, path)
         if budget is not None:
             progress.cap_usd = budget.usd
@@ -244,29 +217,28 @@ def graph_run(
     except KeyboardInterrupt:
         rid = progress.run_id if "progress" in locals() else None
         hint = f"; resume with: loomc graph run {path} --resume {rid}" if rid else ""
-        print(f"loomc: interrupted{hint}", file=sys.stderr)
+        error_line(f"interrupted{hint}")
         return 130
     except (CliError, LoomcError, ValueError, TypeError, OSError) as exc:
-        return _fail(str(exc) or type(exc).__name__)
+        return fail(str(exc) or type(exc).__name__)
     _print_end(path, progress, result)
     if result.status is RunStatus.COMPLETED:
         return 0
     more = ""
     if result.status is RunStatus.BUDGET_EXHAUSTED:
         more = f"; give it more with `loomc graph run {path} --resume {result.run_id} --usd/--iterations/--wall-clock ...`"
-    return _fail(f"graph run {result.run_id} ended {result.status.value}: {result.stop_reason or ''}".rstrip(": ") + more)
+    return fail(f"graph run {result.run_id} ended {result.status.value}: {result.stop_reason or ''}".rstrip(": ") + more)
 
 
-def _new_limits(store: Any, run_id: str, usd: float | None, iterations: float | None, wall_clock: str | None) -> Any:
+def _new_limits(store: Any, run_id: str, limits: dict[str, Any]) -> Any:
     """The graph run's stored budget with the limits given on the command line."""
     from loomc.cli.resume import resume_budget
 
-    info = store.get_run(store.resolve(run_id))
+    info = find_run(store, run_id)
     try:
-        return resume_budget(info.budget if info is not None else None, usd=usd, iterations=iterations,
-                             wall_clock=wall_clock)
+        return resume_budget(info.budget, **limits)
     except (TypeError, ValueError) as exc:
-        raise CliError(f"--usd/--iterations/--wall-clock: {exc}") from exc
+        raise CliError(f"{LIMIT_OPTIONS}: {exc}") from exc
 
 
 def _run_live(
@@ -308,8 +280,6 @@ def _print_end(path: str, progress: _Progress, result: GraphResult) -> None:
     head = f"graph {progress.graph.name}: run {result.run_id} {result.status.value}, cost {money(result.cost_usd)}{cap}"
     if result.stop_reason:
         head += f" ({result.stop_reason})"
-    from loomc.cli.render import clip
-
     head = clip(head)  # the stop reason can quote a node's error
     if progress.tty:
         from rich.console import Console
@@ -330,6 +300,6 @@ def graph_show(path: str, graph_name: str | None = None, mermaid: bool = False) 
     try:
         graph = load_graph(path, graph_name)
     except (CliError, LoomcError, ValueError, TypeError, OSError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(graph.to_mermaid() if mermaid else graph.to_text())
     return 0

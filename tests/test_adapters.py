@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from loomc import Budget, BudgetExhausted, RunStatus, current_run, loop
 from loomc._core.context import current_ledger
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter, estimate_input_tokens
 from loomc.integrations.pricing import ANTHROPIC_PRICES, OPENAI_PRICES, PRICES_CHECKED, Price, lookup
-from loomc.testing import FakeAPI, Usage, serve
+from loomc.testing import FakeAPI, TokenUsage, serve
 
 M = 1_000_000
 HI = [{"role": "user", "content": "Say hi."}]
@@ -46,7 +47,7 @@ def api(server: FakeAPI) -> FakeAPI:
     """The server, with a clean record and the default usage."""
     server.requests.clear()
     server.failures.clear()
-    server.usage = Usage(input=1000, output=200, cache_read=500, cache_write=300, cache_write_1h=100)
+    server.usage = TokenUsage(input=1000, output=200, cache_read=500, cache_write=300, cache_write_1h=100)
     server.text = "YES"
     server.cut_stream = False
     return server
@@ -68,12 +69,12 @@ def gpt(api: FakeAPI, model: str = "gpt-4.1") -> tuple[OpenAIAdapter, openai.Ope
     return ad, ad.wrap(client)
 
 
-def sonnet_cost(u: Usage) -> float:
+def sonnet_cost(u: TokenUsage) -> float:
     """Sonnet 4.6 at $3 in, $3.75 5m write, $6 1h write, $0.30 read, $15 out."""
     return (u.input * 3 + u.cache_write * 3.75 + u.cache_write_1h * 6 + u.cache_read * 0.30 + u.output * 15) / M
 
 
-def gpt41_cost(u: Usage) -> float:
+def gpt41_cost(u: TokenUsage) -> float:
     """GPT-4.1 at $2 in, $0.50 cached, $8 out."""
     return (u.input * 2 + u.cache_read * 0.5 + u.output * 8) / M
 
@@ -130,6 +131,15 @@ def test_pricing_override_and_validation() -> None:
         AnthropicAdapter("x", pricing={"input": 1.0, "output": 1.0, "cached": 1.0})
     with pytest.raises(ValueError, match="non-negative"):
         AnthropicAdapter("x", pricing={"input": -1.0, "output": 1.0})
+
+
+def test_token_usage_is_named_for_what_it_holds() -> None:
+    """loomc.testing's token counts are TokenUsage; the 0.5.0 name Usage still imports and is the same class."""
+    import loomc.testing
+
+    assert loomc.testing.Usage is TokenUsage
+    assert "TokenUsage" in loomc.testing.__all__
+    assert TokenUsage(input=3).input == 3
 
 
 def test_estimate_is_an_upper_bound_and_images_are_flat() -> None:
@@ -196,7 +206,7 @@ def test_stream_cut_before_final_usage_is_charged_as_if_it_ran_to_max_tokens(api
         list(client.messages.create(model="claude-sonnet-4-6", max_tokens=4000, messages=HI, stream=True))
 
     result = one_step(body, db=tmp_path / "cut.db")
-    expected = sonnet_cost(Usage(1000, 4000, 500, 300, 100))
+    expected = sonnet_cost(TokenUsage(1000, 4000, 500, 300, 100))
     assert result.cost_usd == pytest.approx(expected)
 
 
@@ -334,6 +344,160 @@ def test_openai_without_max_tokens_reserves_the_default_cap(api: FakeAPI, tmp_pa
     assert result.status is RunStatus.BUDGET_EXHAUSTED
 
 
+
+# -- messages.stream: the SDK's own stream manager, through its public surface ---------------
+
+
+def test_messages_stream_yields_the_sdks_own_stream_and_settles_on_leaving(api: FakeAPI, tmp_path: Path) -> None:
+    """The block gets a genuine anthropic MessageStream; the call is reserved on entering and settled on leaving."""
+    from anthropic.lib.streaming import MessageStream
+
+    _ad, client = claude(api)
+    seen: dict[str, Any] = {}
+
+    def body(state: Any) -> None:
+        ledger = current_ledger()
+        assert ledger is not None
+        manager = client.messages.stream(model="claude-sonnet-4-6", max_tokens=300, messages=HI)
+        seen["before_enter"] = (ledger.reserved, len(api.requests))
+        with manager as stream:
+            seen["is_sdk_stream"] = isinstance(stream, MessageStream)
+            seen["held"] = ledger.reserved
+            seen["message"] = stream.get_final_message().content[0].text
+        seen["after"] = (ledger.reserved, ledger.spent)
+
+    result = one_step(body, db=tmp_path / "ms.db")
+    assert seen["before_enter"] == (0.0, 0)  # nothing reserved, nothing sent until the block is entered
+    assert seen["is_sdk_stream"] is True
+    assert seen["held"] > 0
+    assert seen["message"] == "YES"
+    assert seen["after"] == (0.0, pytest.approx(sonnet_cost(api.usage)))
+    assert result.cost_usd == pytest.approx(sonnet_cost(api.usage))
+
+
+def test_messages_stream_never_entered_costs_nothing(api: FakeAPI, tmp_path: Path) -> None:
+    """A stream manager made but never entered sends no request, so the run is charged nothing for it."""
+    _ad, client = claude(api)
+
+    def body(state: Any) -> None:
+        client.messages.stream(model="claude-sonnet-4-6", max_tokens=4000, messages=HI)
+
+    result = one_step(body, db=tmp_path / "unentered.db")
+    assert api.requests == []
+    assert result.history[0].error is None
+    assert result.cost_usd == 0.0
+
+
+def test_messages_stream_left_early_or_cut_counts_output_at_max_tokens(api: FakeAPI, tmp_path: Path) -> None:
+    """Leaving the block before the final usage (a break, or a cut stream) counts the output at max_tokens."""
+    _ad, client = claude(api)
+    api.usage = TokenUsage(input=1000, output=200)
+
+    def body(state: Any) -> None:
+        with client.messages.stream(model="claude-sonnet-4-6", max_tokens=3000, messages=HI) as stream:
+            for _event in stream:
+                break  # the final message_delta is never read
+
+    early = one_step(body, db=tmp_path / "early.db")
+    api.cut_stream = True
+    cut = one_step(lambda s: body(s), db=tmp_path / "cut.db")
+    expected = sonnet_cost(TokenUsage(input=1000, output=3000))
+    assert early.cost_usd == pytest.approx(expected)
+    assert cut.cost_usd == pytest.approx(expected)
+
+
+def test_messages_stream_refused_by_the_cap_sends_nothing(api: FakeAPI, tmp_path: Path) -> None:
+    """Entering a stream whose maximum cost does not fit raises BudgetExhausted before any request."""
+    _ad, client = claude(api, "claude-opus-4-6")
+
+    def body(state: Any) -> None:
+        with client.messages.stream(model="claude-opus-4-6", max_tokens=8000, messages=HI) as stream:
+            stream.until_done()
+
+    result = one_step(body, usd=0.10, db=tmp_path / "refused.db")
+    assert api.requests == []
+    assert result.status is RunStatus.BUDGET_EXHAUSTED
+    assert result.cost_usd == 0.0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_messages_stream_never_entered_leaves_no_coroutine_and_costs_nothing(
+    api: FakeAPI, tmp_path: Path, backend: str
+) -> None:
+    """AsyncAnthropic: a stream manager dropped unentered creates no request coroutine and charges nothing."""
+    import gc
+
+    ad = AnthropicAdapter("claude-sonnet-4-6")
+    aclaude = ad.wrap(anthropic.AsyncAnthropic(api_key="t", base_url=api.base_url, max_retries=0))
+
+    @loop(budget=Budget(usd=1.0, iterations=1), checkpoint=str(tmp_path / f"adrop-{backend}.db"))
+    async def step(state: dict[str, Any]) -> dict[str, Any]:
+        aclaude.messages.stream(model="claude-sonnet-4-6", max_tokens=4000, messages=HI)
+        async with aclaude.messages.stream(model="claude-sonnet-4-6", max_tokens=300, messages=HI) as s:
+            text = await s.get_final_text()
+        await aclaude.close()
+        return {"text": text}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = anyio.run(step.run, {}, backend=backend)
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert result.state == {"text": "YES"}
+    assert result.cost_usd == pytest.approx(sonnet_cost(api.usage))
+    assert api.paths() == ["/v1/messages"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_messages_stream_refused_by_the_cap_sends_nothing(api: FakeAPI, tmp_path: Path, backend: str) -> None:
+    """AsyncAnthropic: entering a stream that cannot fit raises BudgetExhausted; no request, no stray coroutine."""
+    import gc
+
+    ad = AnthropicAdapter("claude-opus-4-6")
+    aclaude = ad.wrap(anthropic.AsyncAnthropic(api_key="t", base_url=api.base_url, max_retries=0))
+
+    @loop(budget=Budget(usd=0.10, iterations=1), checkpoint=str(tmp_path / f"arefused-{backend}.db"))
+    async def step(state: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with aclaude.messages.stream(model="claude-opus-4-6", max_tokens=8000, messages=HI) as s:
+                await s.until_done()
+        finally:
+            await aclaude.close()
+        return state
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = anyio.run(step.run, {}, backend=backend)
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert api.requests == []
+    assert result.status is RunStatus.BUDGET_EXHAUSTED
+    assert isinstance(result.error, BudgetExhausted)
+    assert result.cost_usd == 0.0
+
+
+def test_adapters_read_no_private_sdk_attribute() -> None:
+    """Outside loomc's own objects the adapters read no underscore attribute, by name or by string."""
+    import ast
+    import inspect
+
+    from loomc.integrations import adapters
+
+    tree = ast.parse(inspect.getsource(adapters))
+    own = {"self", "adapter", "self._adapter"}  # loomc's adapter and call objects
+    private = {
+        ast.unparse(n) for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__") and ast.unparse(n.value) not in own
+    }
+    mangled = {  # a name-mangled attribute spelled as a string ("_Class__attr", "__attr"), dunders aside
+        n.value for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"\w*__[a-z]\w*", n.value)
+        and not re.fullmatch(r"__\w+__", n.value)
+    }
+    assert private == set()
+    assert mangled == set()
+
+
 # -- async clients --------------------------------------------------------------------------
 
 
@@ -373,7 +537,7 @@ def test_async_clients_are_charged_too(api: FakeAPI, tmp_path: Path, backend: st
 def test_judge_call_is_charged_to_the_run(api: FakeAPI, tmp_path: Path) -> None:
     """The judge's own LLM call counts in the step's cost and the run's total."""
     ad, client = claude(api, "claude-haiku-4-5")
-    api.usage = Usage(input=100, output=1)
+    api.usage = TokenUsage(input=100, output=1)
     judge_cost = (100 * 1 + 1 * 5) / M
 
     @loop(budget=Budget(usd=1.0, iterations=5), checkpoint=str(tmp_path / "j.db"),

@@ -9,6 +9,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -438,6 +439,27 @@ def test_resume_run_continues_a_crashed_script(tmp_path: Path) -> None:
     assert after.cost_usd == pytest.approx(0.01 * len(steps))
     assert proc.stdout.splitlines()[-1] == f"run {info.id} completed: converged ({len(steps)} steps, ${after.cost_usd:.4f})"
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_run_of_a_script_that_exits_while_imported_is_one_error_line(tmp_path: Path) -> None:
+    """A run's script that exits at import (unguarded script part) is a one-line error, exit 1, not a silent exit."""
+    script = tmp_path / "exits.py"
+    db = tmp_path / "exits.db"
+    script.write_text(textwrap.dedent(f"""
+        from loomc import Budget, loop
+
+        @loop(budget=Budget(iterations=1), checkpoint={str(db)!r})
+        def work(state):
+            return state
+
+        if __name__ == "__main__":
+            work.run({{}})
+    """))
+    subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path)
+    info = SQLiteStore(db, create=False).list_runs()[0]
+    script.write_text(script.read_text() + "\nraise SystemExit(3)\n")
+    proc = loomc("resume", info.id, "--run", db=db, cwd=tmp_path)
+    assert_user_error(proc, "exited while being imported (code 3)", "if __name__")
 
 
 def test_resume_run_imports_a_module_from_the_working_directory(tmp_path: Path) -> None:

@@ -269,6 +269,51 @@ def test_graph_run_of_a_missing_file(capsys: pytest.CaptureFixture[str]) -> None
     assert "no pipeline file at /nonexistent/pipeline.py" in capsys.readouterr().err
 
 
+def test_graph_resume_never_creates_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume against a database that does not exist is one line, and neither file nor folder is created."""
+    path = _write(tmp_path, "pipe_nodb", """
+        from orchestration import Graph
+        g = Graph("nodb")
+        g.add(lambda s: s, name="only")
+    """)
+    missing = tmp_path / "sub" / "none.db"
+    assert graph_run(str(path), None, None, None, "abc123", str(missing)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("loomc: no loomc database at ")
+    assert str(missing) in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sub").exists()
+
+
+def test_graph_resume_never_creates_the_graphs_own_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --db or $LOOMC_DB, --resume reads the graph's own checkpoint file, and never creates it."""
+    missing = tmp_path / "own" / "graph.db"
+    path = _write(tmp_path, "pipe_own", f"""
+        from orchestration import Graph
+        g = Graph("own", checkpoint={str(missing)!r})
+        g.add(lambda s: s, name="only")
+    """)
+    monkeypatch.delenv("LOOMC_DB")
+    assert graph_run(str(path), None, None, None, "abc123", None) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"loomc: no loomc database at {missing}")
+    assert not (tmp_path / "own").exists()
+
+
+def test_graph_run_names_a_directory_given_as_db_like_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`graph run --db DIR` says what `loomc show --db DIR` says: it is a directory, pass --db FILE."""
+    path = _write(tmp_path, "pipe_dir", """
+        from orchestration import Graph
+        g = Graph("dirdb")
+        g.add(lambda s: s, name="only")
+    """)
+    assert graph_run(str(path), None, "{}", None, None, str(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"loomc: {tmp_path} is a directory, not a loomc database; pass --db FILE"
+
+
 def test_failed_graph_exits_non_zero_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A graph that ends failed prints its summary, then exits 1 naming the failed node."""
     path = _write(tmp_path, "pipe_fail", """

@@ -9,6 +9,7 @@ exit 2. Output is plain, aligned text when stdout is not a terminal.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,6 +19,19 @@ import typer
 from loomc._core import events as _step_events
 from loomc._core.errors import LoomcError, StoreError
 from loomc._core.types import RunInfo, RunStatus
+from loomc.cli.common import (
+    LIMIT_OPTIONS,
+    CliError,
+    OptionError,
+    check_graph_input,
+    check_new_limits,
+    database_path,
+    error_line,
+    fail,
+    find_run,
+    given_limits,
+    root_run,
+)
 
 if TYPE_CHECKING:
     from loomc.store.sqlite.sync import SQLiteStore
@@ -50,29 +64,43 @@ DbOpt = Annotated[
 ]
 RunIdArg = Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id, or a unique prefix of one.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+# New limits for a resume (``loomc resume --run``, ``loomc graph run --resume``).
+UsdOpt = Annotated[
+    float | None,
+    typer.Option("--usd", help="With a resume: a new USD limit (the only way to get more; inf: no limit).", show_default=False),
+]
+IterationsOpt = Annotated[
+    float | None,
+    typer.Option("--iterations", metavar="N", show_default=False,
+                 help="With a resume: a new iteration limit (a graph: for each node that resumes; inf: no limit)."),
+]
+WallClockOpt = Annotated[
+    str | None,
+    typer.Option("--wall-clock", help="With a resume: a new wall-clock limit (30s, 10m, 1h30m; inf: no limit).", show_default=False),
+]
+PipelineArg = Annotated[Path, typer.Argument(help="A Python file defining an orchestration.Graph.", show_default=False)]
+GraphOpt = Annotated[
+    str | None, typer.Option("--graph", "-g", help="The graph's name, when the file defines several.", show_default=False)
+]
 
 
-class _Fail(Exception):
-    """A user error found by the CLI itself: printed as one line, exit 1."""
-
-
-def _die(message: str, code: int = 1) -> None:
-    from loomc.cli.render import clip
-
-    # Messages can quote stored text (a step's error, a run's name): escaped, and cut.
-    sys.stderr.write(f"loomc: {clip(message, 2000)}\n")
-    sys.stderr.flush()
-    raise SystemExit(code)
+def _usage(check: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Run an options ``check``; what it refuses is a usage error (exit 2, with the usage line)."""
+    try:
+        check(*args, **kwargs)
+    except OptionError as exc:
+        raise typer.BadParameter(str(exc), param_hint=exc.options) from exc
 
 
 def main() -> None:
     """Entry point of the ``loomc`` command."""
     try:
         app(prog_name="loomc")
-    except (LoomcError, _Fail) as exc:
-        _die(str(exc))
+    except (LoomcError, CliError) as exc:
+        raise SystemExit(fail(str(exc))) from None
     except KeyboardInterrupt:
-        sys.stderr.write("\nloomc: interrupted\n")
+        sys.stderr.write("\n")
+        error_line("interrupted")
         raise SystemExit(130) from None
     except BrokenPipeError:
         # `loomc runs | head`: the reader left; say nothing more.
@@ -89,11 +117,9 @@ def main() -> None:
 
 def _open(db: Path | None) -> SQLiteStore:
     """The database named by ``--db`` / ``$LOOMC_DB`` / the default, opened for reading."""
-    from loomc.store.sqlite.sync import SQLiteStore, default_db_path
+    from loomc.store.sqlite.sync import SQLiteStore
 
-    path = db if db is not None else default_db_path()
-    if path.is_dir():
-        raise StoreError(f"{path} is a directory, not a loomc database; pass --db FILE")
+    path = database_path(db)
     _refuse_older(path)
     store = SQLiteStore(path, create=False)
     store.conn  # noqa: B018 - open now, so a bad file is reported before any output
@@ -123,17 +149,6 @@ def _refuse_older(path: Path) -> None:
             "upgrade it once by opening it for writing, e.g. "
             f'python -c "import loomc; loomc.SQLiteStore({str(path)!r}).list_runs()"'
         )
-
-
-def _run(store: SQLiteStore, run_id: str) -> RunInfo:
-    """The run named by an id or unique prefix."""
-    rid = store.resolve(run_id)
-    info = store.get_run(rid)
-    if info is None:  # deleted between the two reads
-        from loomc._core.errors import RunNotFound
-
-        raise RunNotFound(run_id, where=str(store.path))
-    return info
 
 
 # ---------------------------------------------------------------------------------
@@ -328,7 +343,7 @@ def show(
     from loomc.cli import render as r
 
     store = _open(db)
-    info = _run(store, run_id)
+    info = find_run(store, run_id)
     out = r.Output()
     if json_:
         if tree:
@@ -404,17 +419,6 @@ def show(
 # resume
 
 
-def _root(store: SQLiteStore, info: RunInfo) -> RunInfo:
-    seen = {info.id}
-    while info.parent_run_id:
-        parent = store.get_run(info.parent_run_id)
-        if parent is None or parent.id in seen:
-            break
-        seen.add(parent.id)
-        info = parent
-    return info
-
-
 def _import_hint(info: RunInfo) -> tuple[str, str]:
     """``(import line, function name)`` for the resume snippet."""
     module, _, qualname = info.name.partition(":")
@@ -432,35 +436,25 @@ def _import_hint(info: RunInfo) -> tuple[str, str]:
 def resume(
     run_id: RunIdArg,
     run: Annotated[bool, typer.Option("--run", help="Import the run's function (from the working directory) and resume it now.")] = False,
-    usd: Annotated[
-        float | None,
-        typer.Option("--usd", help="With --run: a new USD limit (the only way to get more; inf: no limit).", show_default=False),
-    ] = None,
-    iterations: Annotated[
-        float | None,
-        typer.Option("--iterations", metavar="N", help="With --run: a new iteration limit (inf: no limit).", show_default=False),
-    ] = None,
-    wall_clock: Annotated[
-        str | None,
-        typer.Option("--wall-clock", help="With --run: a new wall-clock limit (30s, 10m, 1h30m; inf: no limit).", show_default=False),
-    ] = None,
+    usd: UsdOpt = None,
+    iterations: IterationsOpt = None,
+    wall_clock: WallClockOpt = None,
     db: DbOpt = None,
 ) -> None:
     """How to resume a run, and what is left of its budget; --run resumes it here, with live progress."""
     from loomc.cli import render as r
 
-    new_limits: dict[str, Any] = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
-    if new_limits and not run:
-        raise typer.BadParameter("new limits apply to a resume: add --run", param_hint="--usd/--iterations/--wall-clock")
+    limits = given_limits(usd, iterations, wall_clock)
+    _usage(check_new_limits, limits, resuming=run, how="--run")
     store = _open(db)
-    info = _run(store, run_id)
+    info = find_run(store, run_id)
     if run:
         from loomc.cli.resume import resume_budget, resume_here
 
         try:
-            budget = resume_budget(info.budget, usd=usd, iterations=iterations, wall_clock=wall_clock)
+            budget = resume_budget(info.budget, **limits)
         except (TypeError, ValueError) as exc:
-            raise typer.BadParameter(str(exc), param_hint="--usd/--iterations/--wall-clock") from exc
+            raise typer.BadParameter(str(exc), param_hint=LIMIT_OPTIONS) from exc
         raise typer.Exit(resume_here(store, info, budget))
     out = r.Output()
     pairs: list[tuple[str, Any]] = [("run", info.id), ("function", info.name or "-")]
@@ -477,7 +471,7 @@ def resume(
     out.line()
     rid = info.id
     if info.parent_run_id:
-        root = _root(store, info)
+        root = root_run(store, info)
         out.line(f"{rid} is a nested run of {root.id} ({root.name}); resume the root run, which resumes its nested runs:")
         out.line(f"    loomc resume {root.id}")
         return
@@ -519,7 +513,7 @@ def watch(
     from loomc.cli.follow import Follower
 
     store = _open(db)
-    info = _run(store, run_id)
+    info = find_run(store, run_id)
     follower = Follower(store, info.id)
     follower.run_until_ended(interval)
     raise typer.Exit(0)
@@ -581,7 +575,7 @@ def export(
     from loomc.cli import render as r
 
     store = _open(db)
-    info = _run(store, run_id)
+    info = find_run(store, run_id)
     data = {
         "loomc_export": 1,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -593,7 +587,7 @@ def export(
         try:
             output.write_text(text + "\n", encoding="utf-8")
         except OSError as exc:
-            raise _Fail(f"cannot write {output}: {exc.strerror or exc}") from exc
+            raise CliError(f"cannot write {output}: {exc.strerror or exc}") from exc
         sys.stderr.write(f"loomc: exported run {info.id} to {output}\n")
     else:
         sys.stdout.write(text + "\n")
@@ -607,17 +601,14 @@ def _orchestration_cli() -> Any:
     try:
         from orchestration import _cli
     except ImportError as exc:
-        raise _Fail(f"the graph commands are not available in this install (cannot import orchestration._cli: {exc})") from exc
+        raise CliError(f"the graph commands are not available in this install (cannot import orchestration._cli: {exc})") from exc
     return _cli
 
 
 @graph_app.command("run")
 def graph_run(
-    pipeline: Annotated[Path, typer.Argument(help="A Python file defining an orchestration.Graph.", show_default=False)],
-    graph: Annotated[
-        str | None,
-        typer.Option("--graph", "-g", help="The graph's name, when the file defines several.", show_default=False),
-    ] = None,
+    pipeline: PipelineArg,
+    graph: GraphOpt = None,
     input_json: Annotated[
         str | None,
         typer.Option("--input", "-i", help="The graph input, as JSON.", show_default=False),
@@ -633,32 +624,15 @@ def graph_run(
     force: Annotated[
         bool, typer.Option("--force", help="With --resume: continue even though the graph's structure changed.")
     ] = False,
-    usd: Annotated[
-        float | None,
-        typer.Option("--usd", help="With --resume: a new USD limit for the graph (the only way to get more).",
-                     show_default=False),
-    ] = None,
-    iterations: Annotated[
-        float | None,
-        typer.Option("--iterations", metavar="N", help="With --resume: a new iteration limit for each node that resumes (inf: no limit).",
-                     show_default=False),
-    ] = None,
-    wall_clock: Annotated[
-        str | None,
-        typer.Option("--wall-clock", help="With --resume: a new wall-clock limit for the graph (30s, 10m, 1h30m).",
-                     show_default=False),
-    ] = None,
+    usd: UsdOpt = None,
+    iterations: IterationsOpt = None,
+    wall_clock: WallClockOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Run (or resume) the graph defined in PIPELINE.py, with live progress per node."""
-    if input_json is not None and input_file is not None:
-        raise typer.BadParameter("give --input or --input-file, not both", param_hint="--input")
-    if resume_id is None and (usd, iterations, wall_clock) != (None, None, None):
-        raise typer.BadParameter(
-            "new limits apply to a resume: add --resume RUN_ID (a new run takes the graph's own budget)",
-            param_hint="--usd/--iterations/--wall-clock",
-        )
     cli = _orchestration_cli()
+    _usage(check_graph_input, input_json, input_file, resuming=resume_id is not None)
+    _usage(check_new_limits, given_limits(usd, iterations, wall_clock), resuming=resume_id is not None, how=cli.GRAPH_RESUME)
     raise typer.Exit(
         cli.graph_run(
             path=str(pipeline),
@@ -677,11 +651,8 @@ def graph_run(
 
 @graph_app.command("show")
 def graph_show(
-    pipeline: Annotated[Path, typer.Argument(help="A Python file defining an orchestration.Graph.", show_default=False)],
-    graph: Annotated[
-        str | None,
-        typer.Option("--graph", "-g", help="The graph's name, when the file defines several.", show_default=False),
-    ] = None,
+    pipeline: PipelineArg,
+    graph: GraphOpt = None,
     mermaid: Annotated[bool, typer.Option("--mermaid", help="Print the graph as a mermaid diagram.")] = False,
 ) -> None:
     """Draw the graph defined in PIPELINE.py (nodes, edges, budgets)."""

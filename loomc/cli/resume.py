@@ -9,7 +9,6 @@ name, so its ``if __name__ == "__main__":`` block does not run).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 
 from loomc._core.errors import LoomcError
 from loomc._core.types import RunInfo, RunStatus
+from loomc.cli.common import checkpoint_path, error_line, given_limits, import_file, root_run
 
 __all__ = ["load_loop", "resume_budget", "resume_here"]
 
@@ -42,23 +42,14 @@ def resume_budget(
     """
     from loomc._core.budget import Budget
 
-    given: dict[str, Any] = {k: v for k, v in (("usd", usd), ("iterations", iterations), ("wall_clock", wall_clock)) if v is not None}
+    given = given_limits(usd, iterations, wall_clock)
     if not given:
         return None
     return Budget.merged(stored, Budget(**given))
 
 
 def _load_script(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, path)
-    if spec is None or spec.loader is None:
-        raise LoomcError(f"cannot load {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[SCRIPT_MODULE] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(SCRIPT_MODULE, None)
-        raise LoomcError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
+    module = import_file(path, SCRIPT_MODULE)
     # States of classes defined in the script were stored as "__main__:Name":
     # bring them back as those classes, not as dicts.
     from loomc.store import codec as _codec
@@ -74,6 +65,7 @@ def load_loop(info: RunInfo, cwd: Path) -> Any:
 
     Raises:
         LoomcError: the name is not importable, the import fails, or it is not a loop.
+        CliError: the run's script cannot be loaded (it raised or exited while imported).
     """
     from loomc._core.runner import AsyncLoopRunner, LoopRunner
 
@@ -124,20 +116,6 @@ def load_loop(info: RunInfo, cwd: Path) -> Any:
     return obj
 
 
-def _checkpoint_path(checkpoint: Any) -> Path | None:
-    """The database file a ``checkpoint=`` argument writes to (``None``: not a file)."""
-    from loomc.store.sqlite.sync import default_db_path
-
-    if checkpoint is None or checkpoint == "sqlite":
-        return default_db_path()
-    if checkpoint == "memory":
-        return None
-    if isinstance(checkpoint, (str, os.PathLike)):
-        return Path(checkpoint)
-    path = getattr(checkpoint, "path", None)
-    return Path(path) if path is not None else None
-
-
 def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
     """Resume ``info`` in this process with live progress; the exit code (0: completed).
 
@@ -153,10 +131,7 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
     if info.parent_run_id:
         from loomc._core.engine import nested_resume_error
 
-        root = info
-        while root.parent_run_id and (up := store.get_run(root.parent_run_id)) is not None:
-            root = up
-        raise nested_resume_error(info, root)
+        raise nested_resume_error(info, root_run(store, info))
     if info.kind == "graph":
         raise LoomcError(f"run {info.id} is a graph run; resume it with `loomc graph run PIPELINE.py --resume {info.id}`")
     if info.status is RunStatus.RUNNING:
@@ -167,7 +142,7 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
     # A loop declared with the default checkpoint writes to the database being read.
     os.environ["LOOMC_DB"] = str(db_path)
     runner = load_loop(info, Path.cwd())
-    target = _checkpoint_path(runner.spec.checkpoint)
+    target = checkpoint_path(runner.spec.checkpoint)
     if target is None or target.resolve() != db_path:
         raise LoomcError(
             f"{info.name} writes its checkpoints to {target or runner.spec.checkpoint!r}, not {db_path}; pass --db {target}"
@@ -194,10 +169,8 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
         follower.poll()
         follower.close()
     if result.error is not None and result.status is RunStatus.FAILED:
-        sys.stderr.write(f"loomc: run {info.id} failed: {r.clip(f'{type(result.error).__name__}: {result.error}', 2000)}\n")
+        error_line(f"run {info.id} failed: {type(result.error).__name__}: {result.error}")
     elif result.status is RunStatus.BUDGET_EXHAUSTED:
-        sys.stderr.write(
-            f"loomc: run {info.id} stopped ({r.clip(result.stop_reason)}); give it more with "
-            f"`loomc resume {info.id} --run --usd/--iterations/--wall-clock ...`\n"
-        )
+        error_line(f"run {info.id} stopped ({r.clip(result.stop_reason)}); give it more with "
+                   f"`loomc resume {info.id} --run --usd/--iterations/--wall-clock ...`")
     return 0 if result.status is RunStatus.COMPLETED else 1

@@ -15,6 +15,7 @@ Outside a run the wrapped client behaves exactly like the unwrapped one. Prices 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import json
@@ -85,23 +86,57 @@ def _state_response(state: Any) -> Any:
 
 
 class _Call:
-    """One call's reservation: made before the request, settled (once) after it."""
+    """One call's reservation protocol, free of I/O: reserve, send under a guard, settle once.
 
-    __slots__ = ("adapter", "kwargs", "max_usd", "price", "reservation")
+    The sync and async shells (:func:`_wrap_method`, :class:`_AccountedStream`) differ only
+    in awaiting the call and :meth:`durable`; everything else about a call lives here:
 
-    def __init__(self, adapter: _Adapter, kwargs: Mapping[str, Any]) -> None:
+    - constructing it reserves the most the call can cost (``BudgetExhausted``: not sent);
+    - ``with call:`` marks the context as accounted while the request is made (an SDK helper
+      calling back into a wrapped method is not charged twice) and releases the
+      reservation if the request fails;
+    - :meth:`received` settles a response from its ``usage``, or wraps a stream that settles
+      when it ends.
+    """
+
+    __slots__ = ("adapter", "injected", "kwargs", "max_usd", "on_stream", "price", "reservation", "token")
+
+    def __init__(self, adapter: _Adapter, kwargs: dict[str, Any], on_stream: _OnStream | None = None,
+                 prepare: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.adapter = adapter
         self.kwargs = kwargs
+        self.on_stream = on_stream
+        self.token: contextvars.Token[bool] | None = None
         self.price = adapter.price_for(kwargs.get("model"))
         self.max_usd = check_usd(adapter.max_cost(kwargs, self.price), f"{adapter!r}: the most this call can cost",
                                  hint="check the request's max_tokens and the adapter's pricing")
         # BudgetExhausted: the call is not sent. Committed to the store before the call (so a
         # crash mid-call still counts it), except on an event loop: there ``durable`` does it.
         self.reservation: Reservation = reserve(self.max_usd)
+        streaming = on_stream is not None and bool(kwargs.get("stream"))
+        self.injected = prepare(kwargs) if prepare is not None and streaming else False
 
     async def durable(self) -> None:
         """Commit the reservation to the run's store, awaited (async calls, before they are sent)."""
         await apersist(self.reservation)
+
+    def __enter__(self) -> _Call:
+        self.token = _accounted.set(True)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.token is not None:
+            _accounted.reset(self.token)
+            self.token = None
+        if exc_type is not None:
+            self.release()  # the request failed before anything was billed
+
+    def received(self, response: Any) -> Any:
+        """What the caller gets back: ``response`` settled, or a stream that settles when it ends."""
+        if self.on_stream is not None and self.kwargs.get("stream"):
+            return self.on_stream(response, self)
+        self.settle_usage(getattr(response, "usage", None))
+        return response
 
     def settle_usage(self, usage: Any) -> None:
         """Record the real cost from ``usage`` (the full reservation when there is none).
@@ -126,6 +161,10 @@ class _Call:
     def release(self) -> None:
         """The call failed before anything was billed."""
         self.reservation.release()
+
+
+#: ``on_stream(raw_stream, call)``: the stream handed to the caller, settling ``call`` when it ends.
+_OnStream = Callable[[Any, _Call], Any]
 
 
 class _Adapter:
@@ -179,123 +218,169 @@ class _Adapter:
         return self.cost_from_response(_state_response(state))
 
     # -- accounting ---------------------------------------------------------------
-    def _begin(self, kwargs: Mapping[str, Any]) -> _Call | None:
+    def _begin(self, kwargs: dict[str, Any], on_stream: _OnStream | None = None,
+               prepare: Callable[[dict[str, Any]], bool] | None = None) -> _Call | None:
+        """A reserved call, or ``None`` when this call is already accounted (the judge's own)."""
         if _accounted.get():
             return None
-        return _Call(self, kwargs)
+        return _Call(self, kwargs, on_stream, prepare)
 
-    async def _abegin(self, kwargs: Mapping[str, Any]) -> _Call | None:
-        acct = self._begin(kwargs)
-        if acct is not None:
-            await acct.durable()
-        return acct
-
-    def accounted(self, kwargs: Mapping[str, Any], call: Callable[[], Any]) -> Any:
+    def accounted(self, kwargs: dict[str, Any], call: Callable[[], Any]) -> Any:
         """Run a sync ``call`` made with ``kwargs`` under a reservation, settled from its ``usage``."""
         acct = self._begin(kwargs)
         if acct is None:
             return call()
-        token = _accounted.set(True)
-        try:
-            resp = call()
-        except BaseException:
-            acct.release()
-            raise
-        finally:
-            _accounted.reset(token)
-        acct.settle_usage(getattr(resp, "usage", None))
-        return resp
+        with acct:
+            response = call()
+        return acct.received(response)
+
+    # -- judge --------------------------------------------------------------------
+    sync_client = ""  # the provider's sync client class, for error messages
+
+    def _judge_resource(self, client: Any) -> Any:  # pragma: no cover - per provider
+        raise NotImplementedError
+
+    def _judge_request(self, content: str, max_tokens: int) -> dict[str, Any]:  # pragma: no cover - per provider
+        raise NotImplementedError
+
+    def _reply_text(self, response: Any) -> str:  # pragma: no cover - per provider
+        raise NotImplementedError
+
+    def judge(
+        self,
+        client: Any,
+        prompt: str = "Reply YES if the task is complete, NO otherwise. One word only.",
+        text_fn: Callable[[Any], str] | None = None,
+        *,
+        max_tokens: int = 8,
+    ) -> JudgeDetector:
+        """A detector that asks this model whether the latest state is done (a reply starting with Y).
+
+        The judge's own call is reserved and charged to the run like any wrapped call.
+
+        Args:
+            client: a sync client (``anthropic.Anthropic`` / ``openai.OpenAI``), wrapped or not.
+            prompt: the question, followed by the state's text.
+            text_fn: the state's text (default ``str(state)``).
+            max_tokens: bounds the reply (raise it for models that think before they answer).
+
+        Raises:
+            TypeError: ``client`` is an async client (the loop calls its detectors synchronously).
+        """
+        resource = self._judge_resource(client)
+        create = getattr(resource, "create", None)
+        if create is not None and _is_async(resource, create):
+            raise TypeError(f"judge() needs a sync client ({self.sync_client}), not {type(client).__name__}")
+
+        def ask_judge(state: Any) -> bool:
+            text = text_fn(state) if text_fn else str(state)
+            kwargs = self._judge_request(f"{prompt}\n\n---\n{text}", max_tokens)
+            response = self.accounted(kwargs, lambda: self._judge_resource(client).create(**kwargs))
+            return self._reply_text(response).strip().upper().startswith("Y")
+
+        ask_judge.__qualname__ = f"{self!r}.judge"
+        return JudgeDetector(ask_judge)
 
     def wrap(self, client: Any) -> Any:  # pragma: no cover - per provider
         """Patch ``client`` so every call is charged to the current run; returns the same client."""
         raise NotImplementedError
 
 
-def _wrap_method(adapter: _Adapter, resource: Any, name: str, stream_proxy: Callable[[Any, _Call, bool, Mapping[str, Any]], Any],
-                 prepare: Callable[[dict[str, Any]], bool] | None = None) -> None:
-    """Replace ``resource.<name>`` by an accounted version (sync or async, streaming or not)."""
+def _replace(resource: Any, name: str, make: Callable[[Any], Callable[..., Any]], adapter: _Adapter) -> None:
+    """Replace ``resource.<name>`` by ``make(original)``; wrapping twice wraps the original once."""
     orig = getattr(resource, name)
     if getattr(orig, "__loomc_adapter__", None) is not None:
         orig = orig.__wrapped__
-
-    if _is_async(resource, orig):
-
-        async def acall(*args: Any, **kwargs: Any) -> Any:
-            acct = await adapter._abegin(kwargs)
-            if acct is None:
-                return await orig(*args, **kwargs)
-            injected = prepare(kwargs) if prepare is not None and kwargs.get("stream") else False
-            token = _accounted.set(True)  # an SDK helper calling back into a wrapped method is not charged twice
-            try:
-                resp = await orig(*args, **kwargs)
-            except BaseException:
-                acct.release()
-                raise
-            finally:
-                _accounted.reset(token)
-            if kwargs.get("stream"):
-                return stream_proxy(resp, acct, injected, kwargs)
-            acct.settle_usage(getattr(resp, "usage", None))
-            return resp
-
-        wrapped: Any = acall
-    else:
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            acct = adapter._begin(kwargs)
-            if acct is None:
-                return orig(*args, **kwargs)
-            injected = prepare(kwargs) if prepare is not None and kwargs.get("stream") else False
-            token = _accounted.set(True)
-            try:
-                resp = orig(*args, **kwargs)
-            except BaseException:
-                acct.release()
-                raise
-            finally:
-                _accounted.reset(token)
-            if kwargs.get("stream"):
-                return stream_proxy(resp, acct, injected, kwargs)
-            acct.settle_usage(getattr(resp, "usage", None))
-            return resp
-
-        wrapped = call
+    wrapped: Any = make(orig)
     wrapped.__wrapped__ = orig
     wrapped.__loomc_adapter__ = adapter
     wrapped.__doc__ = getattr(orig, "__doc__", None)
     setattr(resource, name, wrapped)
 
 
+def _wrap_method(adapter: _Adapter, resource: Any, name: str, on_stream: _OnStream,
+                 prepare: Callable[[dict[str, Any]], bool] | None = None) -> None:
+    """Replace ``resource.<name>`` by an accounted version (sync or async, streaming or not)."""
+
+    def make(orig: Any) -> Callable[..., Any]:
+        # The two shells differ only in ``await``: the protocol itself is :class:`_Call`.
+        if _is_async(resource, orig):
+
+            async def acall(*args: Any, **kwargs: Any) -> Any:
+                acct = adapter._begin(kwargs, on_stream, prepare)
+                if acct is None:
+                    return await orig(*args, **kwargs)
+                await acct.durable()
+                with acct:
+                    response = await orig(*args, **kwargs)
+                return acct.received(response)
+
+            return acall
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            acct = adapter._begin(kwargs, on_stream, prepare)
+            if acct is None:
+                return orig(*args, **kwargs)
+            with acct:
+                response = orig(*args, **kwargs)
+            return acct.received(response)
+
+        return call
+
+    _replace(resource, name, make, adapter)
+
+
 # ---------------------------------------------------------------------------------
 # Streams: pass every event through, collect usage, settle when the stream ends.
 
 
-class _Usage:
-    """What a stream has told us so far about its usage."""
+class _StreamUsage:
+    """The token usage a stream has reported so far, and whether it was the final count."""
 
-    def __init__(self) -> None:
-        self.usage: dict[str, Any] | None = None
-        self.final = False
+    __slots__ = ("final", "usage")
+
+    def __init__(self, usage: dict[str, Any] | None = None, *, final: bool = False) -> None:
+        self.usage = usage
+        self.final = final
+
+
+class _EndOnError:
+    """``with``: ends the stream (settling its call) when reading the next event raises."""
+
+    __slots__ = ("proxy",)
+
+    def __init__(self, proxy: _StreamProxy) -> None:
+        self.proxy = proxy
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is not None:  # StopIteration / StopAsyncIteration included: the stream ended
+            self.proxy.end()
 
 
 class _StreamProxy:
     """A stream with the SDK stream's interface that settles its call when it ends."""
 
-    def __init__(self, inner: Any, acct: _Call, feed: Callable[[Any, _Usage], bool], finish: Callable[[_Usage], Any]) -> None:
+    def __init__(self, inner: Any, acct: _Call, feed: Callable[[Any, _StreamUsage], bool],
+                 finish: Callable[[_StreamUsage], Any]) -> None:
         self._inner = inner
         self._acct = acct
         self._feed = feed  # -> False to hide the event from the caller
         self._finish = finish
-        self._seen = _Usage()
+        self._seen = _StreamUsage()
         self._done = False
         self._it: Any = None
+        self._guard = _EndOnError(self)
 
     def __getattr__(self, name: str) -> Any:
         if name == "_inner":
             raise AttributeError(name)
         return getattr(self._inner, name)
 
-    def _end(self) -> None:
+    def end(self) -> None:
+        """Settle the call with what the stream reported (once)."""
         if not self._done:
             self._done = True
             self._acct.settle_usage(self._finish(self._seen))
@@ -308,25 +393,22 @@ class _StreamProxy:
         if self._it is None:
             self._it = iter(self._inner)
         while True:
-            try:
-                ev = next(self._it)
-            except BaseException:
-                self._end()
-                raise
-            if self._feed(ev, self._seen):
-                return ev
+            with self._guard:
+                event = next(self._it)
+            if self._feed(event, self._seen):
+                return event
 
     def close(self) -> Any:
         """Close the underlying stream; the call is settled with what it reported."""
         try:
             return self._inner.close()
         finally:
-            self._end()
+            self.end()
 
     def __enter__(self) -> _StreamProxy:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # async
@@ -337,13 +419,10 @@ class _StreamProxy:
         if self._it is None:
             self._it = self._inner.__aiter__()
         while True:
-            try:
-                ev = await self._it.__anext__()
-            except BaseException:
-                self._end()
-                raise
-            if self._feed(ev, self._seen):
-                return ev
+            with self._guard:
+                event = await self._it.__anext__()
+            if self._feed(event, self._seen):
+                return event
 
     async def aclose(self) -> None:
         """Close the underlying async stream."""
@@ -352,12 +431,12 @@ class _StreamProxy:
             if inspect.isawaitable(res):
                 await res
         finally:
-            self._end()
+            self.end()
 
     async def __aenter__(self) -> _StreamProxy:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
 
@@ -433,102 +512,36 @@ class AnthropicAdapter(_Adapter):
         messages = getattr(client, "messages", None)
         if messages is None or not hasattr(messages, "create"):
             raise TypeError(f"AnthropicAdapter.wrap({client!r}): expected an anthropic.Anthropic or AsyncAnthropic client")
-        _wrap_method(self, messages, "create", self._stream_proxy)
+        _wrap_method(self, messages, "create", _anthropic_stream)
         if hasattr(messages, "stream"):
-            self._wrap_stream_helper(messages)
+            _replace(messages, "stream", self._stream_helper, self)
         return client
 
-    def _stream_proxy(self, raw: Any, acct: _Call, injected: bool, kwargs: Mapping[str, Any]) -> _StreamProxy:
-        return _StreamProxy(raw, acct, _anthropic_feed, lambda seen: _anthropic_finish(seen, kwargs))
+    def _stream_helper(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        """``messages.stream``: the SDK's own stream manager, entered under a reservation."""
 
-    def _wrap_stream_helper(self, messages: Any) -> None:
-        orig = messages.stream
-        if getattr(orig, "__loomc_adapter__", None) is not None:
-            orig = orig.__wrapped__
-        adapter = self
+        def stream(*args: Any, **kwargs: Any) -> _AccountedStream:
+            return _AccountedStream(self, lambda: orig(*args, **kwargs), kwargs)
 
-        def stream(*args: Any, **kwargs: Any) -> Any:
-            acct = adapter._begin(kwargs)
-            if acct is None:
-                return orig(*args, **kwargs)
-            try:
-                manager = orig(*args, **kwargs)
-                attr = "_" + type(manager).__mro__[0].__name__.lstrip("_") + "__api_request"
-                if not hasattr(manager, attr):
-                    attr = next((a for a in vars(manager) if a.endswith("__api_request")), attr)
-                request = getattr(manager, attr)
-            except BaseException:
-                acct.release()
-                raise
-            if inspect.isawaitable(request):
+        return stream
 
-                async def arequest() -> Any:
-                    try:
-                        await acct.durable()
-                    except BaseException:
-                        close = getattr(request, "close", None)
-                        if close is not None:
-                            close()  # the request coroutine is never sent
-                        raise
-                    try:
-                        raw = await request
-                    except BaseException:
-                        acct.release()
-                        raise
-                    return adapter._stream_proxy(raw, acct, False, kwargs)
+    sync_client = "anthropic.Anthropic"
 
-                setattr(manager, attr, arequest())
-            else:
+    def _judge_resource(self, client: Any) -> Any:
+        return getattr(client, "messages", None)
 
-                def srequest() -> Any:
-                    try:
-                        raw = request()
-                    except BaseException:
-                        acct.release()
-                        raise
-                    return adapter._stream_proxy(raw, acct, False, kwargs)
+    def _judge_request(self, content: str, max_tokens: int) -> dict[str, Any]:
+        return {"model": self.model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
 
-                setattr(manager, attr, srequest)
-            return manager
-
-        stream.__wrapped__ = orig  # type: ignore[attr-defined]
-        stream.__loomc_adapter__ = self  # type: ignore[attr-defined]
-        stream.__doc__ = getattr(orig, "__doc__", None)
-        messages.stream = stream
-
-    def judge(
-        self,
-        client: Any,
-        prompt: str = "Reply YES if the task is complete, NO otherwise. One word only.",
-        text_fn: Callable[[Any], str] | None = None,
-        *,
-        max_tokens: int = 8,
-    ) -> JudgeDetector:
-        """A detector that asks this model whether the latest state is done (a reply starting with Y).
-
-        The judge's own call is reserved and charged to the run like any wrapped call.
-        ``client`` must be a sync client; ``max_tokens`` bounds the reply (raise it for
-        models that think before they answer).
-        """
-        messages = getattr(client, "messages", None)
-        create = getattr(messages, "create", None)
-        if create is not None and _is_async(messages, create):
-            raise TypeError("judge() needs a sync client (anthropic.Anthropic), not AsyncAnthropic")
-
-        def ask_judge(state: Any) -> bool:
-            text = text_fn(state) if text_fn else str(state)
-            kwargs: dict[str, Any] = {
-                "model": self.model, "max_tokens": max_tokens,
-                "messages": [{"role": "user", "content": f"{prompt}\n\n---\n{text}"}],
-            }
-            response = self.accounted(kwargs, lambda: client.messages.create(**kwargs))
-            return str(response.content[0].text).strip().upper().startswith("Y")
-
-        ask_judge.__qualname__ = f"AnthropicAdapter({self.model!r}).judge"
-        return JudgeDetector(ask_judge)
+    def _reply_text(self, response: Any) -> str:
+        return str(response.content[0].text)
 
 
-def _anthropic_feed(ev: Any, seen: _Usage) -> bool:
+def _anthropic_stream(raw: Any, acct: _Call) -> _StreamProxy:
+    return _StreamProxy(raw, acct, _anthropic_feed, lambda seen: _anthropic_finish(seen, acct.kwargs))
+
+
+def _anthropic_feed(ev: Any, seen: _StreamUsage) -> bool:
     kind = getattr(ev, "type", None)
     if kind == "message_start":
         seen.usage = _dump(getattr(getattr(ev, "message", None), "usage", None))
@@ -539,7 +552,7 @@ def _anthropic_feed(ev: Any, seen: _Usage) -> bool:
     return True
 
 
-def _anthropic_finish(seen: _Usage, kwargs: Mapping[str, Any]) -> Any:
+def _anthropic_finish(seen: _StreamUsage, kwargs: Mapping[str, Any]) -> Any:
     if seen.usage is None:
         return None  # nothing reported: settle the whole reservation
     if not seen.final:
@@ -547,6 +560,77 @@ def _anthropic_finish(seen: _Usage, kwargs: Mapping[str, Any]) -> Any:
         out = kwargs.get("max_tokens")
         return {**seen.usage, "output_tokens": out if isinstance(out, int) else seen.usage.get("output_tokens", 0)}
     return seen.usage
+
+
+def _snapshot_usage(stream: Any) -> _StreamUsage:
+    """The usage an Anthropic ``MessageStream`` has accumulated (public ``current_message_snapshot``).
+
+    The snapshot is the message built from the events read so far: its ``usage`` is final
+    once a ``message_delta`` set its ``stop_reason``. Before the first event the SDK has no
+    snapshot (its property asserts one exists, or returns ``None`` under ``python -O``).
+    """
+    try:
+        snapshot = stream.current_message_snapshot
+    except AssertionError:
+        snapshot = None
+    if snapshot is None:
+        return _StreamUsage()
+    return _StreamUsage(_dump(getattr(snapshot, "usage", None)), final=getattr(snapshot, "stop_reason", None) is not None)
+
+
+class _AccountedStream:
+    """What a wrapped ``messages.stream(...)`` returns: the SDK's manager, entered under a reservation.
+
+    Only the SDK's public surface is used: the stream manager is created when the block is
+    entered (so a call the budget refuses creates no request), entered and left through
+    its context-manager protocol, and the call is settled on leaving from the
+    ``MessageStream``'s public ``current_message_snapshot``. The snapshot's behaviour before
+    the first event is why ``pyproject.toml`` pins the ``anthropic`` range this was tested
+    with (``tests/test_adapters.py`` runs the real SDK against ``loomc.testing``).
+    """
+
+    def __init__(self, adapter: _Adapter, open_manager: Callable[[], Any], kwargs: dict[str, Any]) -> None:
+        self._adapter = adapter
+        self._open = open_manager
+        self._kwargs = kwargs
+        self._manager: Any = None
+        self._stream: Any = None
+        self._acct: _Call | None = None
+
+    def _entered(self, stream: Any) -> Any:
+        self._stream = stream
+        return stream
+
+    def _settle(self) -> None:
+        acct, self._acct = self._acct, None
+        if acct is not None:
+            acct.settle_usage(_anthropic_finish(_snapshot_usage(self._stream), self._kwargs))
+
+    def __enter__(self) -> Any:
+        self._acct = self._adapter._begin(self._kwargs)
+        with self._acct or contextlib.nullcontext():
+            self._manager = self._open()
+            return self._entered(self._manager.__enter__())
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return self._manager.__exit__(*exc)
+        finally:
+            self._settle()
+
+    async def __aenter__(self) -> Any:
+        self._acct = self._adapter._begin(self._kwargs)
+        if self._acct is not None:
+            await self._acct.durable()
+        with self._acct or contextlib.nullcontext():
+            self._manager = self._open()
+            return self._entered(await self._manager.__aenter__())
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        try:
+            return await self._manager.__aexit__(*exc)
+        finally:
+            self._settle()
 
 
 # ---------------------------------------------------------------------------------
@@ -601,61 +685,49 @@ class OpenAIAdapter(_Adapter):
         chat = getattr(getattr(client, "chat", None), "completions", None)
         if chat is None or not hasattr(chat, "create"):
             raise TypeError(f"OpenAIAdapter.wrap({client!r}): expected an openai.OpenAI or AsyncOpenAI client")
-        _wrap_method(self, chat, "create", self._chat_stream, prepare=_include_usage)
+        _wrap_method(self, chat, "create", _chat_stream, prepare=_include_usage)
         responses = getattr(client, "responses", None)
         if responses is not None and hasattr(responses, "create"):
-            _wrap_method(self, responses, "create", self._responses_stream)
+            _wrap_method(self, responses, "create", _responses_stream)
         return client
 
-    def _chat_stream(self, raw: Any, acct: _Call, injected: bool, kwargs: Mapping[str, Any]) -> _StreamProxy:
-        def feed(chunk: Any, seen: _Usage) -> bool:
-            usage = getattr(chunk, "usage", None)
-            if usage is not None:
-                seen.usage, seen.final = _dump(usage), True
-                if injected and not getattr(chunk, "choices", None):
-                    return False  # the usage-only chunk the caller did not ask for
-            return True
+    sync_client = "openai.OpenAI"
 
-        return _StreamProxy(raw, acct, feed, lambda seen: seen.usage)
+    def _judge_resource(self, client: Any) -> Any:
+        return getattr(getattr(client, "chat", None), "completions", None)
 
-    def _responses_stream(self, raw: Any, acct: _Call, injected: bool, kwargs: Mapping[str, Any]) -> _StreamProxy:
-        def feed(ev: Any, seen: _Usage) -> bool:
-            usage = getattr(getattr(ev, "response", None), "usage", None)
-            if usage is not None:
-                seen.usage, seen.final = _dump(usage), True
-            return True
+    def _judge_request(self, content: str, max_tokens: int) -> dict[str, Any]:
+        # max_completion_tokens bounds reasoning models' replies too
+        return {"model": self.model, "max_completion_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
 
-        return _StreamProxy(raw, acct, feed, lambda seen: seen.usage)
+    def _reply_text(self, response: Any) -> str:
+        return str(response.choices[0].message.content or "")
 
-    def judge(
-        self,
-        client: Any,
-        prompt: str = "Reply YES if the task is complete, NO otherwise. One word only.",
-        text_fn: Callable[[Any], str] | None = None,
-        *,
-        max_tokens: int = 8,
-    ) -> JudgeDetector:
-        """A detector that asks this model whether the latest state is done; its call is charged to the run.
 
-        The reply is bounded by ``max_completion_tokens=max_tokens`` (raise it for reasoning models).
-        """
-        completions = getattr(getattr(client, "chat", None), "completions", None)
-        create = getattr(completions, "create", None)
-        if create is not None and _is_async(completions, create):
-            raise TypeError("judge() needs a sync client (openai.OpenAI), not AsyncOpenAI")
+def _chat_stream(raw: Any, acct: _Call) -> _StreamProxy:
+    def feed(chunk: Any, seen: _StreamUsage) -> bool:
+        usage = getattr(chunk, "usage", None)
+        if usage is not None:
+            seen.usage, seen.final = _dump(usage), True
+            if acct.injected and not getattr(chunk, "choices", None):
+                return False  # the usage-only chunk the caller did not ask for
+        return True
 
-        def ask_judge(state: Any) -> bool:
-            text = text_fn(state) if text_fn else str(state)
-            kwargs: dict[str, Any] = {
-                "model": self.model, "max_completion_tokens": max_tokens,
-                "messages": [{"role": "user", "content": f"{prompt}\n\n---\n{text}"}],
-            }
-            response = self.accounted(kwargs, lambda: client.chat.completions.create(**kwargs))
-            content = response.choices[0].message.content or ""
-            return str(content).strip().upper().startswith("Y")
+    return _StreamProxy(raw, acct, feed, _reported)
 
-        ask_judge.__qualname__ = f"OpenAIAdapter({self.model!r}).judge"
-        return JudgeDetector(ask_judge)
+
+def _responses_stream(raw: Any, acct: _Call) -> _StreamProxy:
+    def feed(ev: Any, seen: _StreamUsage) -> bool:
+        usage = getattr(getattr(ev, "response", None), "usage", None)
+        if usage is not None:
+            seen.usage, seen.final = _dump(usage), True
+        return True
+
+    return _StreamProxy(raw, acct, feed, _reported)
+
+
+def _reported(seen: _StreamUsage) -> Any:
+    return seen.usage  # none reported: the whole reservation is settled
 
 
 def _include_usage(kwargs: dict[str, Any]) -> bool:
