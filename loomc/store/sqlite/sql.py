@@ -1,18 +1,22 @@
 """The SQLite dialect: the schema, its migrations and every statement the store core runs.
 
-Pure data: no connection is opened here. The operations in ``loomc.store.core`` name
-these statements; another database provides a module (or object) with the same names.
+No connection is opened here (the migrations run on the one the driver passes). The
+operations in ``loomc.store.core`` name these statements; another database provides a
+module (or object) with the same names, and a driver for its client library.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomc._core.types import RunStatus
 
 # Names kept here for code written against the 0.4/0.5 layout; they live in the core now.
 from loomc.store.core import now_iso, run_info, storable
 from loomc.store.protocol import StepRow
+
+if TYPE_CHECKING:
+    import sqlite3
 
 __all__ = ["SCHEMA_VERSION", "StepRow", "now_iso", "run_info", "storable"]
 
@@ -236,9 +240,75 @@ def prefix_args(run_id: str) -> tuple[str, str]:
 
 
 SELECT_VERSION = "PRAGMA user_version"
+SET_VERSION = "PRAGMA user_version={}"
+SET_SYNCHRONOUS = "PRAGMA synchronous={}"
+SELECT_TABLES = "SELECT name FROM sqlite_master WHERE type='table'"
+HAS_RUNS = "SELECT 1 FROM sqlite_master WHERE name='runs'"
+#: Copy a (deleted) write-ahead log into the database file, still open on this connection.
+CHECKPOINT_WAL = "PRAGMA wal_checkpoint(TRUNCATE)"
 BEGIN_WRITE = "BEGIN IMMEDIATE"
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
 SAVEPOINT = "SAVEPOINT w"
 ROLLBACK_SAVEPOINT = "ROLLBACK TO w"
 RELEASE_SAVEPOINT = "RELEASE w"
+
+
+# -- migrations (run by the sync driver inside its BEGIN IMMEDIATE) ------------------------
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a database at ``version`` to ``version + 1`` (``MIGRATIONS[version]``)."""
+    if version == 0:
+        migrate_0(conn)
+    else:
+        run_script(conn, MIGRATIONS[version])
+
+
+def run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run a multi-statement script inside the current transaction (``executescript`` would commit)."""
+    for stmt in script.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
+def migrate_0(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring a loomc 0.3.0 database up to it."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    if not cols:
+        run_script(conn, MIGRATIONS[0])
+        return
+    # A 0.3.0 database: add what it lacks, then fill the totals from its steps.
+    run_cols = {
+        "name": "TEXT NOT NULL DEFAULT ''", "kind": "TEXT NOT NULL DEFAULT 'loop'",
+        "parent_run_id": "TEXT", "parent_step": "INTEGER", "call_index": "INTEGER",
+        "root_run_id": "TEXT", "state_type": "TEXT", "input_blob": "BLOB", "budget": "TEXT",
+        "cost_usd": "REAL NOT NULL DEFAULT 0", "steps": "INTEGER NOT NULL DEFAULT 0",
+        "wall_s": "REAL NOT NULL DEFAULT 0", "max_step_cost": "REAL NOT NULL DEFAULT 0",
+        "next_from": "INTEGER", "stop_reason": "TEXT", "owner": "TEXT", "heartbeat": "REAL",
+        "attempts": "INTEGER NOT NULL DEFAULT 0", "meta": "TEXT",
+    }
+    for name, decl in run_cols.items():
+        if name not in cols:
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {decl}")
+    step_cols = {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
+    if not step_cols:
+        run_script(conn, MIGRATIONS[0])
+    conn.execute("CREATE TABLE IF NOT EXISTS blobs (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+    for name, decl in {"event": "TEXT", "next_from": "INTEGER", "duration_s": "REAL", "blob_id": "INTEGER"}.items():
+        if name not in step_cols:
+            conn.execute(f"ALTER TABLE steps ADD COLUMN {name} {decl}")
+    if "breaker_event" in step_cols:
+        conn.execute("UPDATE steps SET event = breaker_event WHERE event IS NULL")
+    conn.execute(
+        "UPDATE runs SET cost_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM steps WHERE run_id = runs.id), "
+        "steps = (SELECT COUNT(*) FROM steps WHERE run_id = runs.id), "
+        "max_step_cost = (SELECT COALESCE(MAX(cost_usd), 0) FROM steps WHERE run_id = runs.id), "
+        "next_from = (SELECT MAX(step_n) FROM steps WHERE run_id = runs.id), state_type = 'json'"
+    )
+    run_script(
+        conn,
+        "CREATE INDEX IF NOT EXISTS runs_roots ON runs(created_at) WHERE parent_run_id IS NULL;"
+        "CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);"
+        "CREATE INDEX IF NOT EXISTS runs_children ON runs(parent_run_id, parent_step, call_index);"
+    )

@@ -56,56 +56,6 @@ __all__ = [
 # SQLite
 
 
-def _script(conn: sqlite3.Connection, script: str) -> None:
-    """Run a multi-statement script inside the current transaction (``executescript`` would commit)."""
-    for stmt in script.split(";"):
-        if stmt.strip():
-            conn.execute(stmt)
-
-
-def _migrate_0(conn: sqlite3.Connection) -> None:
-    """Create the schema, or bring a loomc 0.3.0 database up to it."""
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
-    if not cols:
-        _script(conn, _sql.MIGRATIONS[0])
-        return
-    # A 0.3.0 database: add what it lacks, then fill the totals from its steps.
-    run_cols = {
-        "name": "TEXT NOT NULL DEFAULT ''", "kind": "TEXT NOT NULL DEFAULT 'loop'",
-        "parent_run_id": "TEXT", "parent_step": "INTEGER", "call_index": "INTEGER",
-        "root_run_id": "TEXT", "state_type": "TEXT", "input_blob": "BLOB", "budget": "TEXT",
-        "cost_usd": "REAL NOT NULL DEFAULT 0", "steps": "INTEGER NOT NULL DEFAULT 0",
-        "wall_s": "REAL NOT NULL DEFAULT 0", "max_step_cost": "REAL NOT NULL DEFAULT 0",
-        "next_from": "INTEGER", "stop_reason": "TEXT", "owner": "TEXT", "heartbeat": "REAL",
-        "attempts": "INTEGER NOT NULL DEFAULT 0", "meta": "TEXT",
-    }
-    for name, decl in run_cols.items():
-        if name not in cols:
-            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {decl}")
-    step_cols = {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
-    if not step_cols:
-        _script(conn, _sql.MIGRATIONS[0])
-    conn.execute("CREATE TABLE IF NOT EXISTS blobs (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
-    for name, decl in {"event": "TEXT", "next_from": "INTEGER", "duration_s": "REAL", "blob_id": "INTEGER"}.items():
-        if name not in step_cols:
-            conn.execute(f"ALTER TABLE steps ADD COLUMN {name} {decl}")
-    if "breaker_event" in step_cols:
-        conn.execute("UPDATE steps SET event = breaker_event WHERE event IS NULL")
-    conn.execute(
-        "UPDATE runs SET cost_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM steps WHERE run_id = runs.id), "
-        "steps = (SELECT COUNT(*) FROM steps WHERE run_id = runs.id), "
-        "max_step_cost = (SELECT COALESCE(MAX(cost_usd), 0) FROM steps WHERE run_id = runs.id), "
-        "next_from = (SELECT MAX(step_n) FROM steps WHERE run_id = runs.id), state_type = 'json'"
-    )
-    _script(
-        conn,
-        "CREATE INDEX IF NOT EXISTS runs_roots ON runs(created_at) WHERE parent_run_id IS NULL;"
-        "CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);"
-        "CREATE INDEX IF NOT EXISTS runs_children ON runs(parent_run_id, parent_step, call_index);"
-    )
-
-
-
 class SQLiteStore:
     """The embedded default store: one SQLite file in WAL mode, one transaction per step.
 
@@ -210,21 +160,21 @@ class SQLiteStore:
                 if not busy or time.monotonic() > deadline:
                     raise
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                conn.execute(_sql.ROLLBACK)
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         path = self.path
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = conn.execute(_sql.SELECT_VERSION).fetchone()[0]
             if version > _sql.SCHEMA_VERSION:
                 raise SchemaTooNew(
                     f"{path} was written by a newer loomc (schema v{version}; this loomc reads up to "
                     f"v{_sql.SCHEMA_VERSION}); upgrade loomc to use it — the file was not changed"
                 )
             if version == 0:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                tables = {r[0] for r in conn.execute(_sql.SELECT_TABLES)}
                 if tables and "runs" not in tables:
                     raise StoreError(
                         f"{path} is a SQLite database but not a loomc one (tables: "
@@ -233,7 +183,7 @@ class SQLiteStore:
             # Readers never migrate (nor set a pragma that writes) a file: one older than
             # they read is refused untouched, an empty one is reported.
             if not self.create and version < _sql.READS_FROM:
-                if conn.execute("SELECT 1 FROM sqlite_master WHERE name='runs'").fetchone():
+                if conn.execute(_sql.HAS_RUNS).fetchone():
                     raise StoreError(
                         f"{path} was written by an older loomc (schema v{version}, this loomc uses "
                         f"v{_sql.SCHEMA_VERSION}); upgrade it once by opening it for writing, e.g. "
@@ -242,21 +192,18 @@ class SQLiteStore:
                 raise StoreError(f"{path} holds no loomc runs yet; run a loop first")
             for pragma in _sql.PRAGMAS:
                 conn.execute(pragma)
-            conn.execute(f"PRAGMA synchronous={_sql.SYNCHRONOUS[self.durability]}")
+            conn.execute(_sql.SET_SYNCHRONOUS.format(_sql.SYNCHRONOUS[self.durability]))
             if version < _sql.SCHEMA_VERSION and self.create:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(_sql.BEGIN_WRITE)
                 try:
-                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    version = conn.execute(_sql.SELECT_VERSION).fetchone()[0]
                     while version < _sql.SCHEMA_VERSION:
-                        if version == 0:
-                            _migrate_0(conn)
-                        else:
-                            _script(conn, _sql.MIGRATIONS[version])
+                        _sql.migrate(conn, version)
                         version += 1
-                        conn.execute(f"PRAGMA user_version={version}")
-                    conn.execute("COMMIT")
+                        conn.execute(_sql.SET_VERSION.format(version))
+                    conn.execute(_sql.COMMIT)
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    conn.execute(_sql.ROLLBACK)
                     raise
         except sqlite3.DatabaseError as exc:
             raise StoreError(
@@ -314,8 +261,8 @@ class SQLiteStore:
             return False
         try:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                conn.execute(_sql.ROLLBACK)
+            busy, _, _ = conn.execute(_sql.CHECKPOINT_WAL).fetchone()
         except sqlite3.Error:
             return False
         return not busy
