@@ -104,6 +104,7 @@ def build(path: Path, n_runs: int, n_steps: int, seed: int = 7) -> None:
                     event,
                     k,
                     1.5,
+                    None,  # blob_id: the state is inline
                 )
             )
         if len(steps) >= 50_000:

@@ -37,5 +37,5 @@ def no_blocking() -> Iterator[Any]:
     with blockbuster_ctx() as bb:
         for name in ("io.BufferedReader.read", "io.FileIO.read", "os.stat", "os.path.exists"):
             if name in bb.functions:
-                bb.functions[name].can_block_in("loomc/_lease.py", {"_start_time", "is_alive"})
+                bb.functions[name].can_block_in("loomc/store/lease.py", {"_start_time", "is_alive"})
         yield bb

@@ -163,7 +163,7 @@ def blockbuster() -> Iterator[BlockBuster]:
     with blockbuster_ctx() as bb:
         for name in ("io.BufferedReader.read", "io.FileIO.read", "os.stat", "os.path.exists"):
             if name in bb.functions:
-                bb.functions[name].can_block_in("loomc/_lease.py", {"_start_time", "is_alive"})
+                bb.functions[name].can_block_in("loomc/store/lease.py", {"_start_time", "is_alive"})
         yield bb
 
 

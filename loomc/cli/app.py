@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from loomc._core import events as _step_events
-from loomc._core.errors import LoomcError, StoreError
+from loomc._core.errors import LoomcError
 from loomc._core.types import RunInfo, RunStatus
 from loomc.cli.common import (
     LIMIT_OPTIONS,
@@ -116,39 +116,19 @@ def main() -> None:
 
 
 def _open(db: Path | None) -> SQLiteStore:
-    """The database named by ``--db`` / ``$LOOMC_DB`` / the default, opened for reading."""
+    """The database named by ``--db`` / ``$LOOMC_DB`` / the default, opened for reading.
+
+    A reader never creates a database, nor migrates one: a file older than this loomc
+    reads is refused untouched (``SQLiteStore`` with ``create=False``).
+    """
     from loomc.store.sqlite.sync import SQLiteStore
 
     path = database_path(db)
-    _refuse_older(path)
     store = SQLiteStore(path, create=False)
-    store.conn  # noqa: B018 - open now, so a bad file is reported before any output
+    store.open()  # now, so a bad file is reported before any output
     return store
 
 
-def _refuse_older(path: Path) -> None:
-    """Refuse, untouched, a database an older loomc wrote: readers never migrate one."""
-    import sqlite3
-
-    from loomc.store.sqlite import sql as _sql
-
-    if not path.is_file():
-        return  # the store reports a missing file
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            has_runs = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return  # not a database at all: the store says so
-    if has_runs and version < _sql.READS_FROM:
-        raise StoreError(
-            f"{path} was written by an older loomc (schema v{version}, this loomc uses v{_sql.SCHEMA_VERSION}); "
-            "upgrade it once by opening it for writing, e.g. "
-            f'python -c "import loomc; loomc.SQLiteStore({str(path)!r}).list_runs()"'
-        )
 
 
 # ---------------------------------------------------------------------------------
@@ -526,12 +506,10 @@ def watch(
 def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
     from loomc.cli import render as r
     from loomc.store.codec import decode
-    from loomc.store.sqlite import sql as _sql
-    from loomc.store.sqlite.sync import expand_rows
 
     kids = store.children(info.id)
-    rows = store._read(_sql.SELECT_RESUME, (info.id,))
-    state_type, input_blob, next_from = rows[0] if rows else (None, None, None)
+    stored = store.stored_input(info.id)
+    state_type, input_blob, next_from = stored if stored is not None else (None, None, None)
     d = r.run_dict(info)
     d["own_cost_usd"] = r.own_cost(info, kids)
     d["state_type"] = state_type or "json"
@@ -540,18 +518,18 @@ def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str,
     # named by state_type); the user's modules are never imported to read them.
     d["input"] = decode(input_blob, "json")
     steps, cumul = [], 0.0
-    for s in expand_rows(store._read(_sql.SELECT_STEPS_FULL, (info.id,)), info.id, str(store.path)):
-        cumul += s[2]
+    for s in store.stored_steps(info.id):
+        cumul += s.cost_usd
         steps.append(
             {
-                "step": s[0],
-                "cost_usd": s[2],
+                "step": s.step_n,
+                "cost_usd": s.cost_usd,
                 "cumul_usd": round(cumul, 9),
-                "score": s[3],
-                "error": s[5],
-                **r.event_fields(_step_events.decode(s[6])),
-                "timestamp": s[4],
-                "state": decode(s[1], "json"),
+                "score": s.score,
+                "error": s.error,
+                **r.event_fields(_step_events.decode(s.event)),
+                "timestamp": s.timestamp,
+                "state": decode(s.state, "json"),
             }
         )
     d["history"] = steps

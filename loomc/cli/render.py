@@ -275,46 +275,13 @@ def read_steps(
     store: Any, run_id: str, after: int = -1, *, first: int | None = None, last: int | None = None,
     error_chars: int | None = None,
 ) -> list[StepRecord]:
-    """Step metadata of a run (no state), in step order, reading only the rows asked for.
-
-    Args:
-        store: an open ``SQLiteStore``.
-        run_id: the run.
-        after: only steps numbered above this.
-        first: at most this many steps from the start (after ``after``).
-        last: only the last this many steps (``first`` is then ignored).
-        error_chars: read at most this many characters of each error (``None``: whole).
-    """
-    from datetime import datetime
-
-    from loomc.store.sqlite import sql as _sql
-
-    error = "error" if error_chars is None else f"substr(error, 1, {int(error_chars)})"
-    if last is not None:
-        rows = store._read(_sql.STEP_META_LAST.format(error=error), (run_id, last))[::-1]
-        rows = [row for row in rows if row[0] > after]
-    else:
-        rows = store._read(_sql.STEP_META_AFTER.format(error=error), (run_id, after, -1 if first is None else first))
-    return [
-        StepRecord(
-            row[0],
-            None,
-            cost_usd=row[1],
-            score=row[2],
-            timestamp=datetime.fromisoformat(row[3]),
-            error=row[4],
-            event=row[5],
-        )
-        for row in rows
-    ]
+    """Step metadata of a run (no state), in step order: ``store.step_window`` (see ``CheckpointStore``)."""
+    return store.step_window(run_id, after, first=first, last=last, error_chars=error_chars)  # type: ignore[no-any-return]
 
 
 def step_totals(store: Any, run_id: str, before: int) -> tuple[int, float]:
     """``(steps, cost)`` of a run's steps numbered below ``before``: what a window leaves out."""
-    from loomc.store.sqlite import sql as _sql
-
-    count, cost = store._read(_sql.STEP_TOTALS_BEFORE, (run_id, before))[0]
-    return int(count), float(cost)
+    return store.step_totals(run_id, before)  # type: ignore[no-any-return]
 
 
 def json_safe(data: Any) -> Any:

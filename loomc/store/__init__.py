@@ -1,1 +1,7 @@
-"""Checkpoint stores: the protocol, the state codec, leases, and the SQLite and memory stores."""
+"""Checkpoint stores.
+
+- ``protocol``: ``CheckpointStore`` / ``AsyncCheckpointStore`` and the data they carry.
+- ``core``: every store operation, written once as a sans-I/O generator of database requests.
+- ``sqlite/``: the SQLite dialect (``sql``), its sync driver (``sync``) and async driver (``aio``).
+- ``memory``: the memory store; ``open``: ``open_store``; ``codec``: states; ``lease``: leases.
+"""
