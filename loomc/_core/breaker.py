@@ -486,15 +486,7 @@ def circuit_breaker(
 
 
 def circuit_breaker(
-    fn: Callable[P, R] | None = None,
-    fail_threshold: int = 3,
-    cooldown: Duration = "30s",
-    backoff: Backoff = "fixed",
-    max_cooldown: Duration | None = None,
-    is_failure: Callable[[Any], bool] | None = None,
-    *,
-    name: str | None = None,
-    clock: Callable[[], float] = time.monotonic,
+    fn: Callable[P, R] | None = None, *args: Any, **settings: Any
 ) -> CircuitBreaker[P, R] | Callable[[Callable[P, R]], CircuitBreaker[P, R]]:
     """Wrap a tool in a :class:`CircuitBreaker`; also a decorator, bare or with arguments.
 
@@ -519,18 +511,15 @@ def circuit_breaker(
         The breaker (or, without ``fn``, a decorator that makes one). Bad settings raise
         ``ValueError``/``TypeError`` here, not at the first call.
     """
-    settings: dict[str, Any] = {
-        "fail_threshold": fail_threshold, "cooldown": cooldown, "backoff": backoff, "max_cooldown": max_cooldown,
-        "is_failure": is_failure, "name": name, "clock": clock,
-    }
+    # The settings are CircuitBreaker's own (the overloads above spell them out for type checkers).
     if fn is None:
-        CircuitBreaker(_probe, **settings)  # bad settings fail at decoration, not at first use
+        CircuitBreaker(_probe, *args, **settings)  # bad settings fail at decoration, not at first use
 
         def decorate(tool: Callable[P, R]) -> CircuitBreaker[P, R]:
-            return CircuitBreaker(tool, **settings)
+            return CircuitBreaker(tool, *args, **settings)
 
         return decorate
-    return CircuitBreaker(fn, **settings)
+    return CircuitBreaker(fn, *args, **settings)
 
 
 def _probe() -> None:
