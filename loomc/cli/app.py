@@ -608,8 +608,8 @@ def graph_run(
     db: DbOpt = None,
 ) -> None:
     """Run (or resume) the graph defined in PIPELINE.py, with live progress per node."""
+    _usage(check_graph_input, input_json, input_file, resuming=resume_id is not None)  # a usage error first
     cli = _orchestration_cli()
-    _usage(check_graph_input, input_json, input_file, resuming=resume_id is not None)
     _usage(check_new_limits, given_limits(usd, iterations, wall_clock), resuming=resume_id is not None, how=cli.GRAPH_RESUME)
     raise typer.Exit(
         cli.graph_run(
