@@ -404,3 +404,71 @@ def test_map_refuses_a_plain_function_and_bad_arguments_at_map_time() -> None:
     g.map("m", item, over=lambda up, gi: [])
     with pytest.raises(ValueError, match="already exists"):
         g.map("m", item, over=lambda up, gi: [])
+
+
+MAP_INTERRUPTED = textwrap.dedent(
+    """
+    import os
+    import signal
+    import time
+
+    import loomc
+    from loomc import loop, predicate
+    from orchestration import Graph
+
+    DB = os.environ["DB"]
+    LOG = DB + ".log"
+
+    @loop(converge_on=predicate(lambda h: True), checkpoint=DB)
+    def item(s):
+        if s == 3 and not os.path.exists(DB + ".stopped"):
+            open(DB + ".stopped", "w").close()
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while item 3 runs: it finishes its step
+            time.sleep(0.2)
+        loomc.charge(0.01)
+        with open(LOG, "a") as f:
+            f.write(f"{s}\\n")
+        return s
+
+    graph = Graph("ctrl-c", checkpoint=DB)
+    graph.map("items", item, over=lambda up, gi: list(range(gi)), max_concurrency=1)
+
+    if __name__ == "__main__":
+        graph.run(8)
+    """
+)
+
+
+def test_ctrl_c_mid_map_interrupts_the_node_and_resume_runs_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT mid-map: the item in flight finishes its step, no new item starts, the node is interrupted."""
+    db = str(tmp_path / "ctrl_c.db")
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(MAP_INTERRUPTED)
+    monkeypatch.setenv("DB", db)
+    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in proc.stderr
+    runs = rows(db)
+    root = next(i for i, r in runs.items() if r["kind"] == "graph")
+    node = next(r for r in runs.values() if r["kind"] == "node")
+    assert runs[root]["status"] == "interrupted"
+    assert node["status"] == "interrupted"
+    assert len(items_of(db)) == 4  # items 0-3; none started after the signal
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+
+        sys.modules.pop("ctrl_c", None)
+        mod = importlib.import_module("ctrl_c")
+        result = mod.graph.resume(root)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("ctrl_c", None)
+    assert result.status is RunStatus.COMPLETED, result.stop_reason
+    assert result.outputs["items"] == list(range(8))
+    assert sorted(Path(db + ".log").read_text().split()) == [str(i) for i in range(8)]
+    assert result.cost_usd == pytest.approx(0.08)
