@@ -4,6 +4,11 @@ The graph run is a run of kind ``graph`` whose ledger is the parent of every nod
 each node is a child run (kind ``node``) keyed by (graph run, step 0, node index), so a
 resumed graph finds each node's own run, and every cost a node charges is applied at
 once to the graph's ledger, which caps the sum.
+
+A map node (``Graph.map``, see ``_map.py``) is a node run whose one step runs an item
+loop once per item, each item a child of the node run. Routing (``add(..., when=)``)
+decides per upstream whether a node runs; the decisions are stored in the graph run's
+``meta.routes`` before the node starts, and a resume reuses them.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from loomc._core.seams import (
 )
 from orchestration._map import ItemCounts, MapHalt, MapSpec, item_progress, map_runner
 
-__all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]
+__all__ = ["Graph", "GraphResult", "ItemCounts", "NodeInfo", "ProgressEvent", "ProgressHook"]
 
 #: Node statuses besides the run statuses: never started, and not run because an upstream failed.
 PENDING = "pending"
