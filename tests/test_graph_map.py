@@ -293,6 +293,7 @@ def test_an_empty_list_of_items_gives_an_empty_output(db: str) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.usefixtures("no_blocking")
 async def test_async_items_run_concurrently_on_the_event_loop(db: str, anyio_backend: str) -> None:
     """Async item loops run as tasks on asyncio and trio, bounded by max_concurrency, in order."""
     active = [0, 0]
@@ -472,3 +473,28 @@ def test_ctrl_c_mid_map_interrupts_the_node_and_resume_runs_the_rest(
     assert result.outputs["items"] == list(range(8))
     assert sorted(Path(db + ".log").read_text().split()) == [str(i) for i in range(8)]
     assert result.cost_usd == pytest.approx(0.08)
+
+
+def test_graph_cap_reached_inside_concurrent_items_is_exact_and_resumable(db: str) -> None:
+    """Concurrent items hit the graph's cap mid-item: nothing crosses it; resume finishes each item once."""
+
+    # (a step refused by the graph's cap still counts as one of the item's iterations)
+    @loop(budget=Budget(iterations=4), converge_on=predicate(lambda h: h[-1].state["n"] >= 2))
+    def item(s: dict[str, int]) -> dict[str, int]:
+        time.sleep(0.002)
+        loomc.charge(0.03)
+        return {**s, "n": s["n"] + 1}
+
+    g = Graph("cap", checkpoint=db, budget=Budget(usd=0.10))
+    g.map("m", item, over=lambda up, gi: [{"i": i, "n": 0} for i in range(6)], max_concurrency=3)
+    first = g.run(None)
+    assert first.status is RunStatus.BUDGET_EXHAUSTED
+    assert first.cost_usd <= 0.10 + 1e-9
+    assert first.nodes["m"].status is RunStatus.BUDGET_EXHAUSTED
+    assert rows(db)[first.run_id]["cost_usd"] == pytest.approx(first.cost_usd)
+
+    again = g.resume(first.run_id, budget=Budget(usd=1.0))
+    assert again.status is RunStatus.COMPLETED, again.stop_reason
+    assert [s["n"] for s in again.outputs["m"]] == [2] * 6
+    assert again.cost_usd == pytest.approx(6 * 2 * 0.03)  # every step paid once
+    assert rows(db)[again.run_id]["cost_usd"] == pytest.approx(0.36)
