@@ -102,6 +102,14 @@ def test_graph_run_counts_items_and_show_tree_folds_them(pipeline: Path, tmp_pat
     assert every.returncode == 0, every.stderr
     assert sum(" item " in line for line in every.stdout.splitlines()) == 30
 
+    map_id = next(line.split()[1] for line in lines if "node research" in line)
+    node = _loomc("show", map_id, "--db", db, cwd=pipeline.parent)
+    assert node.returncode == 0, node.stderr
+    assert f"30 items: 29 completed, 1 failed (loomc show {map_id} --items lists every item)" in node.stdout
+    assert "nested runs: 1 " in node.stdout  # only the failed item
+    every_item = _loomc("show", map_id, "--items", "--db", db, cwd=pipeline.parent)
+    assert "nested runs: 30 " in every_item.stdout
+
     table = _loomc("show", run_id, "--db", db, cwd=pipeline.parent)
     assert table.returncode == 0, table.stderr
     assert any(line.startswith("fact_check") and "skipped (not routed)" in line for line in table.stdout.splitlines())
