@@ -2,11 +2,13 @@
 
 A :class:`Graph` composes ``@loop`` functions into a networkx DAG with one budget over
 the whole pipeline, a checkpoint per node and a resume that picks the whole graph up
-where it stopped.
+where it stopped. ``Graph.map`` fans a loop out over a list of items; ``add(..., when=)``
+routes.
 """
 
 from __future__ import annotations
 
 from orchestration._graph import Graph, GraphResult, NodeInfo, ProgressEvent, ProgressHook
+from orchestration._map import ItemCounts
 
-__all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]
+__all__ = ["Graph", "GraphResult", "ItemCounts", "NodeInfo", "ProgressEvent", "ProgressHook"]

@@ -30,7 +30,7 @@ from loomc.cli.common import (
     writable_store,
 )
 from loomc.cli.render import Col, clip, money, plain_table
-from orchestration._graph import PENDING, Graph, GraphResult, ProgressEvent
+from orchestration._graph import PENDING, Graph, GraphResult, NodeInfo, ProgressEvent
 
 __all__ = ["graph_run", "graph_show", "load_graph"]
 
@@ -111,6 +111,7 @@ class _Progress:
         self.path = path
         self.run_id: str | None = None
         self.status: dict[str, str] = dict.fromkeys(graph.nodes, PENDING)
+        self.items: dict[str, tuple[int, int]] = {}  # a map node's items: (finished, total)
         self.runs: dict[str, RunInfo] = {}
         self.lock = threading.Lock()
         self.tty = sys.stdout.isatty()
@@ -122,6 +123,14 @@ class _Progress:
             if event.node is None:
                 if not self.tty:
                     print(f"graph {self.graph.name}: run {event.graph_run_id}", flush=True)
+                return
+            if event.status == "items":
+                done, total = event.items_done or 0, event.items_total or 0
+                self.items[event.node] = (done, total)
+                # a plain log says where a long map is every tenth of the way, not every item
+                if self.tty or (done != total and done % max(1, total // 10)):
+                    return
+                print(f"  {event.node}: {done}/{total} items", flush=True)
                 return
             self.status[event.node] = event.status
         if not self.tty:
@@ -153,24 +162,36 @@ class _Progress:
         for name in self.graph.nodes:
             if result is not None:
                 n = result.nodes[name]
-                status, steps, cost, rid = str(n.status), n.steps, n.cost_usd, n.run_id
-                if n.reused:
-                    status += " (done before)"
+                status, steps, cost, rid = _node_status(n), n.steps, n.cost_usd, n.run_id
             else:
                 run = self.runs.get(name)
                 status = self.status[name]
                 if run is not None and status == RunStatus.RUNNING.value:
                     status = run.status.value
                 steps, cost, rid = (run.steps, run.cost_usd, run.id) if run else (0, 0.0, None)
+                if name in self.items:
+                    status += " {}/{} items".format(*self.items[name])
             table.add_row(name, status, str(steps), money(cost), rid or "-")
         return table
+
+
+def _node_status(n: NodeInfo) -> str:
+    """A node's outcome in a word or three: ``completed (done before)``, ``skipped (not routed)``, its items."""
+    status = str(n.status)
+    if n.reused:
+        status += " (done before)"
+    if n.routed_out:
+        status += " (not routed)"
+    if n.items is not None:
+        status += f" {n.items}"
+    return status
 
 
 def _summary_text(progress: _Progress, result: GraphResult) -> str:
     rows = []
     for name in progress.graph.nodes:
         n = result.nodes[name]
-        status = str(n.status) + (" (done before)" if n.reused else "")
+        status = _node_status(n)
         rows.append((name, status, str(n.steps), money(n.cost_usd), n.run_id or "-"))
     return "\n".join(plain_table([Col(h) for h in ("NODE", "STATUS", "STEPS", "COST", "RUN")], rows))
 

@@ -4,6 +4,11 @@ The graph run is a run of kind ``graph`` whose ledger is the parent of every nod
 each node is a child run (kind ``node``) keyed by (graph run, step 0, node index), so a
 resumed graph finds each node's own run, and every cost a node charges is applied at
 once to the graph's ledger, which caps the sum.
+
+A map node (``Graph.map``, see ``_map.py``) is a node run whose one step runs an item
+loop once per item, each item a child of the node run. Routing (``add(..., when=)``)
+decides per upstream whether a node runs; the decisions are stored in the graph run's
+``meta.routes`` before the node starts, and a resume reuses them.
 """
 
 from __future__ import annotations
@@ -39,23 +44,28 @@ from loomc._core.seams import (
     run_child,
     store_spent,
 )
+from orchestration._map import ItemCounts, MapHalt, MapSpec, item_progress, map_runner
 
-__all__ = ["Graph", "GraphResult", "NodeInfo", "ProgressEvent", "ProgressHook"]
+__all__ = ["Graph", "GraphResult", "ItemCounts", "NodeInfo", "ProgressEvent", "ProgressHook"]
 
 #: Node statuses besides the run statuses: never started, and not run because an upstream failed.
 PENDING = "pending"
 SKIPPED = "skipped"
-
+#: The ``stop_reason`` of a skipped node that routing left out (not a failure).
+NOT_ROUTED = "not routed"
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """A graph run started (``node`` is ``None``), or one of its nodes started or finished."""
+    """A graph run started (``node`` is ``None``), one of its nodes started or finished, or an
+    item of a map node finished (``status`` ``"items"``, with ``items_done`` of ``items_total``)."""
 
     graph_run_id: str
     node: str | None
     status: str
     run_id: str | None = None
+    items_done: int | None = None
+    items_total: int | None = None
 
 
 #: ``hook(event)`` is called as the graph and its nodes start and finish (for live progress).
@@ -70,8 +80,10 @@ class NodeInfo:
 
     ``status`` is the node run's :class:`RunStatus` (``completed``, ``budget_exhausted``,
     ``failed``, ``stalled``, ``interrupted``), or the string ``"pending"`` (not started: the
-    graph's budget ran out) or ``"skipped"`` (an upstream node failed). ``reused`` is true when the node had
-    completed in an earlier attempt and its output came from the store.
+    graph's budget ran out) or ``"skipped"`` (an upstream node failed, or, with the
+    ``stop_reason`` ``"not routed"``, routing left it out). ``reused`` is true when the node had
+    completed in an earlier attempt and its output came from the store. ``items`` counts a
+    map node's items (``None`` for other nodes).
     """
 
     name: str
@@ -82,6 +94,12 @@ class NodeInfo:
     stop_reason: str | None = None
     error: BaseException | None = field(default=None, repr=False, compare=False)
     reused: bool = False
+    items: ItemCounts | None = None
+
+    @property
+    def routed_out(self) -> bool:
+        """True when routing left the node out (status ``skipped``, reason ``not routed``)."""
+        return self.status == SKIPPED and self.stop_reason == NOT_ROUTED
 
     def __post_init__(self) -> None:
         if not isinstance(self.status, RunStatus) and self.status in RunStatus._value2member_map_:
@@ -111,6 +129,18 @@ class _Node:
     runner: Any
     after: tuple[str, ...]
     inputs: Callable[[dict[str, Any], Any], Any] | None
+    when: Callable[[Any], Any] | None = None
+    map: MapSpec | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The node as stored in the graph run's ``meta.nodes`` (its index added by the caller)."""
+        out: dict[str, Any] = {"name": self.name, "loop": self.runner.spec.name, "after": list(self.after)}
+        if self.when is not None:
+            out["when"] = True
+        if self.map is not None:
+            out["map"] = {"item": self.map.item.spec.name, "max_concurrency": self.map.max_concurrency,
+                          "on_item_error": self.map.on_item_error}
+        return out
 
     @property
     def is_async(self) -> bool:
@@ -195,6 +225,7 @@ class Graph:
         name: str | None = None,
         after: Any = None,
         inputs: Callable[[dict[str, Any], Any], Any] | None = None,
+        when: Callable[[Any], Any] | None = None,
     ) -> Any:
         """Add a node: a ``@loop`` (or a plain function, run as one checkpointed step).
 
@@ -205,15 +236,83 @@ class Graph:
             inputs: ``inputs(upstream_states, graph_input) -> state`` builds the node's
                 input; ``upstream_states`` is ``{name: final state}``. Default: the graph
                 input for a root node, the upstream's final state for one upstream,
-                ``{name: state}`` for several.
+                ``{name: state}`` for several (those upstreams that ran).
+            when: routing: ``when(upstream_state) -> bool`` is asked once per upstream that
+                ran; the node runs if one answer is true, else it is ``skipped`` with the
+                reason ``"not routed"`` (not a failure). The answers are recorded with the
+                graph run, so a resumed graph takes the same branch.
 
         Returns:
             ``fn`` unchanged (so ``add`` also works as a decorator).
 
         Raises:
-            ValueError: a duplicate name, an unknown upstream, or a cycle (naming the node).
+            ValueError: a duplicate name, an unknown upstream, a cycle, or ``when`` on a
+                node with no upstream (naming the node).
+            TypeError: ``fn``, ``inputs`` or ``when`` is not callable.
         """
-        runner = _as_runner(fn)
+        return self._add(_as_runner(fn), fn, name, after, inputs, when, None)
+
+    def map(
+        self,
+        name: str,
+        fn: Any,
+        *,
+        over: Callable[[Any, Any], Any],
+        after: Any = None,
+        max_concurrency: int | None = None,
+        on_item_error: str = "fail",
+        when: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """Add a map node: one child run of the ``@loop`` ``fn`` per item of a list.
+
+        Args:
+            name: the node's name.
+            fn: a ``@loop`` (sync or async) run once per item, from the item as its state.
+            over: ``over(upstream_state, graph_input) -> list``: the items. ``upstream_state``
+                is what a node added with ``add`` would receive (the graph input for a root).
+                Called once, when the node first starts; the list is the node run's stored
+                input, so a resume runs the same items.
+            after: the upstream node(s), as for :meth:`add`.
+            max_concurrency: at most this many items run at once (default: no limit of
+                its own; sync items share anyio's worker threads, 40 at once).
+            on_item_error: ``"fail"`` (a failed item fails the node; items not yet started
+                are not started) or ``"skip"`` (its slot in the output is ``None`` and
+                ``NodeInfo.items.failed`` counts it).
+            when: routing, as for :meth:`add`.
+
+        Returns:
+            ``fn`` unchanged.
+
+        Raises:
+            TypeError: ``fn`` is not a ``@loop``, or ``over`` is not callable.
+            ValueError: a bad ``max_concurrency`` or ``on_item_error``, or what :meth:`add` refuses.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"graph {self.name!r}: graph.map(name={name!r}, ...): give the map node a non-empty name")
+        if not isinstance(fn, (LoopRunner, AsyncLoopRunner)):
+            raise TypeError(
+                f"graph {self.name!r}: map node {name!r}: fn={getattr(fn, '__name__', fn)!r} is not a @loop; "
+                "decorate it with @loop(...) (each item is a run of that loop)"
+            )
+        if not callable(over):
+            raise TypeError(f"graph {self.name!r}: map node {name!r}: over={over!r} must be a callable "
+                            "(upstream_state, graph_input) -> list")
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+        ):
+            raise ValueError(f"graph {self.name!r}: map node {name!r}: max_concurrency={max_concurrency!r}; "
+                             "use a positive integer or None")
+        if on_item_error not in ("fail", "skip"):
+            raise ValueError(f"graph {self.name!r}: map node {name!r}: on_item_error={on_item_error!r}; "
+                             "use 'fail' or 'skip'")
+        spec = MapSpec(fn, over, max_concurrency, "skip" if on_item_error == "skip" else "fail")
+        self._add(map_runner(name, self.name, spec), fn, name, after, None, when, spec)
+        return fn
+
+    def _add(
+        self, runner: Any, fn: Any, name: str | None, after: Any, inputs: Callable[[dict[str, Any], Any], Any] | None,
+        when: Callable[[Any], Any] | None, spec: MapSpec | None,
+    ) -> Any:
         node_name = name if name is not None else getattr(fn, "__name__", None)
         if not isinstance(node_name, str) or not node_name:
             raise ValueError(f"graph {self.name!r}: cannot name the node {fn!r}; pass name=")
@@ -223,6 +322,9 @@ class Graph:
             )
         if inputs is not None and not callable(inputs):
             raise TypeError(f"node {node_name!r}: inputs={inputs!r} must be a callable (upstream, graph_input)")
+        if when is not None and not callable(when):
+            raise TypeError(f"node {node_name!r}: when={when!r} must be a callable (upstream_state) -> bool")
+
         ups: list[str] = []
         for ref in self._as_list(after):
             up = ref if isinstance(ref, str) else self._names_by_obj.get(id(ref))
@@ -235,13 +337,18 @@ class Graph:
                 )
             if up not in ups:
                 ups.append(up)
+        if when is not None and not ups:
+            raise ValueError(
+                f"graph {self.name!r}: node {node_name!r} has when= but no upstream; routing decides on an "
+                "upstream's state: give after=, or drop when= (a root node always runs)"
+            )
         self._dag.add_node(node_name)
         for up in ups:
             self._dag.add_edge(up, node_name)
         if not nx.is_directed_acyclic_graph(self._dag):  # pragma: no cover - unknown upstreams already refused
             self._dag.remove_node(node_name)
             raise ValueError(f"graph {self.name!r}: adding node {node_name!r} would make a cycle")
-        self._nodes[node_name] = _Node(node_name, runner, tuple(ups), inputs)
+        self._nodes[node_name] = _Node(node_name, runner, tuple(ups), inputs, when, spec)
         self._names_by_obj[id(fn)] = node_name
         self._names_by_obj[id(runner)] = node_name
         return fn
@@ -284,7 +391,10 @@ class Graph:
         # imported by ``loomc graph run`` (``pipeline``) is the same graph.
         shape = {
             "name": self.name,
-            "nodes": [[n.name, n.runner.spec.name.rpartition(":")[2], list(n.after)] for n in self._nodes.values()],
+            "nodes": [
+                [n.name, n.runner.spec.name.rpartition(":")[2], list(n.after), *(["when"] if n.when else [])]
+                for n in self._nodes.values()
+            ],
         }
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -293,8 +403,12 @@ class Graph:
         ids = {name: f"n{i}" for i, name in enumerate(self._nodes)}
         lines = ["flowchart TD"]
         for name, node in self._nodes.items():
-            lines.append(f'    {ids[name]}["{name}"]')
-            lines.extend(f"    {ids[up]} --> {ids[name]}" for up in node.after)
+            if node.map is not None:  # a stack of items
+                lines.append(f'    {ids[name]}[["{name} (map)"]]')
+            else:
+                lines.append(f'    {ids[name]}["{name}"]')
+            arrow = "-. when .->" if node.when is not None else "-->"
+            lines.extend(f"    {ids[up]} {arrow} {ids[name]}" for up in node.after)
         return "\n".join(lines)
 
     def to_text(self) -> str:
@@ -306,9 +420,16 @@ class Graph:
             par = "  (in parallel)" if len(ordered) > 1 else ""
             lines.append(f"  stage {level + 1}{par}")
             for n in ordered:
-                ups = self._nodes[n].after
+                node = self._nodes[n]
+                ups = node.after
                 arrow = f"  <- {', '.join(ups)}" if ups else "  <- graph input"
-                lines.append(f"    {n.ljust(width)}{arrow}    [{self.loop_name(n)}]")
+                if node.when is not None:
+                    arrow += f"  when {getattr(node.when, '__name__', 'when')}"
+                loop_name = self.loop_name(n)
+                if node.map is not None:
+                    bound = f", max {node.map.max_concurrency} at once" if node.map.max_concurrency else ""
+                    loop_name = f"map over items: {node.map.item.spec.name}{bound}, on_item_error={node.map.on_item_error}"
+                lines.append(f"    {n.ljust(width)}{arrow}    [{loop_name}]")
         return "\n".join(lines)
 
     def _budget_text(self) -> str:
@@ -426,6 +547,9 @@ class _Execution:
         self.priors: dict[str, RunInfo] = {}
         self.node_iterations: int | float | None = None  # a resume's new iteration limit for resumed nodes
         self.claim: Claim | None = None  # this process's hold on the graph run
+        self.meta: dict[str, Any] = {}  # the graph run's meta as stored (routing decisions are added to it)
+        self.routes: dict[str, dict[str, bool]] = {}  # node -> {upstream: when's answer}, recorded
+        self.unfinished: set[str] = set()  # map nodes the graph's budget stopped: no output to hand on
 
     def release(self) -> None:
         """Let go of the graph run in this process (the attempt is over)."""
@@ -436,10 +560,10 @@ class _Execution:
     # -- entry points ---------------------------------------------------------------
     async def start(self, graph_input: Any) -> GraphResult:
         g = self.graph
-        meta = {"nodes": [
-            {"name": n.name, "index": i, "loop": n.runner.spec.name, "after": list(n.after)}
-            for i, n in enumerate(g._nodes.values())
+        meta: dict[str, Any] = {"nodes": [
+            {**n.describe(), "index": i} for i, n in enumerate(g._nodes.values())
         ], "max_concurrency": g.max_concurrency}
+        self.meta = meta
         new = new_top_run(
             name=g.name, kind="graph", spec_hash=g.structure_hash, state=graph_input, budget=g.budget, meta=meta,
             owner=self.owner,
@@ -500,11 +624,13 @@ class _Execution:
                 index[name], free = free, free + 1
         if index != old:
             meta = dict(info.meta)
-            meta["nodes"] = [
-                {"name": n.name, "index": index[n.name], "loop": n.runner.spec.name, "after": list(n.after)}
-                for n in g._nodes.values()
-            ]
+            meta["nodes"] = [{**n.describe(), "index": index[n.name]} for n in g._nodes.values()]
             await self.astore.set_meta(run_id, meta)
+            info = dataclasses.replace(info, meta=meta)
+        self.meta = dict(info.meta)
+        # routing decisions of earlier attempts: taken again, never asked again
+        routes = info.meta.get("routes")
+        self.routes = {k: dict(v) for k, v in routes.items() if isinstance(v, dict)} if isinstance(routes, dict) else {}
         children = {
             c.call_index: c for c in await self.astore.children(run_id) if c.parent_step == 0 and c.call_index is not None
         }
@@ -611,6 +737,10 @@ class _Execution:
         pending = named(PENDING)
         if self.exhausted or pending:
             tail = f"; not started: {', '.join(pending)}" if pending else ""
+            for n in order:
+                items = self.infos[n].items
+                if n in self.unfinished and items is not None:
+                    tail += f"; {n}: {items.pending} of {items.total} items not finished"
             return RunStatus.BUDGET_EXHAUSTED, f"budget: graph {self._limit_hit()}{tail}"
         return RunStatus.COMPLETED, None
 
@@ -645,16 +775,31 @@ class _Execution:
             for up in node.after:
                 await self.done[up].wait()
             ups = [self.infos[u] for u in node.after]
-            if any(u.status == PENDING for u in ups):
+            if any(u.status == PENDING or u.name in self.unfinished for u in ups):
                 return self._finish(self._not_run(name, PENDING))
-            blocked = [u.name for u in ups if u.status not in _HANDOFF]
+            ran = [u for u in ups if not u.routed_out]
+            if ups and not ran:  # every upstream was left out by routing: so is this node
+                return self._finish(self._not_run(name, SKIPPED, NOT_ROUTED))
+            blocked = [u.name for u in ran if u.status not in _HANDOFF]
             if blocked:
                 return self._finish(self._not_run(name, SKIPPED, f"upstream {blocked[0]!r} did not finish"))
+            if node.when is not None:
+                try:
+                    routed = await self._route(node, [u.name for u in ran])
+                except Exception as exc:  # noqa: BLE001 - the node fails, its branch stops
+                    exc.add_note(f"loomc: raised by when= of node {name!r} in graph {self.graph.name!r}")
+                    return self._finish(NodeInfo(name, RunStatus.FAILED.value,
+                                                 stop_reason=f"when: {type(exc).__name__}: {exc}", error=exc))
+                if not routed:
+                    return self._finish(self._not_run(name, SKIPPED, NOT_ROUTED))
             reused = prior is not None and prior.status is RunStatus.COMPLETED
             try:
                 state = self._input(node, graph_input)
+                if node.map is not None:
+                    state = self._items(node, state, graph_input)
             except Exception as exc:  # noqa: BLE001 - the node fails, its branch stops
-                return self._finish(NodeInfo(name, RunStatus.FAILED.value, stop_reason=f"inputs: {type(exc).__name__}: {exc}",
+                what = "over" if node.map is not None and node.inputs is None else "inputs"
+                return self._finish(NodeInfo(name, RunStatus.FAILED.value, stop_reason=f"{what}: {type(exc).__name__}: {exc}",
                                              error=exc))
             if limiter is not None and not reused:
                 async with limiter:
@@ -676,8 +821,35 @@ class _Execution:
             status, reason = prior.status.value, prior.stop_reason
         return NodeInfo(name, status, prior.id, prior.steps, prior.cost_usd, reason)
 
+    async def _route(self, node: _Node, ran: list[str]) -> bool:
+        """Whether routing lets ``node`` run: its recorded decision, else ``when`` asked and recorded."""
+        decision = self.routes.get(node.name)
+        if decision is None:
+            assert node.when is not None
+            decision = {u: bool(node.when(self.outputs[u])) for u in ran}
+            self.routes[node.name] = decision
+            # recorded before the node starts: a resumed graph takes the same branch
+            self.meta["routes"] = dict(self.routes)
+            with anyio.CancelScope(shield=True):
+                await self.astore.set_meta(self.run_id, dict(self.meta))
+        return any(decision.values())
+
+    def _items(self, node: _Node, upstream: Any, graph_input: Any) -> list[Any]:
+        """A map node's items: ``over(upstream_state, graph_input)``, which must be a list."""
+        assert node.map is not None
+        items = node.map.over(upstream, graph_input)
+        if isinstance(items, tuple):
+            items = list(items)
+        if not isinstance(items, list):
+            raise TypeError(
+                f"map node {node.name!r}: over returned {type(items).__name__}, not a list; "
+                "make over(upstream_state, graph_input) return a list of the items"
+            )
+        return items
+
     def _input(self, node: _Node, graph_input: Any) -> Any:
-        up = {u: self.outputs[u] for u in node.after}
+        # upstreams left out by routing have no output: those that ran are handed on
+        up = {u: self.outputs[u] for u in node.after if u in self.outputs}
         if node.inputs is not None:
             return node.inputs(up, graph_input)
         if not node.after:
@@ -702,6 +874,7 @@ class _Execution:
         if prior is not None and not reused and self.node_iterations is not None:
             limits = Budget.from_dict({**prior.budget, "iterations": self.node_iterations})
         assert self.ledger is not None
+        token = item_progress.set(functools.partial(self._items_progress, name)) if node.map is not None else None
         try:
             if node.is_async:
                 result: RunResult = await arun_child(
@@ -715,10 +888,17 @@ class _Execution:
                 # boundary (see _abort) and its result is still recorded.
                 with anyio.CancelScope(shield=True):
                     result = await anyio.to_thread.run_sync(call)
+        except MapHalt as halt:
+            with anyio.CancelScope(shield=True):
+                await self._map_halted(name, halt)
+            return None
         except Exception as exc:  # noqa: BLE001 - a node that cannot run fails alone
             self._finish(NodeInfo(name, RunStatus.FAILED.value, prior.id if prior else None,
                                   stop_reason=f"{type(exc).__name__}: {exc}", error=exc))
             return None
+        finally:
+            if token is not None:
+                item_progress.reset(token)
         if self.aborted and result.status is RunStatus.BUDGET_EXHAUSTED:
             # Stopped by the cancellation, not by a budget: record it as interrupted.
             with anyio.CancelScope(shield=True):
@@ -728,13 +908,45 @@ class _Execution:
             status = result.status.value
         if result.status is RunStatus.BUDGET_EXHAUSTED and self._graph_stopped(result):
             self.exhausted = True
-        if status in _HANDOFF or status == RunStatus.STALLED.value:
+        items: ItemCounts | None = None
+        handoff = status in _HANDOFF or status == RunStatus.STALLED.value
+        if node.map is not None:
+            # a map node's output is its items' states: only a completed step has them
+            items = ItemCounts.from_dict((await self.astore.get_run(result.run_id)).meta.get("items"))
+            handoff = status == RunStatus.COMPLETED.value
+            if status == RunStatus.BUDGET_EXHAUSTED.value:
+                self.unfinished.add(name)
+        if handoff:
             self.outputs[name] = result.state
         self._finish(NodeInfo(
             name, status, result.run_id, result.steps, result.cost_usd, result.stop_reason,
-            result.error if status != RunStatus.COMPLETED.value else None, reused,
+            result.error if status != RunStatus.COMPLETED.value else None, reused, items,
         ))
         return None
+
+    def _items_progress(self, name: str, done: int, total: int) -> None:
+        if self.hook is not None:
+            try:
+                self.hook(ProgressEvent(self.run_id, name, "items", None, done, total))
+            except Exception:  # noqa: BLE001, S110 - a display must never break the run
+                pass
+
+    async def _map_halted(self, name: str, halt: MapHalt) -> None:
+        """A map node stopped before all its items finished: record why (no step was committed)."""
+        info = await self.astore.get_run(halt.run_id)
+        status = halt.status
+        if self.aborted:
+            status = RunStatus.INTERRUPTED
+        elif status is RunStatus.BUDGET_EXHAUSTED:
+            self.exhausted = True
+        reason = "interrupted" if status is RunStatus.INTERRUPTED else halt.reason
+        await self.astore.set_meta(halt.run_id, {**(info.meta or {}), "items": halt.counts.to_dict()})
+        await self.astore.finish_run(halt.run_id, status, reason, info.wall_s)
+        if status is RunStatus.BUDGET_EXHAUSTED:  # its downstream waits (pending), as for nodes not started
+            self.unfinished.add(name)
+        self._finish(NodeInfo(
+            name, status.value, halt.run_id, info.steps, info.cost_usd, reason, halt.error, False, halt.counts,
+        ))
 
     def _graph_stopped(self, result: RunResult) -> bool:
         """Whether the graph's budget (not the node's own) stopped this node."""

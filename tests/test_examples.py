@@ -136,3 +136,23 @@ def test_llm_refiner_live_without_a_key_fails_in_one_line(tmp_path: Path) -> Non
     assert "ANTHROPIC_API_KEY" in lines[0]
     assert "without --live" in lines[0]
     assert not (tmp_path / ".loomc").exists()  # nothing ran
+
+
+def test_research_fanout_routes_by_what_the_map_found_and_resumes(tmp_path: Path) -> None:
+    """examples/research_fanout.py: a map of researchers, then the fact-checker only when an answer was shaky."""
+    script = str(EXAMPLES / "research_fanout.py")
+    checked = run([sys.executable, script, "--questions", "6"], tmp_path, LOOMC_EXAMPLE_DELAY="0").stdout
+    assert re.search(r"^research\s+completed\s+steps=1 .* 6/6 items$", checked, re.M), checked
+    assert re.search(r"^fact_check\s+completed", checked, re.M), checked
+    assert "fact-checked: ['tides: open problems']" in checked
+    rid = _first_line_id(checked, "graph run")
+    again = run([sys.executable, script, "--resume", rid], tmp_path, LOOMC_EXAMPLE_DELAY="0").stdout
+    assert f"graph run {rid}: completed" in again
+    assert "sub-questions answered" not in again  # every researcher had finished: none ran again
+
+    straight = run([sys.executable, script, "--questions", "4"], tmp_path, LOOMC_EXAMPLE_DELAY="0").stdout
+    assert re.search(r"^fact_check\s+skipped .*\(not routed\)$", straight, re.M), straight
+    assert re.search(r"^editor\s+completed", straight, re.M), straight
+    cli = run([sys.executable, "-m", "loomc", "graph", "run", script, "--input", '{"questions": 3}'], tmp_path,
+              LOOMC_EXAMPLE_DELAY="0")
+    assert re.search(r"graph research: run \w{12} completed", cli.stdout), cli.stdout

@@ -11,7 +11,8 @@ reaching into the engine's globals, the graph layer goes through this module onl
   :func:`has_room`, and the :class:`~loomc._core.ledger.RunLedger` methods
   (``spent``, ``expire``, ``take_durable``...);
 - its children: :func:`run_child` / :func:`arun_child` run a ``@loop`` as the child at a
-  fixed place under the host, with the host's ledger current;
+  fixed place under the host, with the host's ledger current (a map node's step runs its
+  items the same way, under :func:`current_ledger`, the map node run's own);
 - what the store keeps of the money: :func:`charge_left_holds` at a resume,
   :func:`store_spent` when the attempt ends.
 """
@@ -22,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from loomc._core.budget import Budget
-from loomc._core.context import running_under
+from loomc._core.context import current_ledger, running_under
 from loomc._core.engine import RunContext
 from loomc._core.holds import charge_record, supports_holds
 from loomc._core.ledger import RunLedger, ledger_factory
@@ -34,7 +35,8 @@ from loomc.store.sqlite.aio import async_twin
 from loomc.store.sqlite.sync import MemoryStore, NewRun, new_run_id, open_store
 
 __all__ = [
-    "Claim", "MemoryStore", "NewRun", "RunLedger", "arun_child", "async_twin", "charge_left_holds", "claim", "has_room",
+    "Claim", "MemoryStore", "NewRun", "RunLedger", "arun_child", "async_twin", "charge_left_holds", "claim",
+    "current_ledger", "has_room",
     "new_top_run", "open_host_ledger", "open_store", "owner_token", "run_child", "running_under", "store_spent",
 ]
 
@@ -82,25 +84,27 @@ def has_room(ledger: RunLedger, now: float) -> bool:
 
 def run_child(
     runner: Any, ledger: RunLedger, state: Any, *, call_index: int, meta: dict[str, Any],
-    budget: Budget | None = None,
+    budget: Budget | None = None, kind: str = "node",
 ) -> RunResult:
     """Run (or resume) the sync ``@loop`` ``runner`` as the child at ``call_index`` of ``ledger``'s run.
 
     Call it in the thread that should run the child (a worker thread for a graph).
-    ``budget`` replaces the limits of a child that resumes.
+    ``budget`` replaces the limits of a child that resumes; ``kind`` is stored with a new
+    child (``node`` for a graph's node, ``item`` for one item of a map node).
+    A completed child is not run again: its stored result is returned.
     """
     with running_under(ledger):
-        result: RunResult = runner._run_child(state, call_index=call_index, meta=meta, budget=budget)
+        result: RunResult = runner._run_child(state, call_index=call_index, kind=kind, meta=meta, budget=budget)
     return result
 
 
 async def arun_child(
     runner: Any, ledger: RunLedger, state: Any, *, call_index: int, meta: dict[str, Any],
-    budget: Budget | None = None,
+    budget: Budget | None = None, kind: str = "node",
 ) -> RunResult:
     """:func:`run_child` for an async ``@loop``."""
     with running_under(ledger):
-        result: RunResult = await runner._run_child(state, call_index=call_index, meta=meta, budget=budget)
+        result: RunResult = await runner._run_child(state, call_index=call_index, kind=kind, meta=meta, budget=budget)
     return result
 
 

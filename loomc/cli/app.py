@@ -179,7 +179,7 @@ def _tree_json(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, A
     return d
 
 
-def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo]) -> Any:
+def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo], route: str = "") -> Any:
     from rich.text import Text
 
     from loomc.cli import render as r
@@ -188,12 +188,60 @@ def _tree_label(out: Any, info: RunInfo, kids: list[RunInfo]) -> Any:
     label.append(r.visible(info.id), style="bold")
     node = info.meta.get("node")
     name = r.clip(info.name, 120)
-    label.append(f"  {info.kind} {r.clip(str(node), 120)} ({name})  " if info.kind == "node" and node else f"  {info.kind} {name}  ")
+    if info.kind == "item":
+        label.append(f"  item {info.call_index} ({name})  ")
+    else:
+        label.append(f"  {info.kind} {r.clip(str(node), 120)} ({name})  " if info.kind == "node" and node else f"  {info.kind} {name}  ")
     label.append_text(Text(info.status.value, style=r.STATUS_STYLE.get(info.status, "") if out.tty else ""))
     label.append(f"  steps {info.steps}  own {r.money(r.own_cost(info, kids))}  total {r.money(info.cost_usd)}")
-    if info.parent_step is not None and info.kind != "node":
+    if info.parent_step is not None and info.kind not in ("node", "item"):
         label.append(f"  (parent step {info.parent_step})", style="dim")
+    if route:
+        label.append(f"  routed ({route})", style="dim")
     return label
+
+
+#: How many unfinished items a folded map node still lists one by one in ``show --tree``.
+_FOLDED_ITEMS = 10
+
+
+def _route_text(answers: Any) -> str:
+    """``when``'s recorded answers for a node: ``classify: true, draft: false``."""
+    if not isinstance(answers, dict):
+        return ""
+    return ", ".join(f"{up}: {'true' if yes else 'false'}" for up, yes in answers.items())
+
+
+def _item_counts(kids: list[RunInfo]) -> str:
+    """``10 items: 8 completed, 2 failed`` for a map node's item runs."""
+    counts: dict[str, int] = {}
+    for k in kids:
+        counts[k.status.value] = counts.get(k.status.value, 0) + 1
+    parts = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{len(kids)} items: {parts}"
+
+
+def _not_run_nodes(info: RunInfo, kids: list[RunInfo]) -> list[tuple[str, str]]:
+    """A graph's declared nodes without a run: ``(name, why)``, ``why`` saying if routing left it out."""
+    have = {k.meta.get("node") for k in kids if k.kind == "node"}
+    stored = info.meta.get("routes")
+    routes: dict[str, Any] = stored if isinstance(stored, dict) else {}
+    not_routed: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for n in info.meta.get("nodes", []):
+        if not isinstance(n, dict) or "name" not in n or n["name"] in have:
+            continue
+        name, after = str(n["name"]), [str(a) for a in n.get("after", [])]
+        answers = routes.get(name)
+        if isinstance(answers, dict) and not any(answers.values()):
+            not_routed.add(name)
+            out.append((name, f"skipped  not routed ({_route_text(answers)})"))
+        elif after and all(a in not_routed for a in after):
+            not_routed.add(name)
+            out.append((name, "skipped  not routed (no upstream ran)"))
+        else:
+            out.append((name, "pending"))
+    return out
 
 
 def _node_rows(info: RunInfo, kids: list[RunInfo]) -> list[tuple[str, Any, str, str, str, list[str], RunInfo | None]]:
@@ -203,11 +251,14 @@ def _node_rows(info: RunInfo, kids: list[RunInfo]) -> list[tuple[str, Any, str, 
     by_node = {k.meta.get("node"): k for k in kids if k.kind == "node"}
     declared = [n for n in info.meta.get("nodes", []) if isinstance(n, dict) and "name" in n]
     rows: list[tuple[str, Any, str, str, str, list[str], RunInfo | None]] = []
+    not_run = dict(_not_run_nodes(info, kids))
     for n in declared:
         k = by_node.pop(n["name"], None)
         after = [str(a) for a in n.get("after", [])]
         if k is None:
-            rows.append((str(n["name"]), "pending", "0", r.money(0), "-", after, None))
+            why = not_run.get(str(n["name"]), "pending")
+            status = "skipped (not routed)" if why.startswith("skipped") else "pending"
+            rows.append((str(n["name"]), status, "0", r.money(0), "-", after, None))
         else:
             rows.append((str(n["name"]), k.status, str(k.steps), r.money(k.cost_usd), k.id, after, k))
     for name, k in by_node.items():  # nodes the stored graph no longer declares
@@ -215,22 +266,42 @@ def _node_rows(info: RunInfo, kids: list[RunInfo]) -> list[tuple[str, Any, str, 
     return rows
 
 
-def _add_tree(out: Any, store: SQLiteStore, node: Any, info: RunInfo, depth: int) -> None:
+def _add_tree(out: Any, store: SQLiteStore, node: Any, info: RunInfo, depth: int, items: bool, route: str = "") -> None:
     kids = store.children(info.id)
-    branch = node.add(_tree_label(out, info, kids))
+    branch = node.add(_tree_label(out, info, kids, route))
     if depth > 50:  # a malformed (cyclic) parent chain must not recurse forever
         return
+    _add_kids(out, store, branch, info, kids, depth, items)
+
+
+def _add_kids(out: Any, store: SQLiteStore, branch: Any, info: RunInfo, kids: list[RunInfo], depth: int, items: bool) -> None:
+    """A run's children under ``branch``: a map node's items folded unless ``items``; a graph's routing."""
+    from rich.text import Text
+
+    if not items and kids and all(k.kind == "item" for k in kids):
+        # thousands of items: one line, then only those that did not complete
+        open_items = [k for k in kids if k.status is not RunStatus.COMPLETED]
+        more = f"; {len(open_items) - _FOLDED_ITEMS} more not completed" if len(open_items) > _FOLDED_ITEMS else ""
+        branch.add(Text(f"{_item_counts(kids)}{more}  (loomc show {info.id} --tree --items lists every item)"))
+        for k in open_items[:_FOLDED_ITEMS]:
+            _add_tree(out, store, branch, k, depth + 1, items)
+        return
+    stored = info.meta.get("routes") if info.kind == "graph" else None
+    routes: dict[str, Any] = stored if isinstance(stored, dict) else {}
     for k in kids:
-        _add_tree(out, store, branch, k, depth + 1)
+        _add_tree(out, store, branch, k, depth + 1, items, _route_text(routes.get(str(k.meta.get("node")))))
+    if info.kind == "graph" and routes:  # the nodes routing left out (they have no run)
+        for name, why in _not_run_nodes(info, kids):
+            if why != "pending":
+                branch.add(Text(f"node {name}  {why}"))
 
 
-def _show_tree(out: Any, store: SQLiteStore, info: RunInfo) -> None:
+def _show_tree(out: Any, store: SQLiteStore, info: RunInfo, items: bool = False) -> None:
     from rich.tree import Tree
 
     kids = store.children(info.id)
     tree = Tree(_tree_label(out, info, kids), guide_style="dim" if out.tty else "")
-    for k in kids:
-        _add_tree(out, store, tree, k, 1)
+    _add_kids(out, store, tree, info, kids, 0, items)
     out.render(tree)
 
 
@@ -307,6 +378,9 @@ def _step_rows(
 def show(
     run_id: RunIdArg,
     tree: Annotated[bool, typer.Option("--tree", "-t", help="Draw the run and all its nested runs.")] = False,
+    items: Annotated[
+        bool, typer.Option("--items", help="List every item of a map node (folded by default to a count and those not completed).")
+    ] = False,
     first: Annotated[
         int | None, typer.Option("--first", min=0, help="Only the first N steps (with --last: both ends).", show_default=False)
     ] = None,
@@ -353,7 +427,7 @@ def show(
         sys.stdout.write(r.dumps(data) + "\n")
         return
     if tree:
-        _show_tree(out, store, info)
+        _show_tree(out, store, info, items)
         return
     pick_first, pick_last = _window(first, last, all_, out.tty)
     out.kv(_header(info, out), width=None if full else r.VALUE_WIDTH)
@@ -386,6 +460,10 @@ def show(
                 out.line(f"errors are cut to fit a line: loomc show {info.id} --full (or loomc export {info.id}) shows them whole")
         else:
             out.line("no steps committed yet")
+    if kids and info.kind != "graph" and not items and all(k.kind == "item" for k in kids):
+        out.line()
+        out.line(f"{_item_counts(kids)} (loomc show {info.id} --items lists every item)")
+        kids = [k for k in kids if k.status is not RunStatus.COMPLETED][:_FOLDED_ITEMS]
     if kids and info.kind != "graph":
         out.line()
         out.line(f"nested runs: {len(kids)} (loomc show {info.id} --tree)")
