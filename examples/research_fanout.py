@@ -48,8 +48,9 @@ def fake_model(prompt: str, *, max_tokens: int = 60) -> str:
 # -- the agents --------------------------------------------------------------------
 
 
-def plan(request: dict[str, Any]) -> dict[str, Any]:
+def plan(request: dict[str, Any] | None) -> dict[str, Any]:
     """Split the topic into sub-questions (a plain function: one checkpointed step)."""
+    request = request or {}  # `loomc graph run` without --input gives the graph no input
     topic, n = request.get("topic", "tides"), int(request.get("questions", 6))
     fake_model(f"split {topic} into {n} questions", max_tokens=20)
     return {"topic": topic, "questions": [f"{topic}: {ANGLES[i % len(ANGLES)]}" for i in range(n)]}
