@@ -23,7 +23,7 @@ from loomc._core.money import check_usd
 
 __all__ = [
     "Reservation", "RunView", "areserve", "charge", "current_ledger", "current_run", "reserve", "running_under",
-    "step_ended", "step_started", "with_run_context",
+    "steps_in_flight", "with_run_context",
 ]
 
 P = ParamSpec("P")
@@ -55,26 +55,18 @@ def running_under(ledger: RunLedger | None) -> Iterator[None]:
         _current_ledger.reset(token)
 
 
-# The steps of this process executing right now (any run, any thread), one entry each. A
-# charge made with no run in its context while this is not empty comes from a thread that
-# lost the step's context: refused, never silently dropped. Only that (rare) path reads it.
-# ``list.append``/``list.pop`` are atomic, so the per-step count needs no lock.
-_steps_in_flight: list[None] = []
-
-
-def step_started() -> None:
-    """A step (its call, cost_fn and scorer) starts executing in this process."""
-    _steps_in_flight.append(None)
-
-
-def step_ended() -> None:
-    """A step counted by :func:`step_started` is over."""
-    _steps_in_flight.pop()
+# The steps of this process executing right now (any run, any thread), one entry each:
+# the engine appends one when a step starts and pops one when it is over (its call,
+# cost_fn and scorer). A charge made with no run in its context while this is not empty
+# comes from a thread that lost the step's context: refused, never silently dropped. Only
+# that (rare) path reads it. ``list.append``/``list.pop`` are atomic, so the per-step count
+# needs no lock (and no function call around it: this is on every step).
+steps_in_flight: list[None] = []
 
 
 def _no_run(what: str) -> None:
     """A charge with no run in its context: a no-op, unless some step is running (lost context)."""
-    if _steps_in_flight:
+    if steps_in_flight:
         raise RunContextLost(
             f"loomc.{what}() was called with no run in its context while a step is running: it comes from "
             "a thread that does not carry the step's context (a plain threading.Thread or a "

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from loomc._core import events as _events
 from loomc._core.budget import Budget
-from loomc._core.context import RunView, _current_ledger, step_ended, step_started
+from loomc._core.context import RunView, _current_ledger, steps_in_flight
 from loomc._core.errors import BudgetExhausted, LoomcError, SpecMismatch, StateError, StoreError
 from loomc._core.events import Event
 from loomc._core.holds import HeldCharge, HoldStore, charge_record, supports_holds
@@ -111,9 +111,13 @@ class StoreRequests:
         """Charge the holds an earlier attempt left (shielded; only for a store that keeps holds)."""
         return cast("HeldCharge | None", (yield StoreCall(cast(HoldStore, self.store).charge_holds, (run_id,), True)))
 
-    def commit_step(self, run_id: str, row: StepRow, shield: bool) -> Generator[StoreCall, Any, None]:
-        """Commit one step and the run's totals (``shield``: it is the run's last)."""
-        yield StoreCall(self.store.commit_step, (run_id, row), shield)
+    def commit_step(self, run_id: str, row: StepRow, shield: bool) -> StoreCall:
+        """Commit one step and the run's totals (``shield``: it is the run's last).
+
+        The request itself, to be yielded (``yield io.commit_step(...)``): a generator
+        around it would cost two more frame switches on every step.
+        """
+        return StoreCall(self.store.commit_step, (run_id, row), shield)
 
     def set_meta(self, run_id: str, meta: dict[str, Any]) -> Generator[StoreCall, Any, None]:
         """Replace the run's ``meta``."""
@@ -208,14 +212,14 @@ class RunContext:
 
     def enter_step(self, step_n: int) -> None:
         """The run's step ``step_n`` starts executing (counted until :meth:`leave_step`)."""
-        step_started()
+        steps_in_flight.append(None)
         self.begin_step(step_n)
 
     def leave_step(self) -> None:
         """The step's call, ``cost_fn`` and ``scorer`` are over (idempotent)."""
         if self.in_step:
             self.in_step = False
-            step_ended()
+            steps_in_flight.pop()
 
     def carry(self, child_id: str, child_cost: float) -> float:
         """What of a found child's stored cost is not yet in this run's ledger (in this process)."""
@@ -669,7 +673,7 @@ class _Run:
         )
         row.holds = ledger.take_durable()  # the step reserved: its commit deletes the holds it now pays for
         self.recorded = stop is not None  # the last commit is the run's outcome
-        yield from io.commit_step(run_id, row, self.recorded)
+        yield io.commit_step(run_id, row, self.recorded)
         if row.holds:
             ledger.forget_durable(row.holds)
         if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume

@@ -22,6 +22,7 @@ import json
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from loomc._core.errors import StateError
@@ -157,17 +158,33 @@ def _json_bytes(state: Any) -> bytes:
 
     A plain-JSON state (dict, list, scalar) must come back from its JSON exactly as it
     was; one that would not (a tuple, a set, a datetime, a non-string key...) is refused.
+    Both encoders turn a tuple into a list and ``{1: "a"}`` into ``{"1": "a"}`` without a
+    word (pydantic's also sets, datetimes, bytes, UUIDs...), so a resumed run would see
+    other types than the uninterrupted one. Parsing the JSON back and comparing is done in
+    C (a 100-byte state: ~0.4 us); only when they differ is the state walked in Python
+    (:func:`_refuse_changed`) to name the field.
+
+    Raises:
+        StateError: naming the field that cannot be serialised or would not come back as it is.
     """
     cls = type(state)
     try:
         if cls in _JSON_TYPES or cls is tuple:
+            # Called on every step: pydantic_core's functions are bound once, with no call
+            # around them (imported at the first state, not with loomc).
+            to_json, from_json = _pydantic_json or _load_pydantic_json()
             try:
                 # pydantic_core's encoder is several times faster than json.dumps (100 KB: 60 us
                 # vs 400 us) and writes the same compact text; json.dumps stays the fallback.
-                raw = _to_json(state)
+                raw: bytes = to_json(state)
             except Exception:  # noqa: BLE001 - whatever it refuses, the standard encoder may take
                 raw = json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode()
-            _check_round_trip(state, raw)
+            try:
+                same = from_json(raw) == state
+            except ValueError:  # e.g. a NaN key: not JSON pydantic reads back
+                same = False
+            if not same:
+                _refuse_changed(state)
             return raw
         return _adapter(cls).dump_json(state)  # type: ignore[no-any-return]
     except StateError:
@@ -181,42 +198,27 @@ def _json_bytes(state: Any) -> bytes:
         ) from exc
 
 
-_encoder: Any = None
-_parser: Any = None
+_pydantic_json: tuple[Callable[[Any], bytes], Callable[[bytes], Any]] | None = None
 
 
-def _to_json(state: Any) -> bytes:
-    global _encoder
-    if _encoder is None:
-        from pydantic_core import to_json
+def _load_pydantic_json() -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    """pydantic_core's ``to_json`` and ``from_json``, imported on first use."""
+    global _pydantic_json
+    from pydantic_core import from_json, to_json
 
-        _encoder = to_json
-    return _encoder(state)  # type: ignore[no-any-return]
+    _pydantic_json = (to_json, from_json)
+    return _pydantic_json
 
 
-def _check_round_trip(state: Any, raw: bytes) -> None:
-    """Refuse a plain-JSON state that its JSON would not give back as it is.
+def _refuse_changed(state: Any) -> None:
+    """Name the first field of ``state`` that its JSON would not give back as it is.
 
-    Both encoders turn a tuple into a list and ``{1: "a"}`` into ``{"1": "a"}`` without a
-    word (pydantic's also sets, datetimes, bytes, UUIDs...), so a resumed run would see
-    other types than the uninterrupted one. Parsing the JSON back and comparing is done in
-    C (a 100-byte state: ~0.4 us); only when they differ is the state walked in Python to
-    name the field (a NaN, never equal to itself, is then found harmless).
+    Called only when the parsed JSON differs from the state (a NaN, never equal to
+    itself, is then found harmless and nothing is raised).
 
     Raises:
-        StateError: naming the first field that would not come back as it is.
+        StateError: naming the field and what JSON does to it.
     """
-    global _parser
-    if _parser is None:
-        from pydantic_core import from_json
-
-        _parser = from_json
-    try:
-        same = _parser(raw) == state
-    except ValueError:  # e.g. a NaN key: not JSON pydantic reads back
-        same = False
-    if same:
-        return
     found = _json_change(state, "state", 0)
     if found is not None:
         where, problem = found

@@ -209,17 +209,21 @@ class AsyncSQLiteStore:
         await self._connect()
         batch = self._batch
         if batch is None:
-            batch = self._batch = _Batch(self._loop.create_future())
+            batch = self._batch = _Batch()
         i = len(batch.ops)
         batch.ops.append(op)
         if not self._writing:  # send it on the loop's next turn: writes made in this one join it
             self._writing = True
             self._loop.call_soon(self._send)
-        done = batch.done
         cancelled: asyncio.CancelledError | None = None
-        while not done.done():
+        while not batch.landed:
+            # A future of this writer's own, set when the batch lands: a cancellation cancels
+            # it, never the batch. (``asyncio.shield`` of one shared future does the same at
+            # the price of one more turn of the event loop, on every step.)
+            waiter = self._loop.create_future()
+            batch.waiters.append(waiter)
             try:
-                await asyncio.shield(done)
+                await waiter
             except asyncio.CancelledError as exc:
                 cancelled = exc
         err = batch.error or batch.errors.get(i)
@@ -236,25 +240,39 @@ class AsyncSQLiteStore:
 
     def _send(self) -> None:
         """Hand the waiting batch to the writer thread (on the event loop, no await)."""
-        import functools
-
         batch, self._batch = self._batch, None
         assert batch is not None
         self._writing = True
         # A dedicated one-thread executor: batches run in order, and the hand-off costs
         # ~40 us, like aiosqlite's own (the shared default executor's costs ~50-90 us).
-        fut = self._loop.run_in_executor(self._writer, self.sync.write_batch, batch.ops)
-        fut.add_done_callback(functools.partial(self._landed, batch))
-
-    def _landed(self, batch: _Batch, fut: Any) -> None:
-        """The writer thread is done with ``batch``: wake its writers, send the next one."""
-        if fut.cancelled():
+        # The thread wakes the loop itself when the batch is done (:meth:`_commit`), one
+        # turn of the loop sooner than through ``run_in_executor``'s wrapped future.
+        try:
+            if self._writer is not None:
+                self._writer.submit(self._commit, self._loop, batch)
+            else:  # closed while this batch waited: it still lands, through the loop's executor
+                self._loop.run_in_executor(None, self._commit, self._loop, batch)
+        except RuntimeError:  # the executor is shut down: the event loop is closing
             batch.error = StoreError(f"the write to {self.path} was abandoned (its event loop is closing)")
-        elif fut.exception() is not None:
-            batch.error = fut.exception()
-        else:
-            batch.results, batch.errors = fut.result()
-        batch.done.set_result(None)
+            self._landed(batch)
+
+    def _commit(self, loop: Any, batch: _Batch) -> None:
+        """Commit ``batch`` (in the writer thread), then wake its writers on ``loop``."""
+        try:
+            batch.results, batch.errors = self.sync.write_batch(batch.ops)
+        except BaseException as exc:  # noqa: BLE001 - every writer of the batch raises it
+            batch.error = exc
+        try:
+            loop.call_soon_threadsafe(self._landed, batch)
+        except RuntimeError:  # the event loop is closed: nobody waits for the batch any more
+            pass
+
+    def _landed(self, batch: _Batch) -> None:
+        """The writer thread is done with ``batch``: wake its writers, send the next one."""
+        batch.landed = True
+        for waiter in batch.waiters:
+            if not waiter.done():  # (a cancelled writer's; it waits again on a new one)
+                waiter.set_result(None)
         self._writing = False
         if self._batch is not None:
             self._send()
@@ -386,14 +404,15 @@ class AsyncSQLiteStore:
 class _Batch:
     """Writes committed together by :meth:`AsyncSQLiteStore._write`."""
 
-    __slots__ = ("done", "error", "errors", "ops", "results")
+    __slots__ = ("error", "errors", "landed", "ops", "results", "waiters")
 
-    def __init__(self, done: Any) -> None:
+    def __init__(self) -> None:
         self.ops: list[WriteOp] = []
         self.results: dict[int, Any] = {}
         self.errors: dict[int, BaseException] = {}
         self.error: BaseException | None = None  # the whole batch failed
-        self.done = done  # an asyncio future, set when the batch has landed
+        self.landed = False  # committed (or failed): its writers may go on
+        self.waiters: list[Any] = []  # the writers' asyncio futures, set when it lands
 
 
 class ThreadedStore:
