@@ -195,10 +195,12 @@ def history_record(row: tuple[Any, ...], loader: Any) -> StepRecord:
 
 def meta_record(row: tuple[Any, ...]) -> StepRecord:
     """A :class:`StepRecord` without a state from ``(step_n, cost_usd, score, timestamp, error, event)``."""
-    return StepRecord(
-        row[0], None, cost_usd=row[1], score=row[2], timestamp=datetime.fromisoformat(row[3]), error=row[4],
-        event=row[5],
-    )
+    # Called once per row a window reads (10,000 times for ``loomc show --all`` of a long
+    # run): the timestamp and the events are parsed only if they are read.
+    rec = _new_record(StepRecord)
+    rec.step_n, rec.cost_usd, rec.score, rec._ts, rec.error, rec.event = row
+    rec._state, rec._loader = None, None
+    return rec
 
 
 def nearest(run_id: str, ids: list[str]) -> list[str]:
