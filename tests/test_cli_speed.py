@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from loomc import BestScore, Budget, LastGood, loop
+from loomc import BestScore, Budget, LastGood, RunNotFound, SQLiteStore, loop
 from loomc.cli.app import show
 
 
@@ -78,3 +78,48 @@ def test_show_of_a_long_run_costs_little_more_than_reading_its_rows(long_run: tu
     for _ in range(3):
         ratios.append(_best(render, 3) / _best(floor, 3))
     assert min(ratios) < 5.5, ratios
+
+
+def _many_runs(db: Path, n: int) -> list[str]:
+    """``n`` runs (copies of one real run row, with their own ids and creation times); their ids."""
+    store = SQLiteStore(db)
+    from loomc.store.protocol import NewRun
+
+    template = store.begin_run(NewRun(spec_hash="h", name="m:f"))
+    store.close()
+    with sqlite3.connect(db) as conn:
+        cols = [c[1] for c in conn.execute("PRAGMA table_info(runs)")]
+        exprs = {
+            "id": "printf('%012x', (n.i * 2654435761) % 281474976710656)",
+            "created_at": "printf('2026-01-01T00:00:00.%06d', n.i)",
+            "root_run_id": "printf('%012x', (n.i * 2654435761) % 281474976710656)",
+        }
+        select = ", ".join(exprs.get(c, f"r.{c}") for c in cols)
+        conn.execute(
+            f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+            f"INSERT INTO runs ({', '.join(cols)}) SELECT {select} FROM n, runs r WHERE r.id = ?",
+            (n, template),
+        )
+        return [r[0] for r in conn.execute("SELECT id FROM runs ORDER BY created_at")]
+
+
+def test_an_unknown_id_is_answered_at_once_among_100000_runs(tmp_path: Path) -> None:
+    """A mistyped id in a database of 100,000 runs names the nearest ids within ~0.1 s, not after comparing every id."""
+    db = tmp_path / "many.db"
+    ids = _many_runs(db, 100_000)
+    store = SQLiteStore(db, create=False)
+    recent, old = ids[-1], ids[5]
+    typo_recent = recent[:3] + ("0" if recent[3] != "0" else "1") + recent[4:]  # one character wrong, mid-id
+    typo_old = old[:-1] + ("0" if old[-1] != "0" else "1") + "x"  # an old run: the ids next to it in order
+
+    def unknown(run_id: str) -> str:
+        with pytest.raises(RunNotFound) as info:
+            store.resolve(run_id)
+        return str(info.value)
+
+    assert recent in unknown(typo_recent)
+    assert old in unknown(typo_old)
+    for probe in ("abc123abc123", typo_recent, "zzzzzz"):
+        unknown(probe)
+        assert _best(lambda p=probe: unknown(p), 3) < 0.1, probe  # type: ignore[misc]
+    store.close()

@@ -203,11 +203,21 @@ def meta_record(row: tuple[Any, ...]) -> StepRecord:
     return rec
 
 
+#: How many of the newest runs a mistyped id is compared with (with the ids next to it in
+#: sort order): an unknown id is answered at once in a database of 100,000 runs.
+NEAREST_POOL = 1000
+
+
 def nearest(run_id: str, ids: list[str]) -> list[str]:
-    """Up to three ids that look like ``run_id`` (for a :class:`~loomc.RunNotFound` message)."""
+    """Up to three ids that look like ``run_id`` (for a :class:`~loomc.RunNotFound` message).
+
+    ``ids`` are the candidates: the ids next to ``run_id`` in sort order and the newest
+    :data:`NEAREST_POOL` runs (every id, in a smaller database).
+    """
     import bisect
     import difflib
 
+    ids = list(dict.fromkeys(ids))
     close = difflib.get_close_matches(run_id, ids, n=3, cutoff=0.3)
     if close:
         return close
@@ -262,8 +272,9 @@ def resolve(d: Any, where: str, run_id: str) -> Op:
     found = match_prefix(run_id, [r[0] for r in (yield QUERY, d.SELECT_PREFIX, d.prefix_args(run_id))])
     if found is not None:
         return found
-    every = [r[0] for r in (yield QUERY, d.SELECT_ALL_IDS, ())]
-    raise RunNotFound(run_id, nearest(run_id, every), where)
+    around = yield QUERY, d.SELECT_IDS_AROUND, (run_id, run_id)
+    recent = yield QUERY, d.SELECT_RECENT_IDS, (NEAREST_POOL,)
+    raise RunNotFound(run_id, nearest(run_id, [r[0] for r in (*around, *recent)]), where)
 
 
 def list_runs(d: Any, status: RunStatus | str | None, limit: int | None, roots_only: bool) -> Op:

@@ -115,6 +115,13 @@ SELECT_RUN = f"SELECT {RUN_COLS} FROM runs WHERE id = ?"
 SELECT_RESUME = "SELECT state_type, input_blob, next_from FROM runs WHERE id = ?"
 SELECT_PREFIX = "SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 20"
 SELECT_ALL_IDS = "SELECT id FROM runs"
+# What a mistyped id is compared with (``core.NEAREST_POOL``): the ids next to it in sort
+# order (those sharing its longest prefix), then the newest runs. Both walk an index.
+SELECT_IDS_AROUND = (
+    "SELECT id FROM (SELECT id FROM runs WHERE id < ? ORDER BY id DESC LIMIT 3) "
+    "UNION ALL SELECT id FROM (SELECT id FROM runs WHERE id > ? ORDER BY id LIMIT 3)"
+)
+SELECT_RECENT_IDS = "SELECT id FROM runs ORDER BY created_at DESC LIMIT ?"
 SELECT_CHILD = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = ? AND parent_step = ? AND call_index = ?"
 SELECT_CHILDREN = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = ? ORDER BY parent_step, call_index, created_at"
 UPDATE_STATUS = "UPDATE runs SET status = ?, updated_at = ? WHERE id = ?"
