@@ -277,15 +277,38 @@ def resolve(d: Any, where: str, run_id: str) -> Op:
     raise RunNotFound(run_id, nearest(run_id, [r[0] for r in (*around, *recent)]), where)
 
 
+_LEASED = (RunStatus.RUNNING.value, RunStatus.CRASHED.value)
+
+
 def list_runs(d: Any, status: RunStatus | str | None, limit: int | None, roots_only: bool) -> Op:
-    """Runs newest first (a ``crashed`` run is stored as ``running``: filtered after reading)."""
+    """Runs newest first.
+
+    A ``crashed`` run is stored as ``running`` (its owner died): the two are told apart
+    after reading, so they are read a page at a time, newest first, until ``limit`` of the
+    status asked for are found; a LIMIT in the query could cut off the ones asked for.
+    """
     st = status.value if isinstance(status, RunStatus) else status
-    sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=limit)
-    runs = [run_info(r) for r in (yield QUERY, sql, args)]
-    if st is None:
-        return runs
-    runs = [r for r in runs if r.status.value == st]
-    return runs[:limit] if limit is not None else runs
+    if st not in _LEASED or limit is None or limit <= 0:
+        sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=None if st in _LEASED else limit)
+        runs = [run_info(r) for r in (yield QUERY, sql, args)]
+        if st is None:
+            return runs
+        runs = [r for r in runs if r.status.value == st]
+        return runs[:limit] if limit is not None else runs
+    found: list[RunInfo] = []
+    page, before = max(2 * limit, 64), None
+    while True:
+        sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=page, before=before)
+        rows = yield QUERY, sql, args
+        for row in rows:
+            info = run_info(row)
+            if info.status.value == st:
+                found.append(info)
+                if len(found) == limit:
+                    return found
+        if len(rows) < page:
+            return found
+        before, page = (rows[-1][3], rows[-1][0]), page * 2
 
 
 def find_child(d: Any, parent_run_id: str, parent_step: int, call_index: int) -> Op:

@@ -223,10 +223,18 @@ ROLL_UP_HELD = (
 )
 
 
-def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) -> tuple[str, tuple[Any, ...]]:
-    """The query behind ``list_runs``: newest first, optionally roots only."""
+def list_runs_sql(
+    *, status: str | None, roots_only: bool, limit: int | None, before: tuple[str, str] | None = None
+) -> tuple[str, tuple[Any, ...]]:
+    """The query behind ``list_runs``: newest first, optionally roots only.
+
+    ``before``: only runs older than this ``(created_at, id)`` (the next page).
+    """
     where: list[str] = []
     args: list[Any] = []
+    if before is not None:
+        where.append("(created_at, id) < (?, ?)")
+        args.extend(before)
     if roots_only:
         # "+" keeps SQLite from picking runs_children (an equality match on NULL) and
         # sorting every root run; walking runs_created newest first stops at LIMIT.
@@ -240,7 +248,7 @@ def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) ->
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY created_at DESC, id DESC"
-    if limit is not None and status != RunStatus.CRASHED.value:
+    if limit is not None:
         sql += " LIMIT ?"
         args.append(int(limit))
     return sql, tuple(args)
