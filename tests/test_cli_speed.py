@@ -80,6 +80,26 @@ def test_show_of_a_long_run_costs_little_more_than_reading_its_rows(long_run: tu
     assert min(ratios) < 5.5, ratios
 
 
+class _CountingOut(io.StringIO):
+    """A stdout that counts the writes it is handed (each one a system call when unbuffered)."""
+
+    writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def test_a_long_table_is_written_at_once(long_run: tuple[Path, str]) -> None:
+    """``loomc show --all`` hands 10,000 rows to stdout in a few writes, not one per row (PYTHONUNBUFFERED)."""
+    db, run_id = long_run
+    out = _CountingOut()
+    with contextlib.redirect_stdout(out):
+        show(run_id, tree=False, first=None, last=None, all_=True, full=False, db=db, json_=False)
+    assert len(out.getvalue().splitlines()) > 10_000
+    assert out.writes < 30
+
+
 def _many_runs(db: Path, n: int) -> list[str]:
     """``n`` runs (copies of one real run row, with their own ids and creation times); their ids."""
     store = SQLiteStore(db)

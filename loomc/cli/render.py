@@ -460,8 +460,9 @@ class Output:
     def table(self, cols: Sequence[Col], rows: Sequence[Sequence[Any]]) -> None:
         """Print a table: rich on a terminal, :func:`plain_table` otherwise."""
         if not self.tty:
-            for text in plain_table(cols, _visible_rows(rows)):
-                sys.stdout.write(text + "\n")
+            # One write for the whole table: with PYTHONUNBUFFERED (or a pipe that
+            # writes through) a write per row is a system call per row.
+            sys.stdout.write("\n".join(plain_table(cols, _visible_rows(rows))) + "\n")
             return
         self.console.print(self.rich_table(cols, rows))
 
