@@ -258,3 +258,14 @@ def test_windowed_reads_never_load_the_whole_run(long_run: dict[str, Any]) -> No
     for sql in on_steps:
         assert "LIMIT" in sql or "COUNT(*)" in sql, sql
     store.close()
+
+
+def test_every_character_escaped_is_one_python_counts_unprintable() -> None:
+    """``visible`` returns a printable string as it is: that is safe only if every character it escapes is unprintable."""
+    unsafe = [chr(c) for c in range(0x110000) if r._UNSAFE.match(chr(c))]
+    assert len(unsafe) > 2000  # C0, C1, bidi, zero-width, separators, surrogates
+    assert not [hex(ord(c)) for c in unsafe if c.isprintable()]
+    for c in unsafe:
+        assert r.visible(f"ok {c} ok") != f"ok {c} ok"
+    plain = "run a1b2c3 <- backtrack to step 2  $0.0500 café 日本"
+    assert r.visible(plain) is plain

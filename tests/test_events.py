@@ -309,3 +309,22 @@ def test_async_events_are_records(tmp_path: Path, backend: str) -> None:
     result = anyio.run(main, backend=backend)
     assert result.history[0].events[0]["kind"] == "retry"
     assert json.loads(stored_events(db, result.run_id)[0] or "[]")[0]["attempt"] == 1
+
+
+def test_decoding_the_same_stored_events_gives_independent_records() -> None:
+    """Stored forms decoded before come back equal, as new lists and dicts: changing one changes no other."""
+    stored = ev.encode([ev.backtrack(2), {"kind": "converged"}])
+    first, second = ev.decode(stored), ev.decode(stored)
+    assert first == second == [{"kind": "backtrack", "to": 2}, {"kind": "converged"}]
+    first[0]["to"] = 7
+    first.append({"kind": "stalled", "after": 3})
+    assert ev.decode(stored) == second == [{"kind": "backtrack", "to": 2}, {"kind": "converged"}]
+    # a record holding a list is decoded afresh each time: nothing inside it is shared either
+    nested = ev.encode([{"kind": "note", "text": "x", "tags": ["a"]}])
+    one = ev.decode(nested)
+    one[0]["tags"].append("b")
+    assert ev.decode(nested) == [{"kind": "note", "text": "x", "tags": ["a"]}]
+    # the old one-line form still decodes, repeatedly
+    assert ev.decode("backtrack to step 1; converged") == ev.decode("backtrack to step 1; converged") == [
+        {"kind": "backtrack", "to": 1}, {"kind": "converged"},
+    ]

@@ -7,6 +7,8 @@ the SQLite store on asyncio (``AsyncSQLiteStore``, aiosqlite) and on trio (worke
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -207,6 +209,37 @@ async def test_list_runs_filters(store: Face) -> None:
     assert len(await store.list_runs(limit=2)) == 2
     info = await store.get_run(ids[1])
     assert (info.stop_reason, info.wall_s) == ("converged", 1.0)
+
+
+async def test_list_runs_running_and_crashed_honour_a_limit(store: Face, kind: str, gone: int) -> None:
+    """``running`` and ``crashed`` (stored alike, told apart by the lease) find the runs asked for past many of the other."""
+    dead_owner = f"{owner_token().split(':')[0]}:{gone}:0"  # this host, a process that has exited
+    live = await store.begin_run(NewRun(spec_hash="h", run_id="000000000000"))
+    await store.acquire(live, owner_token())
+    dead = []
+    for i in range(70):  # newer than the live run, and after it in id order: every page is full of them
+        rid = await store.begin_run(NewRun(spec_hash="h", run_id=f"ffff{i:08x}"))
+        await store.acquire(rid, dead_owner)
+        dead.append(rid)
+    if kind == "memory":  # a memory store's runs die with their process: none reads as crashed
+        assert [r.id for r in await store.list_runs(status="running", limit=1)] == [dead[-1]]
+        assert await store.list_runs(status="crashed") == []
+        return
+    assert [r.id for r in await store.list_runs(status="running", limit=1)] == [live]
+    assert [r.id for r in await store.list_runs(status="running")] == [live]
+    crashed = await store.list_runs(status="crashed", limit=3)
+    assert len(crashed) == 3
+    assert {r.status for r in crashed} == {RunStatus.CRASHED}
+    assert {r.id for r in await store.list_runs(status="crashed")} == set(dead)
+    assert len(await store.list_runs(status="crashed", limit=69)) == 69
+
+
+@pytest.fixture(scope="module")
+def gone() -> int:
+    """The pid of a child process that has exited and been reaped."""
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as proc:
+        proc.wait()
+    return proc.pid
 
 
 async def test_meta_and_cost(store: Face) -> None:

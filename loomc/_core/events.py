@@ -88,10 +88,34 @@ def encode(events: list[Event]) -> str | None:
     return json.dumps(events, separators=(",", ":"), default=str) if events else None
 
 
+#: Stored forms already decoded, as read-only copies. A long run repeats a few forms (the
+#: same backtrack, a converged) over thousands of steps, and ``loomc show`` reads them all.
+_DECODED: dict[str, tuple[Event, ...]] = {}
+_DECODED_MAX = 512
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def decode(stored: str | None) -> list[Event]:
-    """A step's events from their stored form (a JSON list, or the text an older loomc stored)."""
+    """A step's events from their stored form (a JSON list, or the text an older loomc stored).
+
+    Every call returns new lists and dicts: a caller may change what it gets.
+    """
     if not stored:
         return []
+    known = _DECODED.get(stored)
+    if known is not None:
+        return [dict(e) for e in known]
+    events = _parse(stored)
+    # Only records of plain values are kept: a copy of one then shares nothing mutable.
+    if all(isinstance(v, _SCALARS) for e in events for v in e.values()):
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[stored] = tuple(dict(e) for e in events)
+    return events
+
+
+def _parse(stored: str) -> list[Event]:
+    """The records in ``stored``: its JSON list, else the records of an older loomc's line."""
     if stored[0] == "[":
         try:
             value = json.loads(stored)

@@ -195,17 +195,29 @@ def history_record(row: tuple[Any, ...], loader: Any) -> StepRecord:
 
 def meta_record(row: tuple[Any, ...]) -> StepRecord:
     """A :class:`StepRecord` without a state from ``(step_n, cost_usd, score, timestamp, error, event)``."""
-    return StepRecord(
-        row[0], None, cost_usd=row[1], score=row[2], timestamp=datetime.fromisoformat(row[3]), error=row[4],
-        event=row[5],
-    )
+    # Called once per row a window reads (10,000 times for ``loomc show --all`` of a long
+    # run): the timestamp and the events are parsed only if they are read.
+    rec = _new_record(StepRecord)
+    rec.step_n, rec.cost_usd, rec.score, rec._ts, rec.error, rec.event = row
+    rec._state, rec._loader = None, None
+    return rec
+
+
+#: How many of the newest runs a mistyped id is compared with (with the ids next to it in
+#: sort order): an unknown id is answered at once in a database of 100,000 runs.
+NEAREST_POOL = 1000
 
 
 def nearest(run_id: str, ids: list[str]) -> list[str]:
-    """Up to three ids that look like ``run_id`` (for a :class:`~loomc.RunNotFound` message)."""
+    """Up to three ids that look like ``run_id`` (for a :class:`~loomc.RunNotFound` message).
+
+    ``ids`` are the candidates: the ids next to ``run_id`` in sort order and the newest
+    :data:`NEAREST_POOL` runs (every id, in a smaller database).
+    """
     import bisect
     import difflib
 
+    ids = list(dict.fromkeys(ids))
     close = difflib.get_close_matches(run_id, ids, n=3, cutoff=0.3)
     if close:
         return close
@@ -260,19 +272,43 @@ def resolve(d: Any, where: str, run_id: str) -> Op:
     found = match_prefix(run_id, [r[0] for r in (yield QUERY, d.SELECT_PREFIX, d.prefix_args(run_id))])
     if found is not None:
         return found
-    every = [r[0] for r in (yield QUERY, d.SELECT_ALL_IDS, ())]
-    raise RunNotFound(run_id, nearest(run_id, every), where)
+    around = yield QUERY, d.SELECT_IDS_AROUND, (run_id, run_id)
+    recent = yield QUERY, d.SELECT_RECENT_IDS, (NEAREST_POOL,)
+    raise RunNotFound(run_id, nearest(run_id, [r[0] for r in (*around, *recent)]), where)
+
+
+_LEASED = (RunStatus.RUNNING.value, RunStatus.CRASHED.value)
 
 
 def list_runs(d: Any, status: RunStatus | str | None, limit: int | None, roots_only: bool) -> Op:
-    """Runs newest first (a ``crashed`` run is stored as ``running``: filtered after reading)."""
+    """Runs newest first.
+
+    A ``crashed`` run is stored as ``running`` (its owner died): the two are told apart
+    after reading, so they are read a page at a time, newest first, until ``limit`` of the
+    status asked for are found; a LIMIT in the query could cut off the ones asked for.
+    """
     st = status.value if isinstance(status, RunStatus) else status
-    sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=limit)
-    runs = [run_info(r) for r in (yield QUERY, sql, args)]
-    if st is None:
-        return runs
-    runs = [r for r in runs if r.status.value == st]
-    return runs[:limit] if limit is not None else runs
+    if st not in _LEASED or limit is None or limit <= 0:
+        sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=None if st in _LEASED else limit)
+        runs = [run_info(r) for r in (yield QUERY, sql, args)]
+        if st is None:
+            return runs
+        runs = [r for r in runs if r.status.value == st]
+        return runs[:limit] if limit is not None else runs
+    found: list[RunInfo] = []
+    page, before = max(2 * limit, 64), None
+    while True:
+        sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=page, before=before)
+        rows = yield QUERY, sql, args
+        for row in rows:
+            info = run_info(row)
+            if info.status.value == st:
+                found.append(info)
+                if len(found) == limit:
+                    return found
+        if len(rows) < page:
+            return found
+        before, page = (rows[-1][3], rows[-1][0]), page * 2
 
 
 def find_child(d: Any, parent_run_id: str, parent_step: int, call_index: int) -> Op:

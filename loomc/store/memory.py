@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 from datetime import datetime
 from typing import Any
@@ -87,7 +88,12 @@ class MemoryStore:
         found = core.match_prefix(run_id, [i for i in ids if i.startswith(run_id)] if run_id else [])
         if found is not None:
             return found
-        raise RunNotFound(run_id, core.nearest(run_id, ids), _MEMORY_WHERE, hint=_MEMORY_HINT)
+        # The same candidates as the SQL stores: the ids next to it, then the newest runs.
+        with self._lock:
+            newest = sorted(self._runs.values(), key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        i = bisect.bisect_left(ids, run_id)
+        pool = [*ids[max(0, i - 3) : i], *ids[i : i + 3], *(r["id"] for r in newest[: core.NEAREST_POOL])]
+        raise RunNotFound(run_id, core.nearest(run_id, pool), _MEMORY_WHERE, hint=_MEMORY_HINT)
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
         """Runs newest first."""

@@ -115,6 +115,13 @@ SELECT_RUN = f"SELECT {RUN_COLS} FROM runs WHERE id = ?"
 SELECT_RESUME = "SELECT state_type, input_blob, next_from FROM runs WHERE id = ?"
 SELECT_PREFIX = "SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 20"
 SELECT_ALL_IDS = "SELECT id FROM runs"
+# What a mistyped id is compared with (``core.NEAREST_POOL``): the ids next to it in sort
+# order (those sharing its longest prefix), then the newest runs. Both walk an index.
+SELECT_IDS_AROUND = (
+    "SELECT id FROM (SELECT id FROM runs WHERE id < ? ORDER BY id DESC LIMIT 3) "
+    "UNION ALL SELECT id FROM (SELECT id FROM runs WHERE id > ? ORDER BY id LIMIT 3)"
+)
+SELECT_RECENT_IDS = "SELECT id FROM runs ORDER BY created_at DESC LIMIT ?"
 SELECT_CHILD = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = ? AND parent_step = ? AND call_index = ?"
 SELECT_CHILDREN = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = ? ORDER BY parent_step, call_index, created_at"
 UPDATE_STATUS = "UPDATE runs SET status = ?, updated_at = ? WHERE id = ?"
@@ -216,10 +223,18 @@ ROLL_UP_HELD = (
 )
 
 
-def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) -> tuple[str, tuple[Any, ...]]:
-    """The query behind ``list_runs``: newest first, optionally roots only."""
+def list_runs_sql(
+    *, status: str | None, roots_only: bool, limit: int | None, before: tuple[str, str] | None = None
+) -> tuple[str, tuple[Any, ...]]:
+    """The query behind ``list_runs``: newest first, optionally roots only.
+
+    ``before``: only runs older than this ``(created_at, id)`` (the next page).
+    """
     where: list[str] = []
     args: list[Any] = []
+    if before is not None:
+        where.append("(created_at, id) < (?, ?)")
+        args.extend(before)
     if roots_only:
         # "+" keeps SQLite from picking runs_children (an equality match on NULL) and
         # sorting every root run; walking runs_created newest first stops at LIMIT.
@@ -233,7 +248,7 @@ def list_runs_sql(*, status: str | None, roots_only: bool, limit: int | None) ->
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY created_at DESC, id DESC"
-    if limit is not None and status != RunStatus.CRASHED.value:
+    if limit is not None:
         sql += " LIMIT ?"
         args.append(int(limit))
     return sql, tuple(args)
