@@ -1,7 +1,7 @@
-"""How fast the ``loomc`` command answers on large databases, against floors measured in the same test.
+"""What the ``loomc`` command does on large databases: how much it reads and how it writes.
 
-Each time is the best of a few rounds, interleaved with its floor, so a loaded machine
-slows both alike; the bounds leave room for noise, not for a lost optimisation.
+These tests count work (rows read, statements run, writes to stdout), never time it: the
+times themselves are measured by ``benchmarks/bench_cli.py``.
 """
 
 from __future__ import annotations
@@ -10,23 +10,12 @@ import contextlib
 import io
 import itertools
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from loomc import BestScore, Budget, LastGood, RunNotFound, SQLiteStore, loop
 from loomc.cli.app import show
-
-
-def _best(fn: Callable[[], object], rounds: int = 5) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 @pytest.fixture(scope="module")
@@ -47,37 +36,17 @@ def long_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return db, run_id
 
 
-def test_show_of_a_long_run_costs_little_more_than_reading_its_rows(long_run: tuple[Path, str]) -> None:
-    """``loomc show --all`` of 10,000 steps: escaped, aligned rows at a few times the cost of fetching them raw."""
+def test_show_of_a_long_run_prints_every_row_escaped(long_run: tuple[Path, str]) -> None:
+    """``loomc show --all`` of 10,000 steps: every row, its markers, and stored escapes shown, never sent."""
     db, run_id = long_run
     out = io.StringIO()
-
-    def render() -> None:
-        out.seek(0)
-        out.truncate()
-        with contextlib.redirect_stdout(out):
-            show(run_id, tree=False, first=None, last=None, all_=True, full=False, db=db, json_=False)
-
-    def floor() -> None:
-        # the same rows fetched and printed with one f-string each: no escaping, no alignment
-        with sqlite3.connect(db) as conn:
-            rows = conn.execute(
-                "SELECT step_n, cost_usd, score, error, event FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,)
-            ).fetchall()
-        text = io.StringIO()
-        for n, cost, score, error, event in rows:
-            text.write(f"{n:>4}  ${cost:.4f}  {score}  {error}  {event}\n")
-
-    render()
+    with contextlib.redirect_stdout(out):
+        show(run_id, tree=False, first=None, last=None, all_=True, full=False, db=db, json_=False)
     lines = out.getvalue().splitlines()
     assert len(lines) > 10_000
     assert sum(1 for line in lines if "<- backtrack to step" in line) > 5000
     assert sum(1 for line in lines if "RuntimeError: rate limit \\x1b[2J at call" in line) == 10_000 // 97
     assert "\x1b" not in out.getvalue()  # the escape is shown, never sent to the terminal
-    ratios = []
-    for _ in range(3):
-        ratios.append(_best(render, 3) / _best(floor, 3))
-    assert min(ratios) < 5.5, ratios
 
 
 class _CountingOut(io.StringIO):
@@ -123,14 +92,16 @@ def _many_runs(db: Path, n: int) -> list[str]:
         return [r[0] for r in conn.execute("SELECT id FROM runs ORDER BY created_at")]
 
 
-def test_an_unknown_id_is_answered_at_once_among_100000_runs(tmp_path: Path) -> None:
-    """A mistyped id in a database of 100,000 runs names the nearest ids within ~0.1 s, not after comparing every id."""
+def test_an_unknown_id_is_answered_without_reading_every_id(tmp_path: Path) -> None:
+    """A mistyped id among 100,000 runs names the nearest ids from a few indexed reads, never a scan of every id."""
     db = tmp_path / "many.db"
     ids = _many_runs(db, 100_000)
     store = SQLiteStore(db, create=False)
     recent, old = ids[-1], ids[5]
     typo_recent = recent[:3] + ("0" if recent[3] != "0" else "1") + recent[4:]  # one character wrong, mid-id
     typo_old = old[:-1] + ("0" if old[-1] != "0" else "1") + "x"  # an old run: the ids next to it in order
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
 
     def unknown(run_id: str) -> str:
         with pytest.raises(RunNotFound) as info:
@@ -139,7 +110,10 @@ def test_an_unknown_id_is_answered_at_once_among_100000_runs(tmp_path: Path) -> 
 
     assert recent in unknown(typo_recent)
     assert old in unknown(typo_old)
-    for probe in ("abc123abc123", typo_recent, "zzzzzz"):
+    for probe in ("abc123abc123", "zzzzzz"):
         unknown(probe)
-        assert _best(lambda p=probe: unknown(p), 3) < 0.1, probe  # type: ignore[misc]
+    reads = [q for q in statements if "FROM runs" in q]
+    assert reads
+    assert all("LIMIT" in q for q in reads), reads  # every read of the runs table is bounded
+    store.conn.set_trace_callback(None)
     store.close()
