@@ -114,7 +114,6 @@ INSERT_RUN = (
 SELECT_RUN = f"SELECT {RUN_COLS} FROM runs WHERE id = ?"
 SELECT_RESUME = "SELECT state_type, input_blob, next_from FROM runs WHERE id = ?"
 SELECT_PREFIX = "SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 20"
-SELECT_ALL_IDS = "SELECT id FROM runs"
 # What a mistyped id is compared with (``core.NEAREST_POOL``): the ids next to it in sort
 # order (those sharing its longest prefix), then the newest runs. Both walk an index.
 SELECT_IDS_AROUND = (
@@ -169,9 +168,6 @@ def roll_up_sql(depth: int) -> str:
     return sql
 
 
-SELECT_STEP_META = (
-    "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? ORDER BY step_n"
-)
 SELECT_LAST_STEP_META = (
     "SELECT step_n, cost_usd, score, timestamp, error, event FROM steps WHERE run_id = ? ORDER BY step_n DESC LIMIT 1"
 )
