@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar, cast
 from loomc._core import events as _events
 from loomc._core.budget import Budget
 from loomc._core.context import RunView, _current_ledger, steps_in_flight
-from loomc._core.errors import BudgetExhausted, LoomcError, SpecMismatch, StateError, StoreError
+from loomc._core.errors import BudgetExhausted, LeaseLost, LoomcError, SpecMismatch, StateError, StoreError
 from loomc._core.events import Event
 from loomc._core.holds import HeldCharge, HoldStore, charge_record, supports_holds
 from loomc._core.ledger import RunLedger, ledger_factory
@@ -575,6 +575,9 @@ class _Run:
         """One step: the budget check, the call, its cost and score, the verdict and the commit."""
         ctx, ledger, run_id, spec, io = self.ctx, self.ledger, self.run_id, self.spec, self.io
         step_n, state, max_step_cost = self.step_n, self.state, self.max_step_cost
+        for held in self.claims:
+            if held.lost:  # the heartbeat found the run taken over: start nothing more (its writes would be refused)
+                raise LeaseLost(run_id, None)
         now = time.monotonic()
         ctx.iterations = self.iterations
         used = RunUsage(ledger.spent, self.iterations, self.wall_base + (now - self.t0), max_step_cost)
@@ -767,7 +770,7 @@ class _Run:
         if isinstance(exc, GeneratorExit):
             return
         run_id = self.run_id
-        if not self.recorded and not isinstance(exc, StoreError):
+        if not self.recorded and not isinstance(exc, (StoreError, LeaseLost)):
             wall = self.wall_base + (time.monotonic() - self.t0)
             status, reason = (
                 (RunStatus.FAILED, f"error: {_error_text(exc)}") if isinstance(exc, Exception)

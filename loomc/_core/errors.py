@@ -10,6 +10,7 @@ Every error a user can cause derives from :class:`LoomcError`::
     ├── RunNotFound              no run matches the id (also a ``LookupError``)
     ├── AmbiguousRunId           a prefix matches several runs (also a ``LookupError``)
     ├── RunLocked                the run is held by a live process
+    ├── LeaseLost                another process took the run over: this one may no longer write it
     ├── SpecMismatch             resuming a run with a different function or graph
     ├── StateError               a state cannot be serialised (also a ``TypeError``)
     ├── StoreError               the checkpoint database cannot be used
@@ -32,6 +33,7 @@ __all__ = [
     "BudgetExhausted",
     "CircuitOpenError",
     "CostError",
+    "LeaseLost",
     "LoomcError",
     "RunContextLost",
     "RunLocked",
@@ -185,6 +187,28 @@ class RunLocked(LoomcError):
         else:
             msg = f"run {run_id} is running in live process {owner}; wait for it to finish or stop that process, then resume"
         super().__init__(msg)
+
+
+class LeaseLost(LoomcError):
+    """Another process took the run over (its lease had expired): this process's writes to it are refused.
+
+    Nothing this process wrote to the run after the takeover is stored: the write that
+    raised this was rolled back whole, and the run is left to its new owner.
+    """
+
+    def __init__(self, run_id: str, epoch: int | None, *, now_epoch: int | None = None, owner: str | None = None) -> None:
+        self.run_id = run_id
+        self.epoch = epoch
+        self.now_epoch = now_epoch
+        self.owner = owner
+        by = f" by {owner}" if owner else ""
+        at = f" (lease epoch {now_epoch}, this process held epoch {epoch})" if now_epoch is not None else ""
+        super().__init__(
+            f"run {run_id} was taken over{by}{at} after this process's lease on it expired (the process was "
+            "paused or cut off longer than the lease); this process stopped writing to the run and nothing it did "
+            f"since is stored. The new owner continues it: check it with `loomc show {run_id}`, and resume it "
+            "yourself only once that process is gone"
+        )
 
 
 class SpecMismatch(LoomcError):

@@ -14,7 +14,10 @@ reaching into the engine's globals, the graph layer goes through this module onl
   fixed place under the host, with the host's ledger current (a map node's step runs its
   items the same way, under :func:`current_ledger`, the map node run's own);
 - what the store keeps of the money: :func:`charge_left_holds` at a resume,
-  :func:`store_spent` when the attempt ends.
+  :func:`store_spent` when the attempt ends;
+- a run that lives in another process: :func:`open_shared_parent` opens its ledger here
+  (caps enforced in the database, ``loomc.store.shared``), so :func:`run_child` can run
+  a child of it in this process (an executor running a graph's node on another machine).
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from loomc._core.policy import EPS
 from loomc._core.types import RunInfo, RunResult
 from loomc.store import codec
 from loomc.store.lease import Claim, claim, owner_token
+from loomc.store.shared import open_shared_parent
 from loomc.store.sqlite.aio import async_twin
 from loomc.store.sqlite.sync import MemoryStore, NewRun, new_run_id, open_store
 
 __all__ = [
     "Claim", "MemoryStore", "NewRun", "RunLedger", "arun_child", "async_twin", "charge_left_holds", "claim",
     "current_ledger", "has_room",
-    "new_top_run", "open_host_ledger", "open_store", "owner_token", "run_child", "running_under", "store_spent",
+    "new_top_run", "open_host_ledger", "open_shared_parent", "open_store", "owner_token", "run_child", "running_under",
+    "store_spent",
 ]
 
 

@@ -18,14 +18,14 @@ from collections.abc import Callable, Generator
 from datetime import datetime
 from typing import Any
 
-from loomc._core.errors import AmbiguousRunId, LoomcError, RunLocked, RunNotFound, StoreError
+from loomc._core.errors import AmbiguousRunId, BudgetExhausted, LeaseLost, LoomcError, RunLocked, RunNotFound, StoreError
 from loomc._core.holds import HeldCharge, charge_record
 from loomc._core.types import _MISSING, RunInfo, RunStatus, StepRecord
 from loomc.store.codec import decode, delta_base, encode, expand
 from loomc.store.lease import is_alive
 from loomc.store.protocol import NewRun, ResumePoint, SchemaInfo, StepRow, StoredInput, StoredStep
 
-__all__ = ["EXEC", "EXEC_MANY", "INSERT", "QUERY", "Op", "Request", "StateLoader", "drive", "expand_rows", "now_iso", "storable"]
+__all__ = ["COUNT", "EXEC", "EXEC_MANY", "INSERT", "QUERY", "Op", "Request", "StateLoader", "drive", "expand_rows", "now_iso", "storable"]
 
 
 #: The kinds of request an operation yields, as ``(kind, sql, args)`` tuples (a tuple per
@@ -34,6 +34,7 @@ QUERY = 0  # run ``sql``; the driver sends back every row (a list of tuples)
 EXEC = 1  # run a statement whose rows, if any, are not needed (``None`` back)
 EXEC_MANY = 2  # run ``sql`` once per parameter tuple in ``args`` (``None`` back)
 INSERT = 3  # insert one row; the driver sends back the id the database gave it
+COUNT = 4  # run a statement; the driver sends back how many rows it changed (a fenced write's check)
 
 #: A request: ``(kind, sql, args)``.
 Request = tuple[int, str, Any]
@@ -55,6 +56,8 @@ def drive(op: Op, execute: Callable[[str, Any], Any], executemany: Callable[[str
                 send = None
             elif kind == QUERY:
                 send = execute(sql, args).fetchall()
+            elif kind == COUNT:
+                send = execute(sql, args).rowcount
             elif kind == INSERT:
                 send = execute(sql, args).lastrowid
             else:
@@ -109,9 +112,12 @@ def _opt_text(text: str | None) -> str | None:
 
 
 def run_info(row: tuple[Any, ...] | Any) -> RunInfo:
-    """Build a :class:`RunInfo` from a row of the dialect's ``RUN_COLS``; a dead owner reads as crashed."""
+    """Build a :class:`RunInfo` from a row of the dialect's ``RUN_COLS``; a dead owner reads as crashed.
+
+    (An owner whose lease expired reads as crashed too: its run may be taken over.)
+    """
     status = RunStatus(row[2])
-    if status is RunStatus.RUNNING and row[16] and not is_alive(row[16], row[17]):
+    if status is RunStatus.RUNNING and row[16] and not is_alive(row[16], row[17], expired=bool(row[20])):
         status = RunStatus.CRASHED
     return RunInfo(
         id=row[0], spec_hash=row[1], status=status, created_at=row[3], updated_at=row[4], name=row[5],
@@ -435,8 +441,8 @@ def step_totals(d: Any, run_id: str, before: int) -> Op:
 # -- writes (inside the driver's transaction) ----------------------------------------------
 
 
-def begin_run(d: Any, where: str, new: NewRun, run_id: str, beat: float) -> Op:
-    """Insert the row of a new run.
+def begin_run(d: Any, where: str, new: NewRun, run_id: str, ttl: float) -> Op:
+    """Insert the row of a new run, its owner holding epoch 1 and a lease of ``ttl`` seconds.
 
     Raises:
         RunLocked: a run with this id is running in a live process.
@@ -444,8 +450,8 @@ def begin_run(d: Any, where: str, new: NewRun, run_id: str, beat: float) -> Op:
     """
     rows = yield QUERY, d.SELECT_LEASE, (run_id,)
     if rows:
-        status, held_by, held_beat = rows[0]
-        if status == RunStatus.RUNNING.value and held_by and is_alive(held_by, held_beat):
+        status, held_by, held_beat, _, expired = rows[0]
+        if status == RunStatus.RUNNING.value and held_by and is_alive(held_by, held_beat, expired=bool(expired)):
             raise RunLocked(run_id, held_by)
         raise LoomcError(
             f"run id {run_id!r} already exists in {where} (status {status}); resume it "
@@ -456,9 +462,25 @@ def begin_run(d: Any, where: str, new: NewRun, run_id: str, beat: float) -> Op:
         run_id, new.spec_hash, RunStatus.RUNNING.value, now, now, storable(new.name), new.kind,
         new.parent_run_id, new.parent_step, new.call_index, new.root_run_id, new.state_type,
         new.input_blob, json.dumps(new.budget) if new.budget is not None else None, new.owner,
-        beat, json.dumps(new.meta) if new.meta else None, 1 if new.owner else 0, new.cost_usd,
+        json.dumps(new.meta) if new.meta else None, 1 if new.owner else 0, new.cost_usd, usd_cap(new.budget), ttl,
     )
     return run_id
+
+
+def usd_cap(budget: dict[str, Any] | None) -> float | None:
+    """The usd limit of a stored budget (``None``: none)."""
+    cap = budget.get("usd") if budget else None
+    return float(cap) if cap is not None and cap != float("inf") else None
+
+
+def fence_failed(d: Any, run_id: str, epoch: int | None) -> Op:
+    """A fenced write of ``run_id`` changed nothing: raise :class:`LeaseLost` if another owner holds it now.
+
+    A run that is not there (deleted) is left to the caller: the write simply did nothing.
+    """
+    rows = yield QUERY, d.SELECT_EPOCH, (run_id,)
+    if rows and epoch is not None and rows[0][0] != epoch:
+        raise LeaseLost(run_id, epoch, now_epoch=rows[0][0], owner=rows[0][1])
 
 
 def update_run_status(d: Any, run_id: str, status: RunStatus | str) -> Op:
@@ -466,37 +488,53 @@ def update_run_status(d: Any, run_id: str, status: RunStatus | str) -> Op:
     yield EXEC, d.UPDATE_STATUS, (RunStatus(status).value, now_iso(), run_id)
 
 
-def acquire(d: Any, where: str, run_id: str, owner: str, budget: dict[str, Any] | None, beat: float) -> Op:
-    """Take the run's lease for ``owner``.
+def acquire(d: Any, where: str, run_id: str, owner: str, budget: dict[str, Any] | None, ttl: float) -> Op:
+    """Take the run's lease for ``owner`` for ``ttl`` seconds; returns the new epoch.
 
-    Another thread or task of this process is kept out before this, by the process's
-    claim on the run (``loomc.store.lease.claim``): a row naming ``owner`` itself is a
-    lease this process left behind, and is taken over.
+    The lease is free when its owner is gone or its lease has expired (by the database's
+    clock). Every acquire increments the run's epoch: a write carrying an older one
+    (the owner taken over) is refused. Another thread or task of this process is kept out
+    before this, by the process's claim on the run (``loomc.store.lease.claim``): a row
+    naming ``owner`` itself is a lease this process left behind, and is taken over.
 
     Raises:
         RunNotFound: no such run.
-        RunLocked: another live process holds the run.
+        RunLocked: another live process holds the run (or took it an instant ago).
     """
     rows = yield QUERY, d.SELECT_LEASE, (run_id,)
     if not rows:
         raise RunNotFound(run_id, where=where)
-    status, held_by, held_beat = rows[0]
-    if status == RunStatus.RUNNING.value and held_by and held_by != owner and is_alive(held_by, held_beat):
+    status, held_by, held_beat, epoch, expired = rows[0]
+    alive = is_alive(held_by, held_beat, expired=bool(expired))
+    if status == RunStatus.RUNNING.value and held_by and held_by != owner and alive:
         raise RunLocked(run_id, held_by)
-    yield EXEC, d.ACQUIRE, (owner, beat, now_iso(), json.dumps(budget) if budget is not None else None, run_id)
+    changed = yield COUNT, d.ACQUIRE, (
+        owner, ttl, now_iso(), json.dumps(budget) if budget is not None else None, budget is not None,
+        usd_cap(budget), run_id, epoch,
+    )
+    if changed != 1:  # another process took it between the read and the write
+        now = (yield QUERY, d.SELECT_EPOCH, (run_id,))
+        raise RunLocked(run_id, now[0][1] if now else "another process")
+    return int(epoch) + 1
 
 
-def renew_leases(d: Any, owner: str, run_ids: list[str], beat: float) -> Op:
-    """Refresh the heartbeat of the runs in ``run_ids`` that ``owner`` still holds."""
-    yield EXEC_MANY, d.RENEW_LEASE, [(beat, run_id, owner) for run_id in run_ids]
+def renew_leases(d: Any, owner: str, leases: list[tuple[str, int | None]], ttl: float) -> Op:
+    """Renew the leases ``(run id, epoch)`` that ``owner`` still holds for ``ttl`` seconds; the ids it lost."""
+    lost = []
+    for run_id, epoch in leases:
+        if (yield COUNT, d.RENEW_LEASE, (ttl, run_id, owner, epoch)) != 1:
+            lost.append(run_id)
+    return lost
 
 
-def commit_step(d: Any, run_id: str, row: StepRow, beat: float) -> Op:
+def commit_step(d: Any, run_id: str, row: StepRow, ttl: float, epoch: int | None) -> Op:
     """Write one step and the run's totals after it.
 
     A compressed state goes to the blob table and the step row points at it, so step
     rows stay small: the history of a long run is read without touching its states. A
-    nested run's cost increase is rolled up into its ancestors' totals here too.
+    nested run's cost increase is rolled up into its ancestors' totals here too. The
+    totals' ``UPDATE`` is fenced by ``epoch`` and renews the lease for ``ttl`` seconds:
+    changing no row, it raises :class:`LeaseLost` and the driver rolls the step back.
     """
     state, blob_id = row.state_blob, None
     if isinstance(state, (bytes, bytearray)):
@@ -510,45 +548,87 @@ def commit_step(d: Any, run_id: str, row: StepRow, beat: float) -> Op:
     )
     if row.ancestors:
         yield EXEC, d.roll_up_sql(len(row.ancestors)), (row.total_cost, run_id, row.timestamp, *row.ancestors)
-    yield EXEC, d.UPDATE_TOTALS, (
+    if (yield COUNT, d.UPDATE_TOTALS, (
         row.total_cost, row.total_steps, row.total_wall_s, row.max_step_cost, row.next_from,
-        row.status, reason if reason is None else storable(reason), row.timestamp, beat, run_id,
-    )
+        row.status, reason if reason is None else storable(reason), row.timestamp, ttl, run_id, epoch,
+    )) != 1:
+        yield from fence_failed(d, run_id, epoch)
     if row.holds:  # only steps that reserved: the step's cost now counts what they held
-        yield EXEC_MANY, d.DELETE_HOLD, [(hold_id,) for hold_id in row.holds]
+        yield from drop_holds(d, row.holds)
 
 
-def save_step(d: Any, where: str, run_id: str, record: StepRecord, beat: float) -> Op:
+def save_step(d: Any, where: str, run_id: str, record: StepRecord, ttl: float, epoch: int | None) -> Op:
     """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
     info = yield from get_run(d, run_id)
     if info is None:
         raise RunNotFound(run_id, where=where)
-    yield from commit_step(d, run_id, legacy_step_row(info, record, encode(record.state)), beat)
+    yield from commit_step(d, run_id, legacy_step_row(info, record, encode(record.state)), ttl, epoch)
 
 
-def finish_run(d: Any, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float, beat: float) -> Op:
-    """Record how an attempt ended."""
-    yield EXEC, d.FINISH, (status.value, _opt_text(stop_reason), wall_s, now_iso(), beat, run_id)
+def finish_run(d: Any, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float, epoch: int | None) -> Op:
+    """Record how an attempt ended (fenced by ``epoch``)."""
+    if (yield COUNT, d.FINISH, (status.value, _opt_text(stop_reason), wall_s, now_iso(), run_id, epoch)) != 1:
+        yield from fence_failed(d, run_id, epoch)
 
 
-def set_meta(d: Any, run_id: str, meta: dict[str, Any]) -> Op:
-    """Replace the run's free-form metadata (JSON)."""
-    yield EXEC, d.UPDATE_META, (json.dumps(meta), run_id)
+def set_meta(d: Any, run_id: str, meta: dict[str, Any], epoch: int | None) -> Op:
+    """Replace the run's free-form metadata (JSON; fenced by ``epoch``)."""
+    if (yield COUNT, d.UPDATE_META, (json.dumps(meta), run_id, epoch)) != 1:
+        yield from fence_failed(d, run_id, epoch)
 
 
-def add_cost(d: Any, run_id: str, usd: float) -> Op:
-    """Add to a run's total cost outside a step."""
-    yield EXEC, d.ADD_COST, (usd, now_iso(), run_id)
+def add_cost(d: Any, run_id: str, usd: float, epoch: int | None) -> Op:
+    """Add to a run's total cost outside a step (fenced by ``epoch``)."""
+    if (yield COUNT, d.ADD_COST, (usd, now_iso(), run_id, epoch)) != 1:
+        yield from fence_failed(d, run_id, epoch)
 
 
-def put_hold(d: Any, run_id: str, hold_id: int, usd: float) -> Op:
-    """Keep a reservation of ``run_id`` until the step that made it commits."""
-    yield EXEC, d.INSERT_HOLD, (hold_id, run_id, usd, now_iso())
+def put_hold(d: Any, run_id: str, hold_id: int, usd: float, epoch: int | None) -> Op:
+    """Keep a reservation of ``run_id`` until the step that made it commits (fenced by ``epoch``)."""
+    if (yield COUNT, d.INSERT_HOLD, (hold_id, run_id, usd, now_iso(), 0, run_id, epoch)) != 1:
+        yield from fence_failed(d, run_id, epoch)
+        raise RunNotFound(run_id)
 
 
 def drop_holds(d: Any, hold_ids: tuple[int, ...]) -> Op:
-    """Delete holds whose spending is recorded by now."""
+    """Delete holds whose spending is recorded by now (what they held in the database given back)."""
+    for hold_id in hold_ids:
+        counted = yield QUERY, d.SELECT_COUNTED_HOLD, (hold_id,)
+        if counted:
+            yield EXEC, d.RELEASE_RESERVED, counted[0]
     yield EXEC_MANY, d.DELETE_HOLD, [(hold_id,) for hold_id in hold_ids]
+
+
+def reserve_shared(d: Any, chain: tuple[str, ...], hold_id: int, usd: float, epoch: int | None, slack: float) -> Op:
+    """Hold ``usd`` for ``chain[0]`` against the caps of every run in ``chain`` (it and those above it).
+
+    One conditional ``UPDATE`` adds ``usd`` to each run's ``reserved`` where
+    ``cost_usd + reserved + usd <= usd_cap`` (``slack`` of rounding allowed); a hold row
+    (``counted``, fenced by ``epoch``) records it until the step that made it commits
+    (the hold's amount then moves into the step's cost) or the run is taken over (charged in full).
+
+    Raises:
+        BudgetExhausted: a cap in ``chain`` cannot take it (the driver rolls back: nothing held).
+        LeaseLost: ``chain[0]`` was taken over.
+    """
+    if (yield COUNT, d.reserve_sql(len(chain)), (usd, *chain, usd, slack)) != len(chain):
+        caps = {r[0]: r[1:] for r in (yield QUERY, d.caps_sql(len(chain)), chain)}
+        for run_id in chain:
+            if run_id not in caps:
+                raise RunNotFound(run_id)
+            spent, reserved, cap = caps[run_id]
+            if cap is not None and spent + reserved + usd > cap + slack:
+                raise BudgetExhausted("usd", spent + reserved, cap, run_id=chain[0], owner=run_id, requested=usd)
+        raise BudgetExhausted("usd", 0.0, 0.0, run_id=chain[0], owner=chain[0], requested=usd)
+    if (yield COUNT, d.INSERT_HOLD, (hold_id, chain[0], usd, now_iso(), 1, chain[0], epoch)) != 1:
+        yield from fence_failed(d, chain[0], epoch)
+        raise RunNotFound(chain[0])
+
+
+def shared_view(d: Any, run_id: str) -> Op:
+    """``(spent, reserved, cap)`` of a run as the database holds them (``None``: no such run)."""
+    rows = yield QUERY, d.SELECT_SHARED, (run_id,)
+    return tuple(rows[0]) if rows else None
 
 
 def charge_holds(d: Any, run_id: str) -> Op:
@@ -560,10 +640,13 @@ def charge_holds(d: Any, run_id: str) -> Op:
     rows = yield QUERY, d.SELECT_TREE_HOLDS, (run_id,)
     if not rows:
         return None
-    charge = HeldCharge(round(sum(usd for _, usd in rows), 12), len(rows), now_iso())
+    charge = HeldCharge(round(sum(r[1] for r in rows), 12), len(rows), now_iso())
     meta_rows = yield QUERY, d.SELECT_META, (run_id,)
     meta = json.loads(meta_rows[0][0]) if meta_rows and meta_rows[0][0] else {}
-    yield EXEC_MANY, d.DELETE_HOLD, [(hold_id,) for hold_id, _ in rows]
+    for _, usd, holder, counted in rows:  # what they held in the database becomes spent, below
+        if counted:
+            yield EXEC, d.RELEASE_RESERVED, (holder, usd)
+    yield EXEC_MANY, d.DELETE_HOLD, [(r[0],) for r in rows]
     yield EXEC, d.CHARGE_HELD, (charge.usd, json.dumps(charge_record(meta, charge)), charge.at, run_id)
     yield EXEC, d.ROLL_UP_HELD, (run_id, charge.usd)
     return charge

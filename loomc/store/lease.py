@@ -1,11 +1,19 @@
-"""Run leases: which process owns a running run, and whether it is still alive.
+"""Run leases: which process owns a running run, whether it is still alive, and its epoch.
 
 A run is held at two levels. Inside a process, :func:`claim` registers it (under a lock)
 before anything is read or written, so two threads or tasks of one process never drive
-the same run. Between processes, the run's row names its owner (``host:pid:start``)
-and a heartbeat; a daemon thread of this process renews the heartbeat of every run the
-process holds every third of :data:`HEARTBEAT_STALE_S`, independently of step commits,
-so a long step or a graph (which commits no steps) keeps its lease.
+the same run. Between processes, the run's row names its owner (``host:pid:start``), a
+heartbeat and the end of its lease (``lease_until``), both on the database's clock: a
+daemon thread of this process renews every lease the process holds every third of its
+length (the store's ``lease_ttl``), independently of step commits, so a long step or a
+graph (which commits no steps) keeps its lease.
+
+A lease is taken over when its owner is dead (a process of this host that is gone is
+seen at once) or when it has expired (an owner on another host, or one of this host that
+is alive but stopped renewing: paused, hung). Every takeover increments the run's
+*epoch*; this process remembers the epoch it acquired (:data:`epochs`) and every write
+of the run carries it, so a write of an owner that was taken over is refused
+(:class:`~loomc.LeaseLost`) and rolled back whole: fencing.
 """
 
 from __future__ import annotations
@@ -18,26 +26,52 @@ from typing import Any, Protocol, runtime_checkable
 
 from loomc._core.errors import RunLocked
 
-__all__ = ["HEARTBEAT_STALE_S", "Claim", "LeaseRenewal", "claim", "is_alive", "owner_token"]
+__all__ = [
+    "DEFAULT_LEASE_TTL_S", "HEARTBEAT_STALE_S", "Claim", "LeaseRenewal", "claim", "epochs", "is_alive", "lease_ttl",
+    "owner_token", "store_key",
+]
+
+#: The lease length when neither the store (``lease_ttl=``) nor ``$LOOMC_HEARTBEAT_STALE_S`` names one.
+DEFAULT_LEASE_TTL_S = 30.0
 
 
 def _stale_from_env() -> float:
     raw = os.environ.get("LOOMC_HEARTBEAT_STALE_S")
     if not raw:
-        return 300.0
+        return DEFAULT_LEASE_TTL_S
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not value > 0 or value == float("inf"):
-        raise ValueError(f"LOOMC_HEARTBEAT_STALE_S={raw!r}: use a positive number of seconds (default 300)")
+        raise ValueError(f"LOOMC_HEARTBEAT_STALE_S={raw!r}: use a positive number of seconds (default {DEFAULT_LEASE_TTL_S:g})")
     return value
 
 
-#: A lease from another host is considered dead after this long without a heartbeat
-#: (seconds; ``$LOOMC_HEARTBEAT_STALE_S``, default 300). Leases held by this process are
-#: renewed every third of it. Every process sharing a database must use the same value.
+#: The default lease length (seconds; ``$LOOMC_HEARTBEAT_STALE_S``, default 30): a store
+#: made without ``lease_ttl=`` gives its runs' owners leases this long. A lease not renewed
+#: for this long (by the database's clock) may be taken over. Leases held by this process
+#: are renewed every third of their length.
 HEARTBEAT_STALE_S = _stale_from_env()
+
+
+def lease_ttl(store: Any) -> float:
+    """The lease length of ``store``'s runs: its ``lease_ttl``, else :data:`HEARTBEAT_STALE_S` (read now)."""
+    ttl = getattr(store, "lease_ttl", None)
+    return float(ttl) if ttl else HEARTBEAT_STALE_S
+
+
+def check_ttl(ttl: float | None) -> float | None:
+    """``lease_ttl=`` as given to a store: ``None`` (the default) or a positive number of seconds.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
+        raise ValueError(f"lease_ttl={ttl!r}: use a positive number of seconds (e.g. 30), or None for the default")
+    return float(ttl)
 
 _HOST = socket.gethostname()
 
@@ -66,13 +100,21 @@ def owner_token(pid: int | None = None) -> str:
     return f"{_HOST}:{pid}:{_start_time(pid)}"
 
 
-def is_alive(owner: str | None, heartbeat: float | None = None, now: float | None = None) -> bool:
-    """Whether the process named by ``owner`` still runs."""
+def is_alive(owner: str | None, heartbeat: float | None = None, now: float | None = None, *, expired: bool | None = None) -> bool:
+    """Whether the lease of ``owner`` still holds: its process runs and (if known) its lease has not expired.
+
+    ``expired``: whether the lease's end has passed by the database's clock (``None``: not
+    known; then an owner on another host is judged by ``heartbeat`` against ``now``).
+    """
     if not owner:
+        return False
+    if expired:
         return False
     host, _, rest = owner.partition(":")
     pid_s, _, start = rest.partition(":")
     if host != _HOST:
+        if expired is not None:
+            return True
         now = time.time() if now is None else now
         return heartbeat is not None and now - heartbeat < HEARTBEAT_STALE_S
     try:
@@ -108,37 +150,56 @@ def is_alive(owner: str | None, heartbeat: float | None = None, now: float | Non
 class LeaseRenewal(Protocol):
     """A store that can refresh the heartbeat of leases (loomc's SQLite stores can)."""
 
-    def renew_leases(self, owner: str, run_ids: list[str]) -> None:
-        """Set the heartbeat of each run in ``run_ids`` still owned by ``owner`` and running."""
+    def renew_leases(self, owner: str, run_ids: list[str]) -> list[str] | None:
+        """Renew the lease of each run in ``run_ids`` still held by ``owner``; the ids it no longer holds."""
 
 
 class Claim:
-    """This process's hold on one run; :meth:`release` it when the attempt ends."""
+    """This process's hold on one run; :meth:`release` it when the attempt ends.
 
-    __slots__ = ("key", "owner", "run_id", "store")
+    ``lost`` is set by the heartbeat when the run's lease was found taken over.
+    """
+
+    __slots__ = ("key", "lost", "owner", "run_id", "store")
 
     def __init__(self, key: tuple[object, str], store: Any, run_id: str, owner: str) -> None:
         self.key, self.store, self.run_id, self.owner = key, store, run_id, owner
+        self.lost = False
 
     def release(self) -> None:
         """Let go of the run (idempotent); the heartbeat thread stops when nothing is held."""
         with _cond:
             if _held.get(self.key) is self:
                 del _held[self.key]
+                epochs.pop(self.key, None)
                 if not _held:
                     _cond.notify_all()
 
 
 _held: dict[tuple[object, str], Claim] = {}
+#: The lease epoch this process acquired for each run it drives, by ``(store_key(store), run_id)``:
+#: set by the store when it creates or acquires the run, carried by every write of the run,
+#: dropped when the claim is released. A run missing here is written unfenced (an
+#: administrative write, such as the CLI's, or a store used without the engine).
+epochs: dict[tuple[object, str], int] = {}
 _cond = threading.Condition(threading.Lock())
 _beater: threading.Thread | None = None
 
 
-def _store_key(store: Any) -> object:
-    # The file a store writes to (stores on the same file share runs); not resolved against
-    # the file system, which would block an event loop.
+def store_key(store: Any) -> object:
+    """What identifies ``store``'s database in this process (stores on one file share runs).
+
+    The file path as given (not resolved against the file system, which would block an
+    event loop), a store's own ``lease_key`` (a DSN), else the store object itself.
+    """
+    key = getattr(store, "lease_key", None)
+    if key is not None:
+        return key
     path = getattr(store, "path", None)
     return os.fspath(path) if path is not None else id(store)
+
+
+_store_key = store_key
 
 
 def claim(store: Any, run_id: str, owner: str) -> Claim:
@@ -173,25 +234,30 @@ def _beat() -> None:
                 if not _held:
                     _beater = None
                     return
-                wait = last + HEARTBEAT_STALE_S / 3 - time.monotonic()
+                wait = last + min(lease_ttl(h.store) for h in _held.values()) / 3 - time.monotonic()
                 if wait <= 0:
                     break
                 _cond.wait(wait)
             last = time.monotonic()
-            groups: dict[int, tuple[Any, str, list[str]]] = {}
+            groups: dict[int, tuple[Any, str, list[Claim]]] = {}
             for held in _held.values():
-                groups.setdefault(id(held.store), (held.store, held.owner, []))[2].append(held.run_id)
-        for store, owner, run_ids in groups.values():
+                groups.setdefault(id(held.store), (held.store, held.owner, []))[2].append(held)
+        for store, owner, claims in groups.values():
             if isinstance(store, LeaseRenewal):
                 try:
-                    store.renew_leases(owner, run_ids)
+                    lost = store.renew_leases(owner, [c.run_id for c in claims])
                 except Exception:  # noqa: BLE001, S112 - a store in trouble fails its run's next write, loudly
                     continue
+                if lost:  # taken over: the run stops before its next step (its writes are refused anyway)
+                    for c in claims:
+                        if c.run_id in lost:
+                            c.lost = True
 
 
 def _after_fork() -> None:
     global _beater, _cond
     _held.clear()
+    epochs.clear()
     _beater = None
     _cond = threading.Condition(threading.Lock())
 

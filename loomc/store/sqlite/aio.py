@@ -284,8 +284,11 @@ class AsyncSQLiteStore:
 
     async def begin_run(self, new: NewRun) -> str:
         """Create a run from ``new``, owned by ``new.owner``; returns its id."""
-        run_id, where = new.run_id or new_run_id(), str(self.path)
-        return await self._write(lambda beat: core.begin_run(_sql, where, new, run_id, beat))  # type: ignore[no-any-return]
+        run_id, where, ttl = new.run_id or new_run_id(), str(self.path), self.sync.ttl_s
+        run_id = await self._write(lambda beat: core.begin_run(_sql, where, new, run_id, ttl))
+        if new.owner:
+            self.sync.hold_epoch(run_id, 1)
+        return run_id  # type: ignore[no-any-return]
 
     async def get_run(self, run_id: str) -> RunInfo | None:
         """The run with exactly this id, or ``None``."""
@@ -305,28 +308,34 @@ class AsyncSQLiteStore:
 
     async def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
         """Take the run's lease for ``owner`` (raises :class:`~loomc.RunLocked` if a live process holds it)."""
-        where = str(self.path)
-        await self._write(lambda beat: core.acquire(_sql, where, run_id, owner, budget, beat))
+        where, ttl = str(self.path), self.sync.ttl_s
+        epoch = await self._write(lambda beat: core.acquire(_sql, where, run_id, owner, budget, ttl))
+        self.sync.hold_epoch(run_id, epoch)
 
-    async def renew_leases(self, owner: str, run_ids: list[str]) -> None:
-        """Refresh the heartbeat of the runs in ``run_ids`` that ``owner`` still holds."""
-        await self._write(lambda beat: core.renew_leases(_sql, owner, run_ids, beat))
+    async def renew_leases(self, owner: str, run_ids: list[str]) -> list[str]:
+        """Renew the leases of the runs in ``run_ids`` that ``owner`` still holds; the ids it lost."""
+        leases, ttl = [(run_id, self.sync.epoch_of(run_id)) for run_id in run_ids], self.sync.ttl_s
+        return await self._write(lambda beat: core.renew_leases(_sql, owner, leases, ttl))  # type: ignore[no-any-return]
 
     async def commit_step(self, run_id: str, row: p.StepRow) -> None:
         """Write one step and the run's totals in one transaction; returns once it is committed."""
-        await self._write(lambda beat: core.commit_step(_sql, run_id, row, beat))
+        ttl, epoch = self.sync.ttl_s, self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.commit_step(_sql, run_id, row, ttl, epoch))
 
     async def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
         """Record how an attempt ended."""
-        await self._write(lambda beat: core.finish_run(_sql, run_id, status, stop_reason, wall_s, beat))
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.finish_run(_sql, run_id, status, stop_reason, wall_s, epoch))
 
     async def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
         """Replace the run's free-form metadata (JSON)."""
-        await self._write(lambda beat: core.set_meta(_sql, run_id, meta))
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.set_meta(_sql, run_id, meta, epoch))
 
     async def add_cost(self, run_id: str, usd: float) -> None:
         """Add to a run's total cost outside a step."""
-        await self._write(lambda beat: core.add_cost(_sql, run_id, usd))
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.add_cost(_sql, run_id, usd, epoch))
 
     async def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
         """The child run a parent step started as its ``call_index``-th nested loop."""
@@ -343,7 +352,8 @@ class AsyncSQLiteStore:
     # -- holds ------------------------------------------------------------------------
     async def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
         """Commit a reservation of ``run_id`` before the call it pays for is sent (see ``SQLiteStore``)."""
-        await self._write(lambda beat: core.put_hold(_sql, run_id, hold_id, usd))
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.put_hold(_sql, run_id, hold_id, usd, epoch))
 
     async def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
         """Delete holds whose spending is recorded by now (see ``SQLiteStore``)."""
@@ -356,8 +366,8 @@ class AsyncSQLiteStore:
     # -- steps ----------------------------------------------------------------------
     async def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
-        where = str(self.path)
-        await self._write(lambda beat: core.save_step(_sql, where, run_id, record, beat))
+        where, ttl, epoch = str(self.path), self.sync.ttl_s, self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.save_step(_sql, where, run_id, record, ttl, epoch))
 
     async def load_steps(self, run_id: str) -> list[StepRecord]:
         """Every step of the run, states included, in order."""

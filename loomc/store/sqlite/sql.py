@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA_VERSION", "StepRow", "now_iso", "run_info", "storable"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: The oldest schema this loomc reads without migrating it (readers never write).
 READS_FROM = 1
 
@@ -95,21 +95,43 @@ CREATE INDEX IF NOT EXISTS holds_run ON holds(run_id);
     3: """
 UPDATE steps SET event = loomc_events_v4(event) WHERE event IS NOT NULL
 """,
+    # v5: fenced leases and a budget shared by processes. ``epoch`` counts the run's
+    # owners (every acquire increments it; a write carrying an older one is refused);
+    # ``lease_until`` is when the lease ends, on the database's clock (``NOW``). ``usd_cap``
+    # is the run's own usd limit and ``reserved`` what is held against it by holds of the
+    # run and the runs below it that count in the database (``holds.counted``: made by a
+    # shared ledger, ``loomc.store.shared``).
+    4: """
+ALTER TABLE runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN lease_until REAL;
+ALTER TABLE runs ADD COLUMN usd_cap REAL;
+ALTER TABLE runs ADD COLUMN reserved REAL NOT NULL DEFAULT 0;
+ALTER TABLE holds ADD COLUMN counted INTEGER NOT NULL DEFAULT 0;
+UPDATE runs SET lease_until = heartbeat + 30 WHERE heartbeat IS NOT NULL;
+UPDATE runs SET usd_cap = json_extract(budget, '$.usd') WHERE budget IS NOT NULL AND json_valid(budget)
+""",
 }
 
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=OFF")
 SYNCHRONOUS = {"power": "FULL", "process": "NORMAL"}
 BUSY_TIMEOUT_S = 60.0
 
+#: The database's clock, in seconds since 1970 (leases expire by it, never by a writer's clock).
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+#: Whether a run's lease has ended (no lease at all counts as ended).
+EXPIRED = f"(lease_until IS NULL OR lease_until < {NOW})"
+
 RUN_COLS = (
     "id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, parent_step, "
-    "call_index, cost_usd, steps, wall_s, max_step_cost, budget, stop_reason, owner, heartbeat, meta"
+    f"call_index, cost_usd, steps, wall_s, max_step_cost, budget, stop_reason, owner, heartbeat, meta, epoch, {EXPIRED}"
 )
 
+#: A new run's owner holds epoch 1 and a lease of the given length.
 INSERT_RUN = (
     "INSERT INTO runs (id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, "
     "parent_step, call_index, root_run_id, state_type, input_blob, budget, owner, heartbeat, meta, "
-    "attempts, cost_usd) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    "attempts, cost_usd, usd_cap, epoch, lease_until) "
+    f"VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,{NOW},?,?,?,?,1,{NOW} + ?)"
 )
 SELECT_RUN = f"SELECT {RUN_COLS} FROM runs WHERE id = ?"
 SELECT_RESUME = "SELECT state_type, input_blob, next_from FROM runs WHERE id = ?"
@@ -124,12 +146,20 @@ SELECT_RECENT_IDS = "SELECT id FROM runs ORDER BY created_at DESC LIMIT ?"
 SELECT_CHILD = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = ? AND parent_step = ? AND call_index = ?"
 SELECT_CHILDREN = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = ? ORDER BY parent_step, call_index, created_at"
 UPDATE_STATUS = "UPDATE runs SET status = ?, updated_at = ? WHERE id = ?"
+#: Take the run for a new owner: the next epoch, if nobody took it since the lease was read
+#: (parameters: owner, ttl, updated_at, budget, whether a new budget is given, its usd cap, id, epoch read).
 ACQUIRE = (
-    "UPDATE runs SET status = 'running', owner = ?, heartbeat = ?, updated_at = ?, "
-    "attempts = attempts + 1, stop_reason = NULL, budget = COALESCE(?, budget) WHERE id = ?"
+    f"UPDATE runs SET status = 'running', owner = ?, heartbeat = {NOW}, lease_until = {NOW} + ?, updated_at = ?, "
+    "attempts = attempts + 1, stop_reason = NULL, budget = COALESCE(?, budget), "
+    "usd_cap = CASE WHEN ? THEN ? ELSE usd_cap END, epoch = epoch + 1 WHERE id = ? AND epoch = ?"
 )
-SELECT_LEASE = "SELECT status, owner, heartbeat FROM runs WHERE id = ?"
-RENEW_LEASE = "UPDATE runs SET heartbeat = ? WHERE id = ? AND owner = ? AND status = 'running'"
+SELECT_LEASE = f"SELECT status, owner, heartbeat, epoch, {EXPIRED} FROM runs WHERE id = ?"
+#: Renew one lease (parameters: ttl, id, owner, epoch): no row changed means it was taken over.
+RENEW_LEASE = (
+    f"UPDATE runs SET heartbeat = {NOW}, lease_until = {NOW} + ? WHERE id = ? AND owner = ? AND epoch = COALESCE(?, epoch)"
+)
+#: Who holds a run now, when a fenced write changed nothing.
+SELECT_EPOCH = "SELECT epoch, owner FROM runs WHERE id = ?"
 INSERT_STEP = (
     "INSERT OR REPLACE INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, "
     "event, next_from, duration_s, blob_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
@@ -137,16 +167,21 @@ INSERT_STEP = (
 INSERT_BLOB = "INSERT INTO blobs (data) VALUES (?)"
 #: A step's stored state, wherever it lives: inline JSON, or a compressed blob in ``blobs``.
 STATE_OF = "COALESCE(s.state_blob, (SELECT data FROM blobs WHERE id = s.blob_id))"
+# The writes of a run carry the writer's epoch as their last parameter, ``NULL`` for an
+# unfenced (administrative) write: ``epoch = COALESCE(?, epoch)``. A fenced write that
+# changes no row was taken over; the driver's transaction is rolled back whole.
+#: The run's totals after a step, its lease renewed (the step's one fenced statement).
 UPDATE_TOTALS = (
     "UPDATE runs SET cost_usd = ?, steps = ?, wall_s = ?, max_step_cost = ?, next_from = ?, "
-    "status = ?, stop_reason = ?, updated_at = ?, heartbeat = ? WHERE id = ?"
+    f"status = ?, stop_reason = ?, updated_at = ?, heartbeat = {NOW}, lease_until = {NOW} + ? "
+    "WHERE id = ? AND epoch = COALESCE(?, epoch)"
 )
 FINISH = (
     "UPDATE runs SET status = ?, stop_reason = ?, wall_s = MAX(wall_s, ?), updated_at = ?, "
-    "heartbeat = ? WHERE id = ?"
+    f"heartbeat = {NOW} WHERE id = ? AND epoch = COALESCE(?, epoch)"
 )
-UPDATE_META = "UPDATE runs SET meta = ? WHERE id = ?"
-ADD_COST = "UPDATE runs SET cost_usd = cost_usd + ?, updated_at = ? WHERE id = ?"
+UPDATE_META = "UPDATE runs SET meta = ? WHERE id = ? AND epoch = COALESCE(?, epoch)"
+ADD_COST = "UPDATE runs SET cost_usd = cost_usd + ?, updated_at = ? WHERE id = ? AND epoch = COALESCE(?, epoch)"
 #: What children started by a step not yet committed have spent (``runs_children`` index).
 IN_FLIGHT = "SELECT COALESCE(SUM(cost_usd), 0) FROM runs WHERE parent_run_id = ? AND parent_step >= ?"
 _roll_up: dict[int, str] = {}
@@ -202,15 +237,54 @@ SELECT_STEPS_FULL = (
 )
 SELECT_STATE = f"SELECT {STATE_OF} FROM steps s WHERE s.run_id = ? AND s.step_n = ?"
 SELECT_STATE_TYPE = "SELECT state_type FROM runs WHERE id = ?"
-INSERT_HOLD = "INSERT INTO holds (hold_id, run_id, usd, created_at) VALUES (?,?,?,?)"
+#: A hold of a run, written only while the writer's epoch is the run's (parameters: hold id,
+#: run id, usd, created_at, counted, run id, epoch).
+INSERT_HOLD = (
+    "INSERT INTO holds (hold_id, run_id, usd, created_at, counted) SELECT ?,?,?,?,? "
+    "WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND epoch = COALESCE(?, epoch))"
+)
 DELETE_HOLD = "DELETE FROM holds WHERE hold_id = ?"
 #: The holds of a run and of every run below it (a run tree is swept as one).
 SELECT_TREE_HOLDS = (
     "WITH RECURSIVE tree(id) AS (SELECT ? UNION SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id) "
-    "SELECT hold_id, usd FROM holds WHERE run_id IN (SELECT id FROM tree)"
+    "SELECT hold_id, usd, run_id, counted FROM holds WHERE run_id IN (SELECT id FROM tree)"
 )
+#: A hold that counts in ``runs.reserved`` (parameter: its id): its run and amount.
+SELECT_COUNTED_HOLD = "SELECT run_id, usd FROM holds WHERE hold_id = ? AND counted = 1"
+#: Give back ``usd`` held by a run on it and every run above it (parameters: run id, usd).
+RELEASE_RESERVED = (
+    "WITH RECURSIVE up(id) AS (SELECT ? UNION SELECT r.parent_run_id FROM runs r JOIN up ON r.id = up.id "
+    "WHERE r.parent_run_id IS NOT NULL) "
+    "UPDATE runs SET reserved = MAX(0.0, ROUND(reserved - ?, 12)) WHERE id IN (SELECT id FROM up)"
+)
+_reserve: dict[int, str] = {}
+
+
+def reserve_sql(depth: int) -> str:
+    """``UPDATE`` holding an amount on ``depth`` runs (a run and those above it) if every cap allows it.
+
+    Parameters: the amount, then ``depth`` run ids, then the amount again and the slack
+    (``loomc._core.policy.EPS``). Changes ``depth`` rows, or fewer when a cap refuses (the
+    caller then rolls back): ``cost_usd + reserved + amount <= usd_cap`` on each.
+    """
+    sql = _reserve.get(depth)
+    if sql is None:
+        sql = _reserve[depth] = (
+            f"UPDATE runs SET reserved = ROUND(reserved + ?, 12) WHERE id IN ({', '.join('?' * depth)}) "
+            "AND (usd_cap IS NULL OR cost_usd + reserved + ? <= usd_cap + ?)"
+        )
+    return sql
+
+
+def caps_sql(depth: int) -> str:
+    """What ``depth`` runs have spent and hold, and their caps (to say which refused a hold)."""
+    return f"SELECT id, cost_usd, reserved, usd_cap FROM runs WHERE id IN ({', '.join('?' * depth)})"
+
+
 SELECT_META = "SELECT meta FROM runs WHERE id = ?"
 CHARGE_HELD = "UPDATE runs SET cost_usd = cost_usd + ?, meta = ?, updated_at = ? WHERE id = ?"
+#: What a run's tree has spent and holds in the database, and its cap (a shared ledger's view).
+SELECT_SHARED = "SELECT cost_usd, reserved, usd_cap FROM runs WHERE id = ?"
 #: Add to the stored totals of every run above one (they hold their descendants' spending).
 ROLL_UP_HELD = (
     "WITH RECURSIVE up(id) AS (SELECT parent_run_id FROM runs WHERE id = ? "

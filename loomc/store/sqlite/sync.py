@@ -20,8 +20,11 @@ from typing import Any
 from loomc._core import events as _step_events
 from loomc._core.errors import SchemaTooNew, StoreError
 from loomc._core.holds import HeldCharge
+from loomc._core.ledger import RunLedger, TreeLedger
+from loomc._core.policy import EPS
 from loomc._core.types import RunInfo, RunStatus, StepRecord
 from loomc.store import core
+from loomc.store import lease as _lease
 from loomc.store.core import Op, StateLoader, drive, expand_rows
 from loomc.store.protocol import (
     CheckpointStore,
@@ -66,6 +69,10 @@ class SQLiteStore:
         durability: ``"power"`` (``synchronous=FULL``: a committed step survives a power
             cut) or ``"process"`` (``synchronous=NORMAL``: survives any process crash).
         create: when ``False``, a missing database is a :class:`StoreError` (readers).
+        lease_ttl: how long (seconds) a run's lease lasts without being renewed; the owner
+            renews it every third of that. ``None``: ``$LOOMC_HEARTBEAT_STALE_S``, else 30.
+        shared_budget: enforce the usd caps of this store's runs in the database
+            (``loomc.store.shared``), so runs of one tree in several processes share them.
     """
 
     #: Large states may be stored as deltas against an earlier step (see ``_codec``).
@@ -78,11 +85,16 @@ class SQLiteStore:
         durability: Durability = "power",
         create: bool = True,
         db_path: str | os.PathLike[str] | None = None,
+        lease_ttl: float | None = None,
+        shared_budget: bool = False,
     ) -> None:
         if durability not in _sql.SYNCHRONOUS:
             raise ValueError(f"durability={durability!r}: use 'power' or 'process'")
         chosen = path if path is not None else db_path
         self.path = Path(chosen) if chosen is not None else default_db_path()
+        self.lease_ttl = _lease.check_ttl(lease_ttl)
+        self.shared_budget = bool(shared_budget)
+        self._key = _lease.store_key(self)  # this database's runs in ``lease.epochs``
         self.durability: Durability = durability
         self.create = create
         self._conn: sqlite3.Connection | None = None
@@ -101,6 +113,20 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
+
+    # -- leases and epochs -----------------------------------------------------------
+    @property
+    def ttl_s(self) -> float:
+        """The lease length of this store's runs (seconds)."""
+        return self.lease_ttl or _lease.HEARTBEAT_STALE_S
+
+    def epoch_of(self, run_id: str) -> int | None:
+        """The epoch this process holds for ``run_id`` (``None``: it does not drive the run)."""
+        return _lease.epochs.get((self._key, run_id))
+
+    def hold_epoch(self, run_id: str, epoch: int) -> None:
+        """Remember that this process acquired ``run_id`` at ``epoch`` (its writes carry it)."""
+        _lease.epochs[(self._key, run_id)] = epoch
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -372,8 +398,11 @@ class SQLiteStore:
 
     def begin_run(self, new: NewRun) -> str:
         """Create a run from ``new``, owned by ``new.owner``; returns its id."""
-        run_id, where = new.run_id or new_run_id(), str(self.path)
-        return self._write(lambda beat: core.begin_run(_sql, where, new, run_id, beat))  # type: ignore[no-any-return]
+        run_id, where, ttl = new.run_id or new_run_id(), str(self.path), self.ttl_s
+        run_id = self._write(lambda beat: core.begin_run(_sql, where, new, run_id, ttl))
+        if new.owner:
+            self.hold_epoch(run_id, 1)
+        return run_id  # type: ignore[no-any-return]
 
     def get_run(self, run_id: str) -> RunInfo | None:
         """The run with exactly this id, or ``None``."""
@@ -398,12 +427,16 @@ class SQLiteStore:
 
     def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
         """Take the run's lease for ``owner`` (raises :class:`RunLocked` if a live process holds it)."""
-        where = str(self.path)
-        self._write(lambda beat: core.acquire(_sql, where, run_id, owner, budget, beat))
+        where, ttl = str(self.path), self.ttl_s
+        self.hold_epoch(run_id, self._write(lambda beat: core.acquire(_sql, where, run_id, owner, budget, ttl)))
 
-    def renew_leases(self, owner: str, run_ids: list[str]) -> None:
-        """Refresh the heartbeat of the runs in ``run_ids`` that ``owner`` still holds (the heartbeat thread)."""
-        self._write(lambda beat: core.renew_leases(_sql, owner, run_ids, beat))
+    def renew_leases(self, owner: str, run_ids: list[str]) -> list[str]:
+        """Renew the leases of the runs in ``run_ids`` that ``owner`` still holds (the heartbeat thread).
+
+        Returns the ids of those it no longer holds (taken over by another process).
+        """
+        leases, ttl = [(run_id, self.epoch_of(run_id)) for run_id in run_ids], self.ttl_s
+        return self._write(lambda beat: core.renew_leases(_sql, owner, leases, ttl))  # type: ignore[no-any-return]
 
     def commit_step(self, run_id: str, row: StepRow) -> None:
         """Write one step and the run's totals in one transaction."""
@@ -418,7 +451,9 @@ class SQLiteStore:
             execute = cur.execute
             try:
                 execute(_sql.BEGIN_WRITE)
-                drive(core.commit_step(_sql, run_id, row, time.time()), execute, cur.executemany)
+                op = core.commit_step(_sql, run_id, row, self.lease_ttl or _lease.HEARTBEAT_STALE_S,
+                                      _lease.epochs.get((self._key, run_id)))
+                drive(op, execute, cur.executemany)
                 execute(_sql.COMMIT)
             except BaseException as exc:
                 self._undo(cur, exc)
@@ -426,15 +461,18 @@ class SQLiteStore:
 
     def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
         """Record how an attempt ended."""
-        self._write(lambda beat: core.finish_run(_sql, run_id, status, stop_reason, wall_s, beat))
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.finish_run(_sql, run_id, status, stop_reason, wall_s, epoch))
 
     def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
         """Replace the run's free-form metadata (JSON)."""
-        self._write(lambda beat: core.set_meta(_sql, run_id, meta))
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.set_meta(_sql, run_id, meta, epoch))
 
     def add_cost(self, run_id: str, usd: float) -> None:
         """Add to a run's total cost outside a step (e.g. a graph run's node costs)."""
-        self._write(lambda beat: core.add_cost(_sql, run_id, usd))
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.add_cost(_sql, run_id, usd, epoch))
 
     def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
         """The child run a parent step started as its ``call_index``-th nested loop."""
@@ -451,7 +489,8 @@ class SQLiteStore:
     # -- holds (``loomc._core.holds``) ---------------------------------------------------
     def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
         """Commit a reservation of ``run_id`` before the call it pays for is sent."""
-        self._write(lambda beat: core.put_hold(_sql, run_id, hold_id, usd))
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.put_hold(_sql, run_id, hold_id, usd, epoch))
 
     def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
         """Delete holds whose spending is recorded by now (outside a step's commit)."""
@@ -465,11 +504,39 @@ class SQLiteStore:
         """
         return self._write(lambda beat: core.charge_holds(_sql, run_id))  # type: ignore[no-any-return]
 
+    # -- the shared budget (``loomc.store.shared``) ------------------------------------------
+    def reserve_shared(self, chain: tuple[str, ...], hold_id: int, usd: float) -> None:
+        """Hold ``usd`` for ``chain[0]`` against the caps of every run in ``chain``, in the database.
+
+        Raises:
+            BudgetExhausted: a cap cannot take it (nothing is held).
+            LeaseLost: this process no longer holds ``chain[0]``.
+        """
+        epoch = self.epoch_of(chain[0])
+        self._write(lambda beat: core.reserve_shared(_sql, chain, hold_id, usd, epoch, EPS))
+
+    def shared_view(self, run_id: str) -> tuple[float, float, float | None] | None:
+        """``(spent, reserved, cap)`` of a run as the database holds them."""
+        return self._read(core.shared_view(_sql, run_id))  # type: ignore[no-any-return]
+
+    def open_ledger(
+        self, run_id: str, *, parent: RunLedger | None, usd_cap: float | None, spent: float, prepaid: float,
+        deadline: float | None, context: Any,
+    ) -> RunLedger:
+        """A run's ledger: a shared one (``loomc.store.shared``) with ``shared_budget`` or under a shared parent."""
+        from loomc.store.shared import StoreLedger
+
+        if self.shared_budget or isinstance(parent, StoreLedger):
+            return StoreLedger(self, run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid,
+                               deadline=deadline, context=context)
+        return TreeLedger(run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid, deadline=deadline,
+                          context=context)
+
     # -- steps --------------------------------------------------------------------
     def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
-        where = str(self.path)
-        self._write(lambda beat: core.save_step(_sql, where, run_id, record, beat))
+        where, ttl, epoch = str(self.path), self.ttl_s, self.epoch_of(run_id)
+        self._write(lambda beat: core.save_step(_sql, where, run_id, record, ttl, epoch))
 
     def load_steps(self, run_id: str) -> list[StepRecord]:
         """Every step of the run, states included, in order."""
