@@ -178,4 +178,4 @@ def test_database_from_loomc_0_3_0_migrates_forward(tmp_path: Path) -> None:
     steps = store.load_steps(run.id)
     assert [s.state for s in steps] == [{"n": 1}, {"n": 2}]
     assert steps[0].event == "OPEN"
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == loomc.store.sqlite.sql.SCHEMA_VERSION

@@ -167,7 +167,7 @@ def test_a_v3_database_migrates_its_events_to_records(tmp_path: Path) -> None:
     """Opening a v3 file for writing parses each old event line into records (unknown text: a note)."""
     db, run_id = _v3_database(tmp_path)
     store = SQLiteStore(db)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == loomc.store.sqlite.sql.SCHEMA_VERSION
     raw = stored_events(db, run_id)
     assert raw[0] is None
     assert json.loads(raw[1] or "") == [
@@ -191,13 +191,14 @@ def test_a_v3_database_migrates_its_events_to_records(tmp_path: Path) -> None:
 
 
 def test_a_v3_reader_refuses_a_v4_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A loomc that reads up to v3 refuses a v4 file with SchemaTooNew and leaves it untouched."""
+    """A loomc that reads up to v3 refuses a newer file with SchemaTooNew and leaves it untouched."""
     db = tmp_path / "v4.db"
     SQLiteStore(db).list_runs()
     close_stores()
     before = db.read_bytes()
+    current = loomc.store.sqlite.sql.SCHEMA_VERSION
     monkeypatch.setattr(loomc.store.sqlite.sql, "SCHEMA_VERSION", 3)
-    with pytest.raises(loomc.SchemaTooNew, match="schema v4"):
+    with pytest.raises(loomc.SchemaTooNew, match=f"schema v{current}"):
         SQLiteStore(db).list_runs()
     assert db.read_bytes() == before
 

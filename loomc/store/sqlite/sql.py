@@ -356,10 +356,19 @@ def migrate(conn: sqlite3.Connection, version: int) -> None:
 
 
 def run_script(conn: sqlite3.Connection, script: str) -> None:
-    """Run a multi-statement script inside the current transaction (``executescript`` would commit)."""
+    """Run a multi-statement script inside the current transaction (``executescript`` would commit).
+
+    An ``ALTER TABLE t ADD COLUMN c ...`` whose column exists already is skipped (SQLite
+    has no ``IF NOT EXISTS`` for columns): a migration is safe to run on a file that has it.
+    """
     for stmt in script.split(";"):
-        if stmt.strip():
-            conn.execute(stmt)
+        words = stmt.split()
+        if not words:
+            continue
+        if [w.upper() for w in words[:2] + words[3:5]] == ["ALTER", "TABLE", "ADD", "COLUMN"]:
+            if words[5] in {r[1] for r in conn.execute(f"PRAGMA table_info({words[2]})")}:
+                continue
+        conn.execute(stmt)
 
 
 def migrate_0(conn: sqlite3.Connection) -> None:
