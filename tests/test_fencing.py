@@ -1,0 +1,310 @@
+"""Fenced leases: a paused owner is taken over, and nothing it writes afterwards lands."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loomc import LeaseLost, LoomcError, RunLocked, RunStatus, SQLiteStore
+from loomc.store import core
+from loomc.store.protocol import NewRun, StepRow
+from loomc.store.sqlite import sql as _sql
+
+ROOT = Path(__file__).resolve().parent.parent
+TTL = 2.0
+
+SUBJECT = """
+import os, sys, time
+import loomc
+from loomc import Budget, LeaseLost, RunLocked, SQLiteStore, loop, predicate
+
+db, mode, run_id = sys.argv[1], sys.argv[2], sys.argv[3]
+store = SQLiteStore(db, lease_ttl=float(sys.argv[4]))
+
+
+@loop(checkpoint=store, budget=Budget(usd=5.0, iterations=100), cost_fn=lambda s: 0.01,
+      converge_on=predicate(lambda h: h[-1].state["n"] >= 12), name="fenced")
+def work(state):
+    print(f"enter {state['n']}", flush=True)
+    if mode == "slow":  # the first owner: each step holds a reservation across a slow call
+        with loomc.reserve(0.05) as hold:
+            time.sleep(0.3)
+            hold.settle(0.02)
+    return {"n": state["n"] + 1, "by": mode}
+
+
+try:
+    result = work.run({"n": 0}, run_id=run_id) if mode == "slow" else work.resume_run(run_id)
+    print("done", result.status.value, result.steps, flush=True)
+except LeaseLost as exc:
+    print("lost", exc, flush=True)
+    sys.exit(3)
+except RunLocked as exc:
+    print("locked", exc, flush=True)
+    sys.exit(4)
+"""
+
+
+def spawn(script: Path, db: str, mode: str, run_id: str) -> subprocess.Popen[str]:
+    """The subject in a process of its own (this checkout's loomc)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, str(script), db, mode, run_id, str(TTL)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )
+
+
+def read_until(stream: IO[str], prefix: str, timeout: float = 60.0) -> str:
+    """Lines of ``stream`` until one starts with ``prefix`` (that line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            raise AssertionError(f"the process ended before printing {prefix!r}")
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no {prefix!r} within {timeout}s")
+
+
+def database_free(db: str) -> bool:
+    """Whether no process holds a write transaction on ``db`` (a paused one could hold it)."""
+    with contextlib.closing(sqlite3.connect(db, timeout=0.2, isolation_level=None)) as con:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False
+        con.execute("ROLLBACK")
+        return True
+
+
+def snapshot(db: str) -> dict[str, Any]:
+    """Every row a run writes, to compare before and after the old owner wakes up."""
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return {
+            "runs": con.execute("SELECT * FROM runs ORDER BY id").fetchall(),
+            "steps": con.execute("SELECT * FROM steps ORDER BY run_id, step_n").fetchall(),
+            "holds": con.execute("SELECT * FROM holds ORDER BY hold_id").fetchall(),
+            "blobs": con.execute("SELECT * FROM blobs ORDER BY id").fetchall(),
+        }
+
+
+def lease_expired(db: str, run_id: str) -> bool:
+    """Whether the run's lease has ended by the database's clock."""
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return bool(con.execute(f"SELECT {_sql.EXPIRED} FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+
+
+@contextlib.contextmanager
+def reaped(*procs: subprocess.Popen[str]) -> Iterator[None]:
+    """Never leave a stopped or running subject behind."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.kill()
+                p.wait(10)
+
+
+def test_a_paused_owner_is_taken_over_and_its_late_writes_never_land(tmp_path: Path) -> None:
+    """SIGSTOP the owner mid-step past its lease: another process takes the run over (epoch 2), charges
+    the reservation the paused step held in full, and completes the run. SIGCONT the old owner: its
+    next write raises LeaseLost, and not one row changes."""
+    db, run_id = str(tmp_path / "f.db"), "fenced-run"
+    script = tmp_path / "subject.py"
+    script.write_text(SUBJECT)
+    old = spawn(script, db, "slow", run_id)
+    assert old.stdout is not None
+    with reaped(old):
+        read_until(old.stdout, "enter 4")  # steps 0-3 committed, step 4 holds $0.05 mid-call
+        # while the owner lives and renews its lease, nobody takes the run
+        early = spawn(script, db, "fast", run_id)
+        out, err = early.communicate(timeout=60)
+        assert early.returncode == 4, (out, err)
+        assert "running in live process" in out
+        for _ in range(50):  # pause it outside a transaction (a heartbeat could be mid-commit)
+            os.kill(old.pid, signal.SIGSTOP)
+            if database_free(db):
+                break
+            os.kill(old.pid, signal.SIGCONT)
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the owner never let go of the database")
+        deadline = time.monotonic() + 30
+        while not lease_expired(db, run_id):  # the database's clock decides
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert SQLiteStore(db).get_run(run_id).status is RunStatus.CRASHED  # type: ignore[union-attr]
+
+        new = spawn(script, db, "fast", run_id)
+        out, err = new.communicate(timeout=120)
+        assert new.returncode == 0, (out, err)
+        assert out.splitlines()[-1] == "done completed 12"
+        before = snapshot(db)
+
+        os.kill(old.pid, signal.SIGCONT)
+        out, err = old.communicate(timeout=60)
+        assert old.returncode == 3, (out, err)
+        lost = out.splitlines()[-1]
+        assert lost.startswith(f"lost run {run_id} was taken over"), lost
+        assert "resume it yourself only once that process is gone" in lost
+        assert snapshot(db) == before  # nothing the old owner did after the takeover landed
+
+    store = SQLiteStore(db)
+    try:
+        info = store.get_run(run_id)
+        assert info is not None
+        assert info.status is RunStatus.COMPLETED
+        steps = store.load_steps(run_id)
+        assert [s.step_n for s in steps] == list(range(12))
+        assert [s.state["by"] for s in steps] == ["slow"] * 4 + ["fast"] * 8
+        # 4 slow steps ($0.02 settled + $0.01), the paused step's open $0.05 hold charged in full, 8 fast steps
+        assert info.cost_usd == pytest.approx(4 * 0.03 + 0.05 + 8 * 0.01)
+        assert [c["usd"] for c in info.meta["held_charges"]] == [pytest.approx(0.05)]
+        assert store.conn.execute("SELECT epoch FROM runs WHERE id = ?", (run_id,)).fetchone()[0] == 2
+        assert store.conn.execute("SELECT count(*) FROM holds").fetchone()[0] == 0
+    finally:
+        store.close()
+
+
+# -- the fencing invariant, on the store core: no write with a stale epoch ever lands ---------------
+
+
+class Writers:
+    """Owners of one run, each remembering the epoch it acquired, driving the core on one connection."""
+
+    def __init__(self, path: str) -> None:
+        schema = SQLiteStore(path)
+        schema.open()
+        schema.close()
+        self.con = sqlite3.connect(path, isolation_level=None)
+        self.epochs: dict[int, int] = {}
+        self.run(core.begin_run(_sql, path, NewRun(spec_hash="h", run_id="r", owner="elsewhere:1:1"), "r", 30.0))
+        self.epochs[0] = 1
+        self.steps = 0
+        self.holds = 0
+
+    def run(self, op: core.Op) -> Any:
+        """``op`` in one transaction, rolled back whole if it raises."""
+        self.con.execute("BEGIN IMMEDIATE")
+        try:
+            result = core.drive(op, self.con.execute, self.con.executemany)
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+        return result
+
+    def rows(self) -> Any:
+        return (
+            self.con.execute("SELECT * FROM runs").fetchall(), self.con.execute("SELECT * FROM steps").fetchall(),
+            self.con.execute("SELECT * FROM holds").fetchall(),
+        )
+
+    def write(self, who: int, kind: str) -> Any:
+        """One write of ``kind`` by writer ``who`` with the epoch it holds."""
+        epoch = self.epochs[who]
+        if kind == "step":
+            n = self.steps
+            row = StepRow(n, json.dumps({"n": n}), 0.01, None, "2026-01-01T00:00:00+00:00", None, None, n, 0.0,
+                          0.01 * (n + 1), n + 1, 0.0, 0.01, "running", None)
+            return core.commit_step(_sql, "r", row, 30.0, epoch)
+        if kind == "finish":
+            return core.finish_run(_sql, "r", RunStatus.INTERRUPTED, "interrupted: x", 1.0, epoch)
+        if kind == "meta":
+            return core.set_meta(_sql, "r", {"by": who}, epoch)
+        if kind == "cost":
+            return core.add_cost(_sql, "r", 0.5, epoch)
+        if kind == "hold":
+            self.holds += 1
+            return core.put_hold(_sql, "r", self.holds, 0.1, epoch)
+        return core.renew_leases(_sql, "elsewhere:1:1", [("r", epoch)], 30.0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["acquire", "step", "finish", "meta", "cost", "hold", "renew"])),
+                min_size=1, max_size=25))
+def test_no_write_with_a_stale_epoch_ever_lands(tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[int, str]]) -> None:
+    """Any interleaving of takeovers and writes by three owners: a write lands exactly when its writer's
+    epoch is the run's; any other is refused (LeaseLost, or a renewal reported lost) and changes no row."""
+    w = Writers(str(tmp_path_factory.mktemp("fence") / "r.db"))
+    current = 1
+    for who, kind in ops:
+        if kind == "acquire":
+            # the lease is free (ended) whenever a takeover is tried here
+            w.con.execute("UPDATE runs SET lease_until = 0")
+            w.epochs[who] = w.run(core.acquire(_sql, "r.db", "r", "elsewhere:1:1", None, 30.0))
+            current += 1
+            assert w.epochs[who] == current
+            continue
+        if who not in w.epochs:
+            continue  # never acquired: it has nothing to write with
+        before = w.rows()
+        fresh = w.epochs[who] == current
+        if kind == "renew":
+            lost = w.run(w.write(who, kind))
+            assert lost == ([] if fresh else ["r"])
+            if not fresh:
+                assert w.rows() == before
+            continue
+        if fresh:
+            w.run(w.write(who, kind))
+            if kind == "step":
+                w.steps += 1
+        else:
+            with pytest.raises(LeaseLost) as info:
+                w.run(w.write(who, kind))
+            assert (info.value.epoch, info.value.now_epoch) == (w.epochs[who], current)
+            assert w.rows() == before
+    epoch = w.con.execute("SELECT epoch FROM runs").fetchone()[0]
+    assert epoch == current
+    w.con.close()
+
+
+def test_a_lease_is_decided_by_the_database_clock_and_a_live_owner_keeps_it(tmp_path: Path) -> None:
+    """A run whose lease is still running is refused to another owner (RunLocked) even when that owner
+    names another host; once its lease_until has passed by the database's clock it is taken, epoch + 1."""
+    store = SQLiteStore(tmp_path / "c.db", lease_ttl=60)
+    try:
+        store.begin_run(NewRun(spec_hash="h", run_id="r", owner="far-away-host:1:1"))
+        with pytest.raises(RunLocked, match="far-away-host"):
+            store.acquire("r", "another-host:2:2")
+        store.conn.execute(f"UPDATE runs SET lease_until = {_sql.NOW} - 1 WHERE id = 'r'")
+        assert store.get_run("r").status is RunStatus.CRASHED  # type: ignore[union-attr]
+        store.acquire("r", "another-host:2:2")
+        assert store.epoch_of("r") == 2
+        assert store.get_run("r").status is RunStatus.RUNNING  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), "30", True])
+def test_a_bad_lease_ttl_is_refused_when_the_store_is_made(tmp_path: Path, ttl: Any) -> None:
+    """``lease_ttl`` must be a positive number of seconds; anything else is a ValueError saying so."""
+    with pytest.raises(ValueError, match="lease_ttl=.*use a positive number of seconds"):
+        SQLiteStore(tmp_path / "x.db", lease_ttl=ttl)
+
+
+def test_lease_lost_is_a_loomc_error_naming_the_run_and_what_to_do() -> None:
+    """The error names the run, says it was taken over, and what to do about it."""
+    exc = LeaseLost("abc123", 2, now_epoch=3, owner="host:9:9")
+    assert isinstance(exc, LoomcError)
+    msg = str(exc)
+    assert "run abc123 was taken over by host:9:9" in msg
+    assert "epoch 3" in msg
+    assert "loomc show abc123" in msg
