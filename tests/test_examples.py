@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from loomc import RunStatus, SQLiteStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -156,3 +158,20 @@ def test_research_fanout_routes_by_what_the_map_found_and_resumes(tmp_path: Path
     cli = run([sys.executable, "-m", "loomc", "graph", "run", script, "--input", '{"questions": 3}'], tmp_path,
               LOOMC_EXAMPLE_DELAY="0")
     assert re.search(r"graph research: run \w{12} completed", cli.stdout), cli.stdout
+
+
+def test_shared_budget_workers_stop_together_at_the_cap(tmp_path: Path) -> None:
+    """examples/shared_budget_workers.py: three worker processes share a $0.20 cap held in the database."""
+    out = run([sys.executable, str(EXAMPLES / "shared_budget_workers.py"), "--workers", "3", "--cap", "0.20"], tmp_path)
+    match = re.search(r"run (\w+): 3 workers spent \$([0-9.]+) of \$0\.20", out.stdout)
+    assert match, out.stdout
+    spent = float(match.group(2))
+    assert 0.20 - MAX_CALL_USD <= spent <= 0.20
+    store = SQLiteStore(tmp_path / ".loomc" / "shared-budget.db")
+    children = store.children(match.group(1))
+    assert len(children) == 3
+    assert sum(c.cost_usd for c in children) == pytest.approx(spent, abs=1e-6)
+    assert {c.status for c in children} == {RunStatus.BUDGET_EXHAUSTED}
+
+
+MAX_CALL_USD = 400 * 0.00001  # the example's largest reservation

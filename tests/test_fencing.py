@@ -296,7 +296,7 @@ def test_a_lease_is_decided_by_the_database_clock_and_a_live_owner_keeps_it(tmp_
 @pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), "30", True])
 def test_a_bad_lease_ttl_is_refused_when_the_store_is_made(tmp_path: Path, ttl: Any) -> None:
     """``lease_ttl`` must be a positive number of seconds; anything else is a ValueError saying so."""
-    with pytest.raises(ValueError, match="lease_ttl=.*use a positive number of seconds"):
+    with pytest.raises(ValueError, match=r"lease_ttl=.*use a positive number of seconds"):
         SQLiteStore(tmp_path / "x.db", lease_ttl=ttl)
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,9 +59,10 @@ print(json.dumps({"run": result.run_id, "status": result.status.value, "cost": r
 
 
 @pytest.fixture(params=["sqlite"])
-def shared_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def shared_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """What a worker process opens with ``open_store``: a SQLite file (a database server's DSN too)."""
-    yield str(tmp_path / "shared.db")
+    assert request.param == "sqlite"
+    return str(tmp_path / "shared.db")
 
 
 def new_root(target: str, cap: float) -> str:

@@ -365,9 +365,9 @@ def run_script(conn: sqlite3.Connection, script: str) -> None:
         words = stmt.split()
         if not words:
             continue
-        if [w.upper() for w in words[:2] + words[3:5]] == ["ALTER", "TABLE", "ADD", "COLUMN"]:
-            if words[5] in {r[1] for r in conn.execute(f"PRAGMA table_info({words[2]})")}:
-                continue
+        adds_column = [w.upper() for w in words[:2] + words[3:5]] == ["ALTER", "TABLE", "ADD", "COLUMN"]
+        if adds_column and words[5] in {r[1] for r in conn.execute(f"PRAGMA table_info({words[2]})")}:
+            continue
         conn.execute(stmt)
 
 
