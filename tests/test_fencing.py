@@ -308,3 +308,88 @@ def test_lease_lost_is_a_loomc_error_naming_the_run_and_what_to_do() -> None:
     assert "run abc123 was taken over by host:9:9" in msg
     assert "epoch 3" in msg
     assert "loomc show abc123" in msg
+
+
+def take_over_behind_its_back(db: str, run_id: str) -> None:
+    """What another process's takeover does to the row: the next epoch, another owner."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as con:
+        con.execute("UPDATE runs SET epoch = epoch + 1, owner = 'far-away-host:7:7' WHERE id = ?", (run_id,))
+
+
+def test_every_write_of_a_taken_over_run_is_refused_sync_and_async(tmp_path: Path) -> None:
+    """After a takeover, the old owner's step, finish, meta, cost and hold writes all raise LeaseLost
+    (sync store and aiosqlite store) and change nothing; its renewal reports the run lost."""
+    import anyio
+
+    from loomc.store.sqlite.aio import AsyncSQLiteStore
+
+    db = str(tmp_path / "w.db")
+    store = SQLiteStore(db)
+    try:
+        run_id = store.begin_run(NewRun(spec_hash="h", run_id="w", owner="here:1:1"))
+        assert store.epoch_of(run_id) == 1
+        take_over_behind_its_back(db, run_id)
+        before = snapshot(db)
+        row = StepRow(0, '{"n": 1}', 0.1, None, "2026-01-01T00:00:00+00:00", None, None, 0, 0.0, 0.1, 1, 0.0, 0.1,
+                      "running", None)
+        writes = [
+            lambda: store.commit_step(run_id, row),
+            lambda: store.finish_run(run_id, RunStatus.COMPLETED, None, 1.0),
+            lambda: store.set_meta(run_id, {"a": 1}),
+            lambda: store.add_cost(run_id, 1.0),
+            lambda: store.put_hold(run_id, 77, 0.5),
+        ]
+        for write in writes:
+            with pytest.raises(LeaseLost, match=f"run {run_id} was taken over by far-away-host:7:7"):
+                write()
+        assert store.renew_leases("here:1:1", [run_id]) == [run_id]
+        assert snapshot(db) == before
+
+        async def stale_async_writes() -> None:
+            async with AsyncSQLiteStore(sync=store) as astore:
+                with pytest.raises(LeaseLost):
+                    await astore.commit_step(run_id, row)
+                with pytest.raises(LeaseLost):
+                    await astore.finish_run(run_id, RunStatus.COMPLETED, None, 1.0)
+                assert await astore.renew_leases("here:1:1", [run_id]) == [run_id]
+
+        anyio.run(stale_async_writes)
+        assert snapshot(db) == before
+    finally:
+        store.close()
+
+
+def test_the_heartbeat_notices_a_lost_lease_and_no_further_step_starts(tmp_path: Path) -> None:
+    """Taken over while its step runs: the heartbeat finds the lease lost (without any commit), the step's
+    commit raises LeaseLost, and the run's row stays the new owner's."""
+    import threading
+
+    from loomc import Budget, loop
+    from loomc.store import lease as _lease
+
+    db = str(tmp_path / "h.db")
+    store = SQLiteStore(db, lease_ttl=0.3)
+    noticed = threading.Event()
+    ran: list[int] = []
+
+    @loop(checkpoint=store, budget=Budget(iterations=5), name="noticing")
+    def work(n: int) -> int:
+        ran.append(n)
+        if n == 1:
+            (run_id,) = [c.run_id for c in _lease._held.values() if c.store is store]
+            take_over_behind_its_back(db, run_id)
+            deadline = time.monotonic() + 30
+            while not any(c.lost for c in _lease._held.values() if c.store is store):
+                assert time.monotonic() < deadline, "the heartbeat never noticed"
+                time.sleep(0.02)
+            noticed.set()
+        return n + 1
+
+    with pytest.raises(LeaseLost):
+        work.run(0)
+    assert noticed.is_set()
+    assert ran == [0, 1]
+    (info,) = store.list_runs()
+    assert info.steps == 1  # step 1 never landed
+    assert info.owner == "far-away-host:7:7"
+    store.close()

@@ -7,10 +7,11 @@ and makes it only through :func:`ledger_factory`::
     engine ──ledger_factory(store)(run_id, ...)──► store.open_ledger(run_id, ...)  (a LedgerStore)
                                               └──► TreeLedger(run_id, ...)          (any other store)
 
-:class:`TreeLedger` is the implementation every loomc store uses today: a tree of
-objects in this process (a child run's ledger points at its parent's), all guarded by
-one lock, so a charge checks and updates every ancestor at once and concurrent charges
-never together cross a cap.
+:class:`TreeLedger` is the in-process implementation, the fast path loomc's stores use by
+default: a tree of objects in this process (a child run's ledger points at its parent's),
+all guarded by one lock, so a charge checks and updates every ancestor at once and
+concurrent charges never together cross a cap. ``loomc.store.shared.StoreLedger`` extends
+it for runs of one tree in several processes (``shared_budget=True``).
 
 Where a store-backed ledger plugs in: a store whose runs share a budget across
 processes (PostgreSQL: reserve with a conditional ``UPDATE ... WHERE spent + reserved +
