@@ -21,6 +21,7 @@ from loomc._core.errors import (
     BudgetExhausted,
     CircuitOpenError,
     CostError,
+    EventCallbackWarning,
     LoomcError,
     RunContextLost,
     RunLocked,
@@ -32,6 +33,7 @@ from loomc._core.errors import (
     StoreError,
     UnboundedLoopWarning,
 )
+from loomc._core.observe import RunEvent, RunFinished, RunStarted, StepCommitted
 from loomc._core.retry import Retry
 from loomc._core.types import RunInfo, RunResult, RunStatus, StepRecord
 from loomc.circuit_breaker import BreakerState, CircuitBreaker, circuit_breaker
@@ -59,6 +61,7 @@ __all__ = [
     "CircuitOpenError",
     "CostError",
     "Escalate",
+    "EventCallbackWarning",
     "JudgeDetector",
     "LastGood",
     "LoomcError",
@@ -68,10 +71,13 @@ __all__ = [
     "Reservation",
     "Retry",
     "RunContextLost",
+    "RunEvent",
+    "RunFinished",
     "RunInfo",
     "RunLocked",
     "RunNotFound",
     "RunResult",
+    "RunStarted",
     "RunStatus",
     "RunView",
     "SQLiteStore",
@@ -80,6 +86,7 @@ __all__ = [
     "SpecMismatch",
     "StallError",
     "StateError",
+    "StepCommitted",
     "StepRecord",
     "StoreError",
     "UnboundedLoopWarning",

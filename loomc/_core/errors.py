@@ -16,8 +16,9 @@ Every error a user can cause derives from :class:`LoomcError`::
     │   └── SchemaTooNew         the database was written by a newer loomc
     └── CircuitOpenError         a circuit breaker refused a call
 
-One warning, :class:`UnboundedLoopWarning` (a ``UserWarning``), flags a ``@loop`` that
-nothing but an error can stop.
+Two warnings, both ``UserWarning``: :class:`UnboundedLoopWarning` flags a ``@loop`` that
+nothing but an error can stop; :class:`EventCallbackWarning` reports (once per run) an
+``on_step`` callback that raised (the run goes on).
 
 Exceptions raised by the user's own step pass through unchanged, with a note naming
 the run and how to resume it.
@@ -32,6 +33,7 @@ __all__ = [
     "BudgetExhausted",
     "CircuitOpenError",
     "CostError",
+    "EventCallbackWarning",
     "LoomcError",
     "RunContextLost",
     "RunLocked",
@@ -214,3 +216,7 @@ class CircuitOpenError(LoomcError):
 
 class UnboundedLoopWarning(UserWarning):
     """A ``@loop`` has no budget limit and no ``converge_on``: only an error would end it."""
+
+
+class EventCallbackWarning(UserWarning):
+    """An event callback (``on_step=``) raised: reported once per run, and the run goes on."""

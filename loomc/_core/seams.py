@@ -14,11 +14,13 @@ reaching into the engine's globals, the graph layer goes through this module onl
   fixed place under the host, with the host's ledger current (a map node's step runs its
   items the same way, under :func:`current_ledger`, the map node run's own);
 - what the store keeps of the money: :func:`charge_left_holds` at a resume,
-  :func:`store_spent` when the attempt ends.
+  :func:`store_spent` when the attempt ends;
+- who watches it: :func:`watch_host` (event callbacks and spans; its children inherit them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +29,7 @@ from loomc._core.context import current_ledger, running_under
 from loomc._core.engine import RunContext
 from loomc._core.holds import charge_record, supports_holds
 from loomc._core.ledger import RunLedger, ledger_factory
+from loomc._core.observe import RunEvent, RunWatch, watch_run
 from loomc._core.policy import EPS
 from loomc._core.types import RunInfo, RunResult
 from loomc.store import codec
@@ -38,6 +41,7 @@ __all__ = [
     "Claim", "MemoryStore", "NewRun", "RunLedger", "arun_child", "async_twin", "charge_left_holds", "claim",
     "current_ledger", "has_room",
     "new_top_run", "open_host_ledger", "open_store", "owner_token", "run_child", "running_under", "store_spent",
+    "watch_host",
 ]
 
 
@@ -129,3 +133,21 @@ async def store_spent(astore: Any, store: Any, ledger: RunLedger) -> None:
     held = ledger.take_durable()
     if held and supports_holds(store):
         await astore.drop_holds(held)
+
+
+def watch_host(
+    ledger: RunLedger, *, kind: str, resumed: bool, on_step: Callable[[RunEvent], Any] | None,
+    observers: tuple[Callable[[RunEvent], Any], ...],
+) -> RunWatch | None:
+    """Tell the watchers of a host run (a graph) that it started; ``None`` when nothing watches it.
+
+    Its children (the node runs) are watched by the same callbacks. The caller makes the
+    run's span current while children start (``watch.attach()``) and ends the run with
+    ``watch.finished(...)``.
+    """
+    ctx = ledger.context
+    watch = watch_run(ctx, kind, resumed, None, on_step, observers)
+    if watch is not None:
+        ctx.watch = watch
+        watch.started(0)
+    return watch
