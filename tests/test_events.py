@@ -1,330 +1,370 @@
-"""Step events are records: produced as dicts, stored as JSON, migrated from v3 text, rendered by the CLI."""
+"""Run events: @loop(on_step=), fn.stream / fn.astream and Graph.stream / Graph.astream."""
 
 from __future__ import annotations
 
-import json
-import sqlite3
-import subprocess
-import sys
-from pathlib import Path
+import contextlib
+import warnings
 from typing import Any
 
 import anyio
 import pytest
 
-import loomc
-import loomc.store.sqlite.sql
-import loomc.store.sqlite.sync
-from loomc import Budget, loop
-from loomc._core import events as ev
-from loomc._core.engine import RunRequest, StoreCall, run_protocol
-from loomc._core.holds import HoldStore
-from loomc._core.retry import Retry
-from loomc.backtrack import BestScore
-from loomc.circuit_breaker import CircuitBreaker
-from loomc.convergence import score_plateau
-from loomc.store.sqlite.sync import CheckpointStore, SQLiteStore
-
-FAST = Retry(attempts=3, initial=0.01, max_delay=0.01, jitter=0, on=ConnectionError)
-
-
-def stored_events(db: Path, run_id: str) -> list[str | None]:
-    """The raw ``steps.event`` column of a run, in step order."""
-    with sqlite3.connect(db) as c:
-        return [r[0] for r in c.execute("SELECT event FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,))]
+from loomc import (
+    BestScore,
+    Budget,
+    EventCallbackWarning,
+    RunEvent,
+    RunFinished,
+    RunStarted,
+    RunStatus,
+    SQLiteStore,
+    StepCommitted,
+    loop,
+)
+from orchestration import Graph
 
 
-def close_stores() -> None:
-    for s in list(loomc.store.sqlite.sync._stores.values()):
-        s.close()
-
-
-def scores_loop(db: Path, converge: bool = True) -> Any:
-    scores = iter([0.2, 0.5, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5])
-
-    @loop(checkpoint=str(db), budget=Budget(iterations=7), scorer=lambda s: s["score"], backtrack=BestScore(),
-          converge_on=score_plateau(patience=3) if converge else None, name="scores")
-    def step(state: dict[str, Any]) -> dict[str, Any]:
-        return {"n": state["n"] + 1, "score": next(scores)}
-
-    return step
-
-
-def test_policy_events_are_records_stored_as_json(tmp_path: Path) -> None:
-    """A backtrack and a convergence are records on the step and a JSON list in ``steps.event``."""
-    db = tmp_path / "e.db"
-    result = scores_loop(db).run({"n": 0, "score": 0.0})
-    back = next(h for h in result.history if h.events and h.events[0]["kind"] == "backtrack")
-    assert back.events == [{"kind": "backtrack", "to": 1}]
-    assert back.event == "backtrack to step 1"  # the 0.3.0 text, rendered from the record
-    assert result.history[-1].events[-1] == {"kind": "converged"}
-    raw = stored_events(db, result.run_id)
-    assert raw[back.step_n] is not None
-    assert json.loads(raw[back.step_n]) == [{"kind": "backtrack", "to": 1}]
-    assert json.loads(raw[-1])[-1] == {"kind": "converged"}
-    assert raw[0] is None  # a step with no events stores none
-    # read back from the store: the same records
-    again = SQLiteStore(db).load_steps(result.run_id)
-    assert [h.events for h in again] == [h.events for h in result.history]
-
-
-def test_retry_and_breaker_events_are_records(tmp_path: Path) -> None:
-    """Retries and breaker transitions carry their numbers as fields, not text to be parsed."""
-    db = tmp_path / "r.db"
-    calls = {"n": 0}
-
-    @loop(checkpoint=str(db), budget=Budget(iterations=1), retry=FAST)
-    def flaky(state: dict[str, Any]) -> dict[str, Any]:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise ConnectionError("reset; try again")
-        return state
-
-    result = flaky.run({})
-    (retry,) = result.history[0].events
-    assert retry == {"kind": "retry", "attempt": 1, "delay_s": pytest.approx(0.01),
-                     "error": "ConnectionError: reset; try again"}
-    assert json.loads(stored_events(db, result.run_id)[0] or "[]") == [retry]
-
-    def down() -> None:
-        raise ValueError("down")
-
-    tool = CircuitBreaker(down, name="tool", fail_threshold=1, cooldown=60)
-
-    @loop(checkpoint=str(db), budget=Budget(iterations=1))
-    def uses_tool(state: dict[str, Any]) -> dict[str, Any]:
-        try:
-            tool()
-        except ValueError:
-            pass
-        return state
-
-    res = uses_tool.run({})
-    assert res.history[0].events == [
-        {"kind": "breaker", "name": "tool", "from": "closed", "to": "open", "failures": 1, "cooldown_s": 60.0}
-    ]
-    assert res.history[0].event == "breaker tool: closed -> open (1 failures, cooldown 60s)"
-
-
-def test_budget_stop_in_a_step_is_an_event(tmp_path: Path) -> None:
-    """A charge refused by the run's cap stops the run at that step; the step says which limit."""
-    @loop(checkpoint=str(tmp_path / "b.db"), budget=Budget(usd=0.5, iterations=5))
-    def spend(state: int) -> int:
-        if state == 0:
-            loomc.charge(0.1)
+def _shape(events: list[RunEvent]) -> list[tuple[str, str, Any]]:
+    """(event type, run name, step / status) of each event."""
+    out: list[tuple[str, str, Any]] = []
+    for e in events:
+        if isinstance(e, RunStarted):
+            out.append(("started", e.name, e.step))
+        elif isinstance(e, StepCommitted):
+            out.append(("step", e.name, e.record.step_n))
         else:
-            loomc.charge(0.3)
-            loomc.charge(0.3)  # past the cap: refused inside the step
-        return state + 1
-
-    result = spend.run(0)
-    assert result.status is loomc.RunStatus.BUDGET_EXHAUSTED
-    assert len(result.history) == 2
-    (stop,) = result.history[-1].events
-    assert (stop["kind"], stop["limit"], stop["cap"], stop["owner"]) == ("budget", "usd", 0.5, None)
-    assert result.history[-1].event == "budget: usd"
+            out.append(("finished", e.name, e.status.value))
+    return out
 
 
-def test_held_charge_at_resume_is_an_event(tmp_path: Path) -> None:
-    """Holds an earlier attempt left are charged at the resume, and the first step says so."""
-    db = tmp_path / "h.db"
+def _counter(db: str, steps: int = 3, **kw: Any) -> Any:
+    @loop(budget=Budget(iterations=steps), checkpoint=db, name="count", scorer=lambda s: float(s["n"]), **kw)
+    def count(state: dict[str, int]) -> dict[str, int]:
+        return {"n": state["n"] + 1}
 
-    @loop(checkpoint=str(db), budget=Budget(usd=5.0, iterations=2), name="held")
-    def step(state: int) -> int:
-        return state + 1
-
-    first = step.run(0)
-    store = SQLiteStore(db)
-    assert isinstance(store, HoldStore)
-    store.put_hold(first.run_id, 7, 0.4)  # a call in flight when the process died
-    resumed = step.resume_run(first.run_id, budget=Budget(iterations=3))
-    assert resumed.history[-1].events == [{"kind": "held_charge", "usd": pytest.approx(0.4)}]
-    assert resumed.cost_usd == pytest.approx(0.4)
+    return count
 
 
-def _v3_database(tmp_path: Path) -> tuple[Path, str]:
-    """A database as loomc wrote it at schema v3: events as "; "-joined text."""
-    db = tmp_path / "v3.db"
-    run_id = scores_loop(db, converge=False).run({"n": 0, "score": 0.0}).run_id
-    close_stores()
-    legacy = [
-        None,
-        "retry 1 in 0.50s after RateLimitError: slow; down",
-        "backtrack to step 1",
-        "breaker flaky: closed -> open (2 failures, cooldown 60s); backtrack to input",
-        "retry skipped after ConnectionError: x: the budget has $0.1000 left, an attempt costs about $0.2500",
-        "OPEN",
-        "backtrack to step 1; converged",
+def test_stream_yields_started_each_step_and_finished(db: str) -> None:
+    """A plain run: started, one StepCommitted per step (its StepRecord), finished with status and reason."""
+    count = _counter(db)
+    events = list(count.stream({"n": 0}))
+    assert _shape(events) == [("started", "count", 0), ("step", "count", 0), ("step", "count", 1), ("step", "count", 2),
+                              ("finished", "count", "budget_exhausted")]
+    started, *steps, finished = events
+    assert isinstance(started, RunStarted)
+    assert not started.resumed
+    assert started.parent_run_id is None
+    assert [s.record.state for s in steps] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert [s.record.score for s in steps] == [1.0, 2.0, 3.0]
+    assert all(s.run_id == started.run_id for s in steps)
+    assert isinstance(finished, RunFinished)
+    assert finished.reason == "budget: iterations"
+    assert finished.steps == 3
+
+
+def test_stream_returns_the_run_result(db: str) -> None:
+    """`yield from fn.stream(...)` gives the RunResult, the same run the events name."""
+    count = _counter(db, steps=2)
+
+    seen: list[RunEvent] = []
+
+    def consume() -> Any:
+        result = yield from count.stream({"n": 0})
+        seen.append(result)
+        return result
+
+    events = list(consume())
+    (result,) = seen
+    assert result.run_id == events[0].run_id
+    assert result.state == {"n": 2}
+    assert len(events) == 4
+
+
+def test_step_events_carry_cost_and_backtrack(db: str) -> None:
+    """A StepCommitted's record has the step's cost and its events (a backtrack), and the run's total."""
+    scores = iter([5.0, 1.0, 6.0])
+
+    @loop(budget=Budget(iterations=3), checkpoint=db, scorer=lambda s: next(scores), backtrack=BestScore(),
+          cost_fn=lambda s: 0.25)
+    def walk(state: dict[str, int]) -> dict[str, int]:
+        return {"n": state["n"] + 1}
+
+    steps = [e for e in walk.stream({"n": 0}) if isinstance(e, StepCommitted)]
+    assert [s.record.cost_usd for s in steps] == [0.25, 0.25, 0.25]
+    assert [s.cost_usd for s in steps] == [0.25, 0.5, 0.75]
+    assert steps[1].record.events == [{"kind": "backtrack", "to": 0}]
+
+
+def test_a_resumed_run_tells_the_same_events(db: str) -> None:
+    """Resuming: started (resumed, at the next step), the remaining steps, finished."""
+    count = _counter(db, steps=2)
+    first = count.run({"n": 0})
+    events = list(count.stream_resume(first.run_id, budget=Budget(iterations=4)))
+    assert _shape(events) == [("started", "count", 2), ("step", "count", 2), ("step", "count", 3),
+                              ("finished", "count", "budget_exhausted")]
+    assert events[0].resumed
+    assert events[0].run_id == first.run_id
+
+
+def test_resuming_a_completed_run_tells_start_and_finish(db: str) -> None:
+    """A completed run resumed runs no step: started and finished, status completed."""
+
+    @loop(budget=Budget(iterations=5), checkpoint=db, converge_on=lambda h: len(h) >= 1, name="once")
+    def once(state: dict[str, int]) -> dict[str, int]:
+        return {"n": 1}
+
+    run_id = once.run({"n": 0}).run_id
+    assert _shape(list(once.stream_resume(run_id))) == [("started", "once", 1), ("finished", "once", "completed")]
+
+
+def test_nested_runs_carry_their_parent(db: str) -> None:
+    """Events of a loop nested in a step come before that step's own, naming the parent run."""
+
+    @loop(budget=Budget(iterations=2), checkpoint=db, name="inner")
+    def inner(state: dict[str, int]) -> dict[str, int]:
+        return {"n": state["n"] + 1}
+
+    @loop(budget=Budget(iterations=1), checkpoint=db, name="outer")
+    def outer(state: dict[str, int]) -> dict[str, int]:
+        return inner.run(state).state  # type: ignore[no-any-return]
+
+    events = list(outer.stream({"n": 0}))
+    assert _shape(events) == [
+        ("started", "outer", 0),
+        ("started", "inner", 0), ("step", "inner", 0), ("step", "inner", 1), ("finished", "inner", "budget_exhausted"),
+        ("step", "outer", 0), ("finished", "outer", "budget_exhausted"),
     ]
-    with sqlite3.connect(db) as c:
-        for n, text in enumerate(legacy):
-            c.execute("UPDATE steps SET event = ? WHERE run_id = ? AND step_n = ?", (text, run_id, n))
-        c.execute("PRAGMA user_version=3")
-    return db, run_id
+    outer_id = events[0].run_id
+    assert {e.parent_run_id for e in events if e.name == "inner"} == {outer_id}
+    assert {e.parent_run_id for e in events if e.name == "outer"} == {None}
 
 
-def test_a_v3_database_migrates_its_events_to_records(tmp_path: Path) -> None:
-    """Opening a v3 file for writing parses each old event line into records (unknown text: a note)."""
-    db, run_id = _v3_database(tmp_path)
-    store = SQLiteStore(db)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 4
-    raw = stored_events(db, run_id)
-    assert raw[0] is None
-    assert json.loads(raw[1] or "") == [
-        {"kind": "retry", "attempt": 1, "delay_s": 0.5, "error": "RateLimitError: slow; down"}
-    ]
-    assert json.loads(raw[3] or "") == [
-        {"kind": "breaker", "name": "flaky", "from": "closed", "to": "open", "failures": 2, "cooldown_s": 60.0},
-        {"kind": "backtrack", "to": -1},
-    ]
-    assert json.loads(raw[4] or "")[0]["reason"] == "budget"
-    assert json.loads(raw[5] or "") == [{"kind": "note", "text": "OPEN"}]
-    assert json.loads(raw[6] or "") == [{"kind": "backtrack", "to": 1}, {"kind": "converged"}]
-    steps = store.load_steps(run_id)
-    # the 0.3.0 text reads as it was written
-    assert [s.event for s in steps][1:5] == [
-        "retry 1 in 0.50s after RateLimitError: slow; down",
-        "backtrack to step 1",
-        "breaker flaky: closed -> open (2 failures, cooldown 60s); backtrack to input",
-        "retry skipped after ConnectionError: x: the budget has $0.1000 left, an attempt costs about $0.2500",
-    ]
+def test_on_step_sees_the_run_and_its_nested_runs(db: str) -> None:
+    """@loop(on_step=) is called for each event of its runs, nested runs' included."""
+    seen: list[RunEvent] = []
+
+    @loop(budget=Budget(iterations=1), checkpoint=db, name="inner")
+    def inner(state: dict[str, int]) -> dict[str, int]:
+        return state
+
+    @loop(budget=Budget(iterations=1), checkpoint=db, name="outer", on_step=seen.append)
+    def outer(state: dict[str, int]) -> dict[str, int]:
+        inner.run(state)
+        return state
+
+    outer.run({"n": 0})
+    assert [n for _, n, _ in _shape(seen)] == ["outer", "inner", "inner", "inner", "outer", "outer"]
 
 
-def test_a_v3_reader_refuses_a_v4_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A loomc that reads up to v3 refuses a v4 file with SchemaTooNew and leaves it untouched."""
-    db = tmp_path / "v4.db"
-    SQLiteStore(db).list_runs()
-    close_stores()
-    before = db.read_bytes()
-    monkeypatch.setattr(loomc.store.sqlite.sql, "SCHEMA_VERSION", 3)
-    with pytest.raises(loomc.SchemaTooNew, match="schema v4"):
-        SQLiteStore(db).list_runs()
-    assert db.read_bytes() == before
+def test_a_failing_callback_is_reported_once_and_the_run_goes_on(db: str) -> None:
+    """A callback that raises on every event: one EventCallbackWarning naming it; the run completes its steps."""
+    calls: list[RunEvent] = []
+
+    def broken_callback(event: RunEvent) -> None:
+        calls.append(event)
+        raise RuntimeError("display is gone")
+
+    count = _counter(db, steps=3, on_step=broken_callback)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = count.run({"n": 0})
+    assert result.steps == 3
+    assert result.status is RunStatus.BUDGET_EXHAUSTED
+    assert len(calls) == 5  # still called for every event
+    reported = [w for w in caught if issubclass(w.category, EventCallbackWarning)]
+    assert len(reported) == 1
+    assert "broken_callback" in str(reported[0].message)
+    assert "display is gone" in str(reported[0].message)
 
 
-def _loomc(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loomc", *args], capture_output=True, text=True, timeout=60)
+def test_on_step_must_be_callable() -> None:
+    """A non-callable on_step is refused when the loop is declared."""
+    with pytest.raises(TypeError, match="on_step"):
+        loop(budget=Budget(iterations=1), on_step=42)  # type: ignore[arg-type]
 
 
-def test_cli_renders_from_records(tmp_path: Path) -> None:
-    """``show`` markers, ``show --json`` and ``export`` carry the records (and their text)."""
-    db = tmp_path / "c.db"
-    result = scores_loop(db).run({"n": 0, "score": 0.0})
-    close_stores()
-    shown = _loomc("show", result.run_id, "--db", str(db))
-    assert shown.returncode == 0, shown.stderr
-    assert "<- backtrack to step 1" in shown.stdout
-    assert "<- converged" in shown.stdout
-    data = json.loads(_loomc("show", result.run_id, "--db", str(db), "--json").stdout)
-    last = data["history"][-1]
-    assert last["event_records"][-1] == {"kind": "converged"}
-    assert last["events"][-1] == "converged"
-    exported = json.loads(_loomc("export", result.run_id, "--db", str(db)).stdout)
-    assert exported["run"]["history"][-1]["event_records"] == last["event_records"]
+def test_a_stream_closed_early_leaves_the_run_interrupted_and_resumable(db: str) -> None:
+    """Closing the stream after the first step: the run is interrupted, and resumes from step 1."""
+    count = _counter(db, steps=4)
+    with contextlib.closing(count.stream({"n": 0})) as events:
+        for event in events:
+            if isinstance(event, StepCommitted):
+                run_id = event.run_id
+                break
+    info = SQLiteStore(db).get_run(run_id)
+    assert info is not None
+    assert info.status is RunStatus.INTERRUPTED
+    assert info.steps == 1
+    assert "StreamClosed" in (info.stop_reason or "")
+    rest = list(count.stream_resume(run_id))
+    assert _shape(rest)[0] == ("started", "count", 1)
+    assert rest[-1].status is RunStatus.BUDGET_EXHAUSTED
+    assert rest[-1].steps == 4
 
 
-def test_a_reader_shows_an_unmigrated_v3_file_from_parsed_records(tmp_path: Path) -> None:
-    """The CLI never migrates: an old file's event lines are parsed when shown."""
-    db, run_id = _v3_database(tmp_path)
-    data = json.loads(_loomc("show", run_id, "--db", str(db), "--json").stdout)
-    with sqlite3.connect(db) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 3  # still v3
-    assert data["history"][5]["event_records"] == [{"kind": "note", "text": "OPEN"}]
-    assert data["history"][1]["events"] == ["retry 1 in 0.50s after RateLimitError: slow; down"]
+# -- async ---------------------------------------------------------------------------------
 
 
-def test_parse_text_round_trips_every_kind() -> None:
-    """Each kind's text parses back to the record (what the migration relies on)."""
-    records: list[ev.Event] = [
-        ev.backtrack(3), ev.backtrack(-1), {"kind": "converged"},
-        {"kind": "retry", "attempt": 2, "delay_s": 1.25, "error": "E: a; b"},
-        {"kind": "retry_skipped", "reason": "wall_clock", "error": "E: x", "delay_s": 3.5},
-        ev.breaker("b", "open", "half_open"), ev.breaker("b", "closed", "open", 3, 2.5),
-        {"kind": "budget", "limit": "usd", "used": None, "cap": None, "owner": "abc"},
-    ]
-    line = "; ".join(ev.text(r) for r in records)
-    assert ev.parse_text(line) == records
-    assert ev.decode(ev.encode(records)) == records
-    assert ev.parse_text("something else") == [{"kind": "note", "text": "something else"}]
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
-# -- the engine's store requests are typed calls of protocol methods ------------------------------
+def _acounter(db: str, steps: int = 3) -> Any:
+    @loop(budget=Budget(iterations=steps), checkpoint=db, name="acount")
+    async def acount(state: dict[str, int]) -> dict[str, int]:
+        await anyio.sleep(0)
+        return {"n": state["n"] + 1}
 
-PROTOCOL_METHODS = {
-    name for proto in (CheckpointStore, HoldStore) for name in vars(proto) if not name.startswith("_")
-} | {"step_history"}
+    return acount
 
 
-def _drive_recording(gen: Any, fn: Any, calls: list[StoreCall]) -> Any:
-    """A minimal sync driver that records every store request."""
-    send: Any = None
+@pytest.mark.anyio
+async def test_astream_yields_the_same_events(db: str) -> None:
+    """async for over fn.astream: started, each step, finished."""
+    events = [e async for e in _acounter(db).astream({"n": 0})]
+    assert _shape(events) == [("started", "acount", 0), ("step", "acount", 0), ("step", "acount", 1),
+                              ("step", "acount", 2), ("finished", "acount", "budget_exhausted")]
+
+
+@pytest.mark.anyio
+async def test_astream_left_early_leaves_the_run_interrupted_and_resumable(db: str) -> None:
+    """Breaking out of astream (closed by aclosing): interrupted; astream_resume continues it."""
+    acount = _acounter(db, steps=4)
+    async with contextlib.aclosing(acount.astream({"n": 0})) as events:
+        async for event in events:
+            if isinstance(event, StepCommitted) and event.record.step_n == 1:
+                run_id = event.run_id
+                break
+    info = SQLiteStore(db).get_run(run_id)
+    assert info is not None
+    assert info.status is RunStatus.INTERRUPTED
+    assert info.steps == 2
+    rest = [e async for e in acount.astream_resume(run_id)]
+    assert _shape(rest) == [("started", "acount", 2), ("step", "acount", 2), ("step", "acount", 3),
+                            ("finished", "acount", "budget_exhausted")]
+
+
+@pytest.mark.anyio
+async def test_astream_cancelled_leaves_the_run_interrupted(db: str) -> None:
+    """The task iterating astream is cancelled mid-step: the run is interrupted, resumable."""
+    started = anyio.Event()
+
+    @loop(budget=Budget(iterations=3), checkpoint=db, name="slow")
+    async def slow(state: dict[str, int]) -> dict[str, int]:
+        if state["n"] == 1:
+            started.set()
+            await anyio.sleep_forever()
+        return {"n": state["n"] + 1}
+
+    seen: list[RunEvent] = []
+
+    async def consume() -> None:
+        async for event in slow.astream({"n": 0}):
+            seen.append(event)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    run_id = seen[0].run_id
+    info = SQLiteStore(db).get_run(run_id)
+    assert info is not None
+    assert info.status is RunStatus.INTERRUPTED
+    assert info.steps == 1
+    assert _shape(seen) == [("started", "slow", 0), ("step", "slow", 0)]
+
+
+# -- graphs --------------------------------------------------------------------------------
+
+
+def _graph(db: str) -> Graph:
+    @loop(budget=Budget(iterations=1), checkpoint=db, name="child")
+    def child(state: dict[str, int]) -> dict[str, int]:
+        return {"n": state["n"] + 1}
+
+    @loop(budget=Budget(iterations=1), name="first")
+    def first(state: dict[str, int]) -> dict[str, int]:
+        return child.run(state).state  # type: ignore[no-any-return]
+
+    @loop(budget=Budget(iterations=1), name="second")
+    async def second(state: dict[str, int]) -> dict[str, int]:
+        return {"n": state["n"] * 10}
+
+    g = Graph("pipe", checkpoint=db)
+    g.add(first)
+    g.add(second, after=first)
+    return g
+
+
+_GRAPH_SHAPE = [
+    ("started", "pipe", 0),
+    ("started", "first", 0), ("started", "child", 0), ("step", "child", 0), ("finished", "child", "budget_exhausted"),
+    ("step", "first", 0), ("finished", "first", "budget_exhausted"),
+    ("started", "second", 0), ("step", "second", 0), ("finished", "second", "budget_exhausted"),
+    ("finished", "pipe", "completed"),
+]
+
+
+def _check_graph(events: list[RunEvent]) -> None:
+    assert _shape(events) == _GRAPH_SHAPE
+    graph_id = events[0].run_id
+    assert events[0].kind == "graph"
+    by_name = {e.name: e for e in events if isinstance(e, RunStarted)}
+    assert by_name["first"].parent_run_id == graph_id
+    assert by_name["first"].kind == "node"
+    assert by_name["child"].parent_run_id == by_name["first"].run_id
+    assert by_name["child"].kind == "loop"
+
+
+def test_graph_stream_tells_graph_node_and_nested_events(db: str) -> None:
+    """Graph.stream: the graph starts, each node run (with its nested loop) tells its events, the graph finishes."""
+    gen = _graph(db).stream({"n": 1})
+    events: list[RunEvent] = []
     while True:
         try:
-            op = gen.send(send)
+            events.append(next(gen))
         except StopIteration as stop:
-            return stop.value
-        if isinstance(op, StoreCall):
-            calls.append(op)
-            send = op.fn(*op.args)
-        else:
-            send = fn(op.state)
+            result = stop.value
+            break
+    _check_graph(events)
+    assert result.outputs["second"] == {"n": 20}
 
 
-def test_store_requests_are_bound_protocol_methods(tmp_path: Path) -> None:
-    """Every store request the protocol yields is a method of the store protocols, bound to the run's store."""
-    db = tmp_path / "p.db"
-    step = scores_loop(db)
-    store = step.store()
-    calls: list[StoreCall] = []
-
-    def fn(state: Any) -> Any:
-        return step._fn(state)
-
-    result = _drive_recording(run_protocol(step.spec, RunRequest(state={"n": 0, "score": 0.0}), None, store), fn, calls)
-    assert result.status is loomc.RunStatus.COMPLETED
-    assert calls
-    for call in calls:
-        assert call.fn.__self__ is store  # type: ignore[attr-defined]
-        assert call.fn.__name__ in PROTOCOL_METHODS
-    assert {c.fn.__name__ for c in calls} >= {"begin_run", "commit_step"}
-    assert [c.shield for c in calls if c.fn.__name__ == "commit_step"][-1] is True  # the run's last commit
+def test_graph_on_step(db: str) -> None:
+    """Graph(on_step=) sees the same events as Graph.stream."""
+    seen: list[RunEvent] = []
+    g = _graph(db)
+    g.on_step = seen.append
+    g.run({"n": 1})
+    _check_graph(seen)
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_async_events_are_records(tmp_path: Path, backend: str) -> None:
-    """The async driver records the same events (it awaits the same typed requests)."""
-    db = tmp_path / f"a-{backend}.db"
-    calls = {"n": 0}
-
-    @loop(checkpoint=str(db), budget=Budget(iterations=2), retry=FAST)
-    async def step(state: int) -> int:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise ConnectionError("reset")
-        return state + 1
-
-    async def main() -> Any:
-        return await step.run(0)
-
-    result = anyio.run(main, backend=backend)
-    assert result.history[0].events[0]["kind"] == "retry"
-    assert json.loads(stored_events(db, result.run_id)[0] or "[]")[0]["attempt"] == 1
+@pytest.mark.anyio
+async def test_graph_astream(db: str) -> None:
+    """Graph.astream tells the same events on asyncio and trio."""
+    async with contextlib.aclosing(_graph(db).astream({"n": 1})) as stream:
+        events = [e async for e in stream]
+    _check_graph(events)
 
 
-def test_decoding_the_same_stored_events_gives_independent_records() -> None:
-    """Stored forms decoded before come back equal, as new lists and dicts: changing one changes no other."""
-    stored = ev.encode([ev.backtrack(2), {"kind": "converged"}])
-    first, second = ev.decode(stored), ev.decode(stored)
-    assert first == second == [{"kind": "backtrack", "to": 2}, {"kind": "converged"}]
-    first[0]["to"] = 7
-    first.append({"kind": "stalled", "after": 3})
-    assert ev.decode(stored) == second == [{"kind": "backtrack", "to": 2}, {"kind": "converged"}]
-    # a record holding a list is decoded afresh each time: nothing inside it is shared either
-    nested = ev.encode([{"kind": "note", "text": "x", "tags": ["a"]}])
-    one = ev.decode(nested)
-    one[0]["tags"].append("b")
-    assert ev.decode(nested) == [{"kind": "note", "text": "x", "tags": ["a"]}]
-    # the old one-line form still decodes, repeatedly
-    assert ev.decode("backtrack to step 1; converged") == ev.decode("backtrack to step 1; converged") == [
-        {"kind": "backtrack", "to": 1}, {"kind": "converged"},
-    ]
+def test_graph_stream_closed_early_interrupts_the_graph(db: str) -> None:
+    """Closing Graph.stream once the first node started: the graph run is interrupted (resumable)."""
+
+    @loop(budget=Budget(iterations=100), checkpoint=db, name="long")
+    def long(state: dict[str, int]) -> dict[str, int]:
+        return {"n": state["n"] + 1}
+
+    g = Graph("long-graph", checkpoint=db)
+    g.add(long)
+    with contextlib.closing(g.stream({"n": 0})) as events:
+        for event in events:
+            if isinstance(event, StepCommitted):
+                graph_id = event.parent_run_id
+                break
+    assert graph_id is not None
+    info = SQLiteStore(db).get_run(graph_id)
+    assert info is not None
+    assert info.status is RunStatus.INTERRUPTED
+    assert g.resume(graph_id).nodes["long"].steps == 100

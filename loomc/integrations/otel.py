@@ -27,7 +27,8 @@ from loomc._core.types import RunStatus, StepRecord
 
 __all__ = ["CallSpan", "RunSpans", "start_call_span", "tracer"]
 
-_OK = frozenset({RunStatus.COMPLETED})
+#: The outcomes a run span reports as an error (a budget or convergence stop is a normal end).
+_ERRORS = frozenset({RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.CRASHED})
 
 
 def tracer() -> trace.Tracer:
@@ -166,8 +167,8 @@ class RunSpans:
             "loomc.budget.wall_clock_left_s": wall_left,
             **{f"loomc.{k}": v for k, v in extra.items()},
         }))
-        if status not in _OK:
-            if error is not None and status in (RunStatus.FAILED, RunStatus.INTERRUPTED):
+        if status in _ERRORS:
+            if error is not None:
                 span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{status.value}: {reason}" if reason else status.value))
         span.end()
