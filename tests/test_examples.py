@@ -156,3 +156,14 @@ def test_research_fanout_routes_by_what_the_map_found_and_resumes(tmp_path: Path
     cli = run([sys.executable, "-m", "loomc", "graph", "run", script, "--input", '{"questions": 3}'], tmp_path,
               LOOMC_EXAMPLE_DELAY="0")
     assert re.search(r"graph research: run \w{12} completed", cli.stdout), cli.stdout
+
+
+def test_observe_prints_events_and_spans(tmp_path: Path) -> None:
+    """examples/observe.py: a loop's and a graph's events, then the graph's spans on the console, offline."""
+    root = str(EXAMPLES.parent)
+    out = run([sys.executable, str(EXAMPLES / "observe.py")], tmp_path, PYTHONPATH=root).stdout
+    assert re.search(r"^started  loop writer [0-9a-f]{12} \(resumed=False\)$", out, re.M), out
+    assert re.search(r"^    started  loop critic ", out, re.M)
+    assert re.search(r"^finished graph observe: completed", out, re.M)
+    assert re.search(r"^loomc\.graph observe +\{'loomc\.run_id'", out, re.M)
+    assert re.search(r"^loomc\.step critic ", out, re.M)
