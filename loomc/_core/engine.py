@@ -326,7 +326,8 @@ def run_protocol(
             return done
         run.restore()
         watch = run.watch = run.ctx.watch = watch_run(
-            run.ctx, spec.kind, run.rp is not None, run.parent_ctx if run.nested else None, spec.on_step, req.observers
+            run.ctx, spec.kind, run.rp is not None, run.step_n, run.parent_ctx if run.nested else None, spec.on_step,
+            req.observers,
         )
         if watch is None:  # nobody watches: the steps as they are
             return (yield from run.steps())
@@ -541,7 +542,7 @@ class _Run:
         assert rp is not None
         pctx = self.parent_ctx if self.nested else None
         ctx = RunContext(done.run_id, self.spec.name, self.store, rp.info.parent_run_id, self.budget)
-        watch = watch_run(ctx, self.spec.kind, True, pctx, self.spec.on_step, self.req.observers)
+        watch = watch_run(ctx, self.spec.kind, True, rp.info.steps, pctx, self.spec.on_step, self.req.observers)
         if watch is not None:
             watch.started(rp.info.steps)
             watch.finished(done.status, done.stop_reason, done.steps, done.cost_usd, done.error, best_score=done.best_score)

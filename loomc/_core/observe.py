@@ -130,14 +130,8 @@ class RunWatch:
             cb(event)
 
     def started(self, step: int) -> None:
-        """The run was taken (created or resumed) and starts at ``step``."""
+        """The run was taken (created or resumed) and starts at ``step`` (its span started with the watch)."""
         ctx = self.ctx
-        tracer = _tracer()
-        if tracer is not None:
-            from loomc.integrations.otel import RunSpans
-
-            spans = RunSpans.start(tracer, ctx, self.kind, self.resumed, step)
-            self.spans = spans if spans.recording else None
         if self.callbacks:
             self._emit(RunStarted(ctx.run_id, ctx.name, self.kind, ctx.parent_run_id, self.resumed, step))
 
@@ -202,15 +196,18 @@ def _tracer() -> Any:
 
 
 def watch_run(
-    ctx: Any, kind: str, resumed: bool, parent: Any, on_step: Callable[[RunEvent], Any] | None,
+    ctx: Any, kind: str, resumed: bool, step: int, parent: Any, on_step: Callable[[RunEvent], Any] | None,
     observers: tuple[Callable[[RunEvent], Any], ...],
 ) -> RunWatch | None:
     """The watch of the run ``ctx`` (a ``RunContext``), or ``None`` when nothing watches it.
+
+    The run's span (when OpenTelemetry records) starts here, a child of the current span.
 
     Args:
         ctx: the run's context (its id, name, parent, budget and ledger).
         kind: the run's kind (``loop``, ``node``, ``item``, ``graph``).
         resumed: the run existed before this attempt.
+        step: the step it starts at.
         parent: the enclosing run's context, if the run is nested (its observers watch this run too).
         on_step: the loop's own callback.
         observers: the caller's callbacks (a stream's queue).
@@ -221,6 +218,16 @@ def watch_run(
         callbacks = (*callbacks, _Callback(on_step))
     if observers:
         callbacks = (*callbacks, *(_Callback(fn) for fn in observers))
-    if not callbacks and "opentelemetry.trace" not in sys.modules:
+    spans = None
+    tracer = _tracer()
+    if tracer is not None:
+        from loomc.integrations.otel import RunSpans
+
+        spans = RunSpans.start(tracer, ctx, kind, resumed, step)
+        if not spans.recording:  # no tracer provider configured, or not sampled
+            spans = None
+    if not callbacks and spans is None:
         return None
-    return RunWatch(callbacks, ctx, kind, resumed)
+    watch = RunWatch(callbacks, ctx, kind, resumed)
+    watch.spans = spans
+    return watch

@@ -146,7 +146,7 @@ def watch_host(
     ``watch.finished(...)``.
     """
     ctx = ledger.context
-    watch = watch_run(ctx, kind, resumed, None, on_step, observers)
+    watch = watch_run(ctx, kind, resumed, 0, None, on_step, observers)
     if watch is not None:
         ctx.watch = watch
         watch.started(0)
