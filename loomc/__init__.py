@@ -21,6 +21,7 @@ from loomc._core.errors import (
     BudgetExhausted,
     CircuitOpenError,
     CostError,
+    EventCallbackWarning,
     LeaseLost,
     LoomcError,
     RunContextLost,
@@ -33,6 +34,7 @@ from loomc._core.errors import (
     StoreError,
     UnboundedLoopWarning,
 )
+from loomc._core.observe import RunEvent, RunFinished, RunStarted, StepCommitted
 from loomc._core.retry import Retry
 from loomc._core.types import RunInfo, RunResult, RunStatus, StepRecord
 from loomc.circuit_breaker import BreakerState, CircuitBreaker, circuit_breaker
@@ -60,6 +62,7 @@ __all__ = [
     "CircuitOpenError",
     "CostError",
     "Escalate",
+    "EventCallbackWarning",
     "JudgeDetector",
     "LastGood",
     "LeaseLost",
@@ -70,10 +73,13 @@ __all__ = [
     "Reservation",
     "Retry",
     "RunContextLost",
+    "RunEvent",
+    "RunFinished",
     "RunInfo",
     "RunLocked",
     "RunNotFound",
     "RunResult",
+    "RunStarted",
     "RunStatus",
     "RunView",
     "SQLiteStore",
@@ -82,6 +88,7 @@ __all__ = [
     "SpecMismatch",
     "StallError",
     "StateError",
+    "StepCommitted",
     "StepRecord",
     "StoreError",
     "UnboundedLoopWarning",

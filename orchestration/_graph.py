@@ -17,17 +17,21 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import queue
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import networkx as nx
 
-from loomc import AsyncLoopRunner, Budget, LoopRunner, RunInfo, RunResult, RunStatus, SpecMismatch, loop, predicate
+from loomc import AsyncLoopRunner, Budget, LoopRunner, RunEvent, RunInfo, RunResult, RunStatus, SpecMismatch, loop, predicate
 from loomc._core.seams import (
     Claim,
     MemoryStore,
@@ -43,6 +47,7 @@ from loomc._core.seams import (
     owner_token,
     run_child,
     store_spent,
+    watch_host,
 )
 from orchestration._map import ItemCounts, MapHalt, MapSpec, item_progress, map_runner
 
@@ -176,6 +181,8 @@ class Graph:
             (``$LOOMC_DB`` or ``.loomc/checkpoints.db``), a database path, ``"memory"``
             or a store.
         max_concurrency: at most this many nodes run at once (default: unbounded).
+        on_step: ``callback(event)`` as the graph run and each node run (and the loops nested
+            in them) start, commit a step and finish (see ``@loop(on_step=)``).
 
     Example::
 
@@ -192,7 +199,10 @@ class Graph:
         budget: Budget | None = None,
         checkpoint: Any = "sqlite",
         max_concurrency: int | None = None,
+        on_step: Callable[[RunEvent], Any] | None = None,
     ) -> None:
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"Graph(on_step={on_step!r}): expected a callable event -> None")
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"Graph(name={name!r}): give the graph a non-empty name")
         if budget is not None and not isinstance(budget, Budget):
@@ -209,6 +219,7 @@ class Graph:
         self.budget = budget if budget is not None else Budget()
         self.checkpoint = checkpoint
         self.max_concurrency = max_concurrency
+        self.on_step = on_step
         self._dag: nx.DiGraph = nx.DiGraph()
         self._nodes: dict[str, _Node] = {}
         self._names_by_obj: dict[int, str] = {}
@@ -457,12 +468,14 @@ class Graph:
         return self._sync(functools.partial(self.arun, input, store=store, on_progress=on_progress))
 
     async def arun(
-        self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None, _signals: bool = False
+        self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None, _signals: bool = False,
+        _observers: tuple[Callable[[RunEvent], Any], ...] = (),
     ) -> GraphResult:
         """Async :meth:`run` (anyio: asyncio or trio)."""
         self._check_not_empty()
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         ex.handle_signals = _signals
+        ex.observers = _observers
         async with ex.astore:
             try:
                 return await ex.start(input)
@@ -501,6 +514,7 @@ class Graph:
     async def aresume(
         self, run_id: str, *, budget: Budget | None = None, force: bool = False, store: Any = None,
         on_progress: ProgressHook | None = None, _signals: bool = False,
+        _observers: tuple[Callable[[RunEvent], Any], ...] = (),
     ) -> GraphResult:
         """Async :meth:`resume`."""
         self._check_not_empty()
@@ -508,11 +522,92 @@ class Graph:
             raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         ex.handle_signals = _signals
+        ex.observers = _observers
         async with ex.astore:
             try:
                 return await ex.resume(run_id, budget, force)
             finally:
                 ex.release()
+
+    # -- streaming events -----------------------------------------------------------
+    def stream(self, input: Any = None, *, store: Any = None) -> Generator[RunEvent, None, GraphResult]:
+        """Run the graph, yielding the events of the graph run and of every node run as they happen.
+
+        The graph runs on its own event loop in a worker thread while you iterate; the events
+        come in the order its runs told them (``RunStarted`` of the graph first, its
+        ``RunFinished`` last). Stop iterating early (``break``, ``close()``, Ctrl-C) and the
+        graph is cancelled, recorded ``interrupted`` (resumable). The generator's return value is
+        the :class:`GraphResult`.
+        """
+        self._check_not_empty()
+        return self._stream(functools.partial(self.arun, input, store=store))
+
+    def stream_resume(
+        self, run_id: str, *, budget: Budget | None = None, force: bool = False, store: Any = None
+    ) -> Generator[RunEvent, None, GraphResult]:
+        """Like :meth:`stream`, for the resume of a graph run (see :meth:`resume`)."""
+        self._check_not_empty()
+        return self._stream(functools.partial(self.aresume, run_id, budget=budget, force=force, store=store))
+
+    def astream(self, input: Any = None, *, store: Any = None) -> AsyncGenerator[RunEvent, None]:
+        """Run the graph on this event loop, yielding its events (``async for event in graph.astream(x)``).
+
+        Leave early with the generator closed at once (``async with contextlib.aclosing(graph.astream(x))
+        as events:``): the graph is cancelled and recorded ``interrupted``. Cancelling the task
+        that iterates does the same.
+        """
+        self._check_not_empty()
+        return self._astream(functools.partial(self.arun, input, store=store))
+
+    def astream_resume(
+        self, run_id: str, *, budget: Budget | None = None, force: bool = False, store: Any = None
+    ) -> AsyncGenerator[RunEvent, None]:
+        """Like :meth:`astream`, for the resume of a graph run."""
+        self._check_not_empty()
+        return self._astream(functools.partial(self.aresume, run_id, budget=budget, force=force, store=store))
+
+    @staticmethod
+    def _stream(start: Callable[..., Awaitable[GraphResult]]) -> Generator[RunEvent, None, GraphResult]:
+        events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        end = object()
+
+        async def main() -> GraphResult:
+            try:
+                return await start(_observers=(events.put,))
+            finally:
+                events.put(end)
+
+        with anyio.from_thread.start_blocking_portal() as portal:
+            future = portal.start_task_soon(main)
+            try:
+                while (event := events.get()) is not end:
+                    yield event
+            finally:
+                if not future.done():  # left early: cancel the graph (recorded interrupted) and wait for it
+                    future.cancel()
+        return future.result()
+
+    @staticmethod
+    async def _astream(start: Callable[..., Awaitable[GraphResult]]) -> AsyncGenerator[RunEvent, None]:
+        send, receive = anyio.create_memory_object_stream[RunEvent](math.inf)
+        token = anyio.lowlevel.current_token()
+        loop_thread = threading.get_ident()
+
+        def tell(event: RunEvent) -> None:  # sync nodes tell their events from worker threads
+            if threading.get_ident() == loop_thread:
+                send.send_nowait(event)
+            else:
+                anyio.from_thread.run_sync(send.send_nowait, event, token=token)
+
+        async def main() -> None:
+            with send:
+                await start(_observers=(tell,))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(main)
+            with receive:
+                async for event in receive:
+                    yield event
 
     def _check_not_empty(self) -> None:
         if not self._nodes:
@@ -550,6 +645,8 @@ class _Execution:
         self.meta: dict[str, Any] = {}  # the graph run's meta as stored (routing decisions are added to it)
         self.routes: dict[str, dict[str, bool]] = {}  # node -> {upstream: when's answer}, recorded
         self.unfinished: set[str] = set()  # map nodes the graph's budget stopped: no output to hand on
+        self.observers: tuple[Callable[[RunEvent], Any], ...] = ()  # a stream's callbacks
+        self.resumed = False
 
     def release(self) -> None:
         """Let go of the graph run in this process (the attempt is over)."""
@@ -595,6 +692,7 @@ class _Execution:
                 "resume it with the graph as it was, or call graph.resume(run_id, force=True) to continue with this one"
             )
         limits = Budget.merged(info.budget, budget)
+        self.resumed = True
         with anyio.CancelScope(shield=True):
             await self.astore.acquire(run_id, self.owner, limits.to_dict() if budget is not None else None)
         try:
@@ -663,6 +761,8 @@ class _Execution:
         self.priors, self.run_id = existing, run_id
         self.done = {name: anyio.Event() for name in g._nodes}
         limiter = anyio.CapacityLimiter(g.max_concurrency) if g.max_concurrency else None
+        observed = watch_host(self.ledger, kind="graph", resumed=self.resumed, on_step=g.on_step, observers=self.observers)
+        span_token = observed.attach() if observed is not None else None  # node runs' spans hang under the graph's
         try:
             self._emit(None, RunStatus.RUNNING.value, run_id)
             finished = False
@@ -685,11 +785,14 @@ class _Execution:
                 outer.cancel_scope.cancel()
             if self.signalled is not None:
                 raise KeyboardInterrupt(signal.Signals(self.signalled).name)
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 wall = wall_base + (time.monotonic() - t0)
                 await self._sync_cost()
                 await self.astore.finish_run(run_id, RunStatus.INTERRUPTED, "interrupted", wall)
+            if observed is not None:
+                observed.detach(span_token)
+                observed.finished(RunStatus.INTERRUPTED, "interrupted", 0, self._total(), exc)
             raise
         status, reason = self._verdict()
         wall = wall_base + (time.monotonic() - t0)
@@ -697,7 +800,11 @@ class _Execution:
             await self._sync_cost()
             await self.astore.finish_run(run_id, status, reason, wall)
         nodes = {name: self.infos[name] for name in g._nodes}
-        return GraphResult(run_id, status, dict(self.outputs), self._total(), nodes, reason)
+        result = GraphResult(run_id, status, dict(self.outputs), self._total(), nodes, reason)
+        if observed is not None:
+            observed.detach(span_token)
+            observed.finished(status, reason, 0, result.cost_usd)
+        return result
 
     async def _on_signal(self, scope: anyio.CancelScope) -> None:
         """SIGINT/SIGTERM while ``run``/``resume`` drive the graph: stop every node, then interrupt."""

@@ -175,3 +175,14 @@ def test_shared_budget_workers_stop_together_at_the_cap(tmp_path: Path) -> None:
 
 
 MAX_CALL_USD = 400 * 0.00001  # the example's largest reservation
+
+
+def test_observe_prints_events_and_spans(tmp_path: Path) -> None:
+    """examples/observe.py: a loop's and a graph's events, then the graph's spans on the console, offline."""
+    root = str(EXAMPLES.parent)
+    out = run([sys.executable, str(EXAMPLES / "observe.py")], tmp_path, PYTHONPATH=root).stdout
+    assert re.search(r"^started  loop writer [0-9a-f]{12} \(resumed=False\)$", out, re.M), out
+    assert re.search(r"^    started  loop critic ", out, re.M)
+    assert re.search(r"^finished graph observe: completed", out, re.M)
+    assert re.search(r"^loomc\.graph observe +\{'loomc\.run_id'", out, re.M)
+    assert re.search(r"^loomc\.step critic ", out, re.M)

@@ -27,6 +27,7 @@ from loomc._core.events import Event
 from loomc._core.holds import HeldCharge, HoldStore, charge_record, supports_holds
 from loomc._core.ledger import RunLedger, ledger_factory
 from loomc._core.money import check_usd
+from loomc._core.observe import RunWatch, watch_run
 from loomc._core.policy import Policy, RunUsage, Stop, Verdict, after_step, best_step, check_budget
 from loomc._core.types import RunHistory, RunInfo, RunResult, RunStatus, StepRecord
 from loomc.store import codec as _codec
@@ -163,6 +164,7 @@ class RunSpec:
     meta: dict[str, Any] = field(default_factory=dict)
     retry: Any = None  # loomc._core.retry.Retry | None
     none_ok: bool = False  # a step may return None (a graph's plain-function node: its output)
+    on_step: Callable[[Any], Any] | None = None  # the loop's event callback (loomc._core.observe.RunEvent)
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ class RunRequest:
     budget: Budget | None = None
     force: bool = False
     call_index: int | None = None  # a child's fixed place under its parent step (graph nodes)
+    observers: tuple[Callable[[Any], Any], ...] = ()  # the caller's event callbacks (a stream)
 
 
 class RunContext:
@@ -201,6 +204,7 @@ class RunContext:
         self.meta: dict[str, Any] = {}
         self.meta_dirty = False  # set by components (circuit breakers) that changed ``meta``
         self.events: list[Event] = []  # retries, breaker transitions during the current step
+        self.watch: RunWatch | None = None  # who watches this run (and, through it, its nested runs)
 
     def begin_step(self, step_n: int) -> None:
         """A step (or another attempt of it) starts: nested loops it starts are numbered from 0 again."""
@@ -214,12 +218,16 @@ class RunContext:
         """The run's step ``step_n`` starts executing (counted until :meth:`leave_step`)."""
         steps_in_flight.append(None)
         self.begin_step(step_n)
+        if self.watch is not None:
+            self.watch.step_entered(step_n)
 
     def leave_step(self) -> None:
         """The step's call, ``cost_fn`` and ``scorer`` are over (idempotent)."""
         if self.in_step:
             self.in_step = False
             steps_in_flight.pop()
+            if self.watch is not None:
+                self.watch.step_left()
 
     def carry(self, child_id: str, child_cost: float) -> float:
         """What of a found child's stored cost is not yet in this run's ledger (in this process)."""
@@ -314,12 +322,35 @@ def run_protocol(
     try:
         done = yield from run.open()
         if done is not None:
+            run.watch_found(done)
             return done
         run.restore()
-        return (yield from run.steps())
+        watch = run.watch = run.ctx.watch = watch_run(
+            run.ctx, spec.kind, run.rp is not None, run.step_n, run.parent_ctx if run.nested else None, spec.on_step,
+            req.observers,
+        )
+        if watch is None:  # nobody watches: the steps as they are
+            return (yield from run.steps())
+        watch.started(run.step_n)
+        try:
+            result = yield from run.steps()
+        except BaseException as exc:
+            status, reason = _ended_by(exc)
+            watch.finished(status, reason, run.iterations, run.ledger.spent, exc)
+            raise
+        watch.finished(result.status, result.stop_reason, result.steps, result.cost_usd, result.error,
+                       best_score=result.best_score)
+        return result
     finally:
         for held in run.claims:
             held.release()
+
+
+def _ended_by(exc: BaseException) -> tuple[RunStatus, str]:
+    """The status and reason an exception escaping the steps records (see ``_Run._failed``)."""
+    if isinstance(exc, Exception):
+        return RunStatus.FAILED, f"error: {_error_text(exc)}"
+    return RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}"
 
 
 class _BestStep:
@@ -374,6 +405,7 @@ class _Run:
         self.carried = 0.0  # cost already spent by a resumed child, to roll up into its parent
         self.first_events: list[Event] = []  # events of this attempt's first step (a held charge)
         self.recorded = False  # the run's outcome is written: an interruption after it changes nothing
+        self.watch: RunWatch | None = None  # who watches the run (None: nobody)
 
     # -- phase 1: open (a new run) or find the run to resume --------------------------------
 
@@ -502,6 +534,18 @@ class _Run:
             if not isinstance(exc, (Exception, GeneratorExit)):
                 yield from self.io.finish_run(run_id, RunStatus.INTERRUPTED, f"interrupted: {type(exc).__name__}", wall_s)
             raise
+
+    def watch_found(self, done: RunResult) -> None:
+        """A found run that had finished (a completed child, or the resume of a completed run):
+        its watchers see it start and finish at once, as a run that had nothing left to do."""
+        rp = self.rp
+        assert rp is not None
+        pctx = self.parent_ctx if self.nested else None
+        ctx = RunContext(done.run_id, self.spec.name, self.store, rp.info.parent_run_id, self.budget)
+        watch = watch_run(ctx, self.spec.kind, True, rp.info.steps, pctx, self.spec.on_step, self.req.observers)
+        if watch is not None:
+            watch.started(rp.info.steps)
+            watch.finished(done.status, done.stop_reason, done.steps, done.cost_usd, done.error, best_score=done.best_score)
 
     # -- phase 2: restore the run's live state for this attempt ----------------------------
 
@@ -677,6 +721,8 @@ class _Run:
         row.holds = ledger.take_durable()  # the step reserved: its commit deletes the holds it now pays for
         self.recorded = stop is not None  # the last commit is the run's outcome
         yield io.commit_step(run_id, row, self.recorded)
+        if self.watch is not None:
+            self.watch.committed(record)
         if row.holds:
             ledger.forget_durable(row.holds)
         if ctx.meta_dirty:  # e.g. a circuit breaker's state, remembered by a resume

@@ -17,8 +17,9 @@ Every error a user can cause derives from :class:`LoomcError`::
     │   └── SchemaTooNew         the database was written by a newer loomc
     └── CircuitOpenError         a circuit breaker refused a call
 
-One warning, :class:`UnboundedLoopWarning` (a ``UserWarning``), flags a ``@loop`` that
-nothing but an error can stop.
+Two warnings, both ``UserWarning``: :class:`UnboundedLoopWarning` flags a ``@loop`` that
+nothing but an error can stop; :class:`EventCallbackWarning` reports (once per run) an
+``on_step`` callback that raised (the run goes on).
 
 Exceptions raised by the user's own step pass through unchanged, with a note naming
 the run and how to resume it.
@@ -33,6 +34,7 @@ __all__ = [
     "BudgetExhausted",
     "CircuitOpenError",
     "CostError",
+    "EventCallbackWarning",
     "LeaseLost",
     "LoomcError",
     "RunContextLost",
@@ -238,3 +240,7 @@ class CircuitOpenError(LoomcError):
 
 class UnboundedLoopWarning(UserWarning):
     """A ``@loop`` has no budget limit and no ``converge_on``: only an error would end it."""
+
+
+class EventCallbackWarning(UserWarning):
+    """An event callback (``on_step=``) raised: reported once per run, and the run goes on."""

@@ -15,13 +15,14 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, Generic, TypeVar, overload
 
 from loomc._core.budget import Budget
 from loomc._core.context import _current_ledger
 from loomc._core.engine import CallOp, RunRequest, RunSpec, SleepOp, StoreCall, WallClockExceeded, run_protocol
 from loomc._core.errors import BudgetExhausted, StallError, UnboundedLoopWarning
+from loomc._core.observe import RunEvent
 from loomc._core.policy import Policy
 from loomc._core.retry import Retry, as_retry
 from loomc._core.types import RunResult, RunStatus
@@ -228,11 +229,41 @@ class LoopRunner(_BaseRunner[S]):
         """Like :meth:`resume`, returning the :class:`RunResult`."""
         return self._drive(self._request(None, run_id, True, budget, force))
 
-    def _drive(self, req: RunRequest) -> RunResult:
+    def stream(self, state: S, *, run_id: str | None = None) -> Generator[RunEvent, None, RunResult]:
+        """Run the loop, yielding its events: :class:`RunStarted`, a :class:`StepCommitted` per step
+        (with its :class:`StepRecord`), :class:`RunFinished`; those of nested runs in between.
+
+        The loop runs in this thread while you iterate (between two events); events of runs
+        nested in a step come when that step returns. Stop iterating early (``break``, or
+        ``close()`` on the generator, which ``contextlib.closing`` does for you) and the run
+        stops, recorded ``interrupted``: resume it later. The generator's return value
+        (``StopIteration.value``, or ``result = yield from fn.stream(...)``) is the
+        :class:`RunResult`.
+        """
+        return self._stream(self._request(state, run_id, False, None, False))
+
+    def stream_resume(
+        self, run_id: str, *, budget: Budget | None = None, force: bool = False
+    ) -> Generator[RunEvent, None, RunResult]:
+        """Like :meth:`stream`, for the resume of a run (see :meth:`resume`)."""
+        return self._stream(self._request(None, run_id, True, budget, force))
+
+    def _stream(self, req: RunRequest) -> Generator[RunEvent, None, RunResult]:
+        events: list[RunEvent] = []
+        req = dataclasses.replace(req, observers=(*req.observers, events.append))
+        nested, gen = self._protocol(req)
+        with _SigTerm() if not nested else _nullctx():
+            return (yield from _driver(gen, self._fn, events))
+
+    def _protocol(self, req: RunRequest) -> tuple[bool, Generator[Any, Any, RunResult]]:
+        """The run protocol for ``req``, and whether it runs nested in the current step."""
         parent = _current_ledger.get()
         nested = parent is not None and parent.context is not None and parent.context.in_step
         store = None if nested else self.store()
-        gen = run_protocol(self.spec, req, parent, store)
+        return nested, run_protocol(self.spec, req, parent, store)
+
+    def _drive(self, req: RunRequest) -> RunResult:
+        nested, gen = self._protocol(req)
         with _SigTerm() if not nested else _nullctx():
             return _drive_sync(gen, self._fn)
 
@@ -253,6 +284,23 @@ class _nullctx:  # noqa: N801
 
 
 def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -> RunResult:
+    """Drive the run protocol ``gen`` to its end in this thread; returns its result."""
+    try:
+        next(_driver(gen, fn, None))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    raise AssertionError("a driver with no events to hand out never yields")  # pragma: no cover
+
+
+def _driver(
+    gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any], events: list[RunEvent] | None
+) -> Generator[RunEvent, None, RunResult]:
+    """The sync driver: fulfils the protocol's requests; with ``events``, yields them as they come.
+
+    Without ``events`` it never yields (``_drive_sync`` runs it with one ``next``). With them
+    (``stream``) it hands out, before each request, the events the run told so far; closed
+    there (the consumer stopped iterating), it interrupts the run and records it so.
+    """
     send: Any = None
     throw: BaseException | None = None
     held: BaseException | None = None  # a signal held past a store call, delivered here
@@ -265,14 +313,25 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
             try:
                 op = gen.throw(throw) if throw is not None else gen.send(send)
             except StopIteration as stop:
+                if events:
+                    yield from _hand_out(events, main, outer)
                 if main and _SigTerm.pending is not None and not outer:
                     raise _interrupt(_take_pending()) from None
                 return stop.value  # type: ignore[no-any-return]
+            except StreamClosed:  # the run is recorded interrupted; close() ends quietly
+                return None  # type: ignore[return-value]
             except KeyboardInterrupt as exc:
                 if exc is held:  # it was raised here, not in anyone's code: show no loomc internals
                     raise exc.with_traceback(None) from None
                 raise
             send, throw = None, None
+            if events:
+                try:
+                    yield from _hand_out(events, main, outer)
+                except GeneratorExit:  # the consumer stopped iterating: interrupt the run, record it
+                    events = None
+                    throw = StreamClosed()
+                    continue
             if type(op) is StoreCall:
                 try:
                     send = op.fn(*op.args)
@@ -308,6 +367,23 @@ def _drive_sync(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any]) -
             _SigTerm.defer = outer
 
 
+class StreamClosed(BaseException):
+    """Thrown into a run whose stream was closed before the run ended: it is recorded ``interrupted``."""
+
+
+def _hand_out(events: list[RunEvent], main: bool, outer: bool) -> Generator[RunEvent, None, None]:
+    """Yield the events told so far (while the consumer handles one, signals act as outside a run)."""
+    while events:
+        event = events.pop(0)
+        if main:
+            _SigTerm.defer = outer
+        try:
+            yield event
+        finally:
+            if main:
+                _SigTerm.defer = True
+
+
 class AsyncLoopRunner(_BaseRunner[S]):
     """An async ``@loop``: ``await fn(state)``, ``await fn.run(state)``, ``await fn.resume(id)``.
 
@@ -330,7 +406,36 @@ class AsyncLoopRunner(_BaseRunner[S]):
         """Like :meth:`resume`, returning the :class:`RunResult`."""
         return await self._drive(self._request(None, run_id, True, budget, force))
 
+    def astream(self, state: S, *, run_id: str | None = None) -> AsyncGenerator[RunEvent, None]:
+        """Run the loop, yielding its events (``async for event in fn.astream(state)``); see ``LoopRunner.stream``.
+
+        Leaving the loop early (``break``), or cancelling the task iterating it, stops the run,
+        recorded ``interrupted`` (resumable). After a ``break`` the generator is closed when it
+        is collected; ``async with contextlib.aclosing(fn.astream(state)) as events:`` closes it
+        at once. The last event, :class:`RunFinished`, carries the run's status.
+        """
+        return self._astream(self._request(state, run_id, False, None, False))
+
+    def astream_resume(self, run_id: str, *, budget: Budget | None = None, force: bool = False) -> AsyncGenerator[RunEvent, None]:
+        """Like :meth:`astream`, for the resume of a run (see :meth:`resume`)."""
+        return self._astream(self._request(None, run_id, True, budget, force))
+
+    async def _astream(self, req: RunRequest) -> AsyncGenerator[RunEvent, None]:
+        events: list[RunEvent] = []
+        req = dataclasses.replace(req, observers=(*req.observers, events.append))
+        gen, twin = await self._protocol(req)
+        inner = _adriver(gen, self._fn, twin, events, [])
+        try:
+            async for event in inner:
+                yield event
+        finally:
+            await inner.aclose()  # closed early: the run is interrupted and recorded so
+
     async def _drive(self, req: RunRequest) -> RunResult:
+        gen, twin = await self._protocol(req)
+        return await _drive_async(gen, self._fn, twin)
+
+    async def _protocol(self, req: RunRequest) -> tuple[Generator[Any, Any, RunResult], Callable[[Any], Any]]:
         import anyio.to_thread
 
         from loomc.store.sqlite.aio import AsyncSQLiteStore, async_twin
@@ -349,8 +454,7 @@ class AsyncLoopRunner(_BaseRunner[S]):
                     self._resolved[key] = store
         if isinstance(store, AsyncSQLiteStore):
             store = store.sync  # the protocol names sync stores; the driver picks their async twin
-        gen = run_protocol(self.spec, req, parent, store)
-        return await _drive_async(gen, self._fn, async_twin)
+        return run_protocol(self.spec, req, parent, store), async_twin
 
     async def _run_child(
         self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None,
@@ -364,6 +468,18 @@ class AsyncLoopRunner(_BaseRunner[S]):
 
 
 async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any], twin: Callable[[Any], Any]) -> RunResult:
+    """Drive the run protocol ``gen`` to its end on this event loop; returns its result."""
+    out: list[RunResult] = []
+    async for _ in _adriver(gen, fn, twin, None, out):  # pragma: no cover - never yields without events
+        pass
+    return out[0]
+
+
+async def _adriver(
+    gen: Generator[Any, Any, RunResult], fn: Callable[[Any], Any], twin: Callable[[Any], Any],
+    events: list[RunEvent] | None, out: list[RunResult],
+) -> AsyncGenerator[RunEvent, None]:
+    """The async driver (``_driver`` with ``await``); the result is put in ``out``."""
     import contextlib
 
     import anyio
@@ -378,8 +494,21 @@ async def _drive_async(gen: Generator[Any, Any, RunResult], fn: Callable[[Any], 
             try:
                 op = gen.throw(throw) if throw is not None else gen.send(send)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                out.append(stop.value)
+                while events:
+                    yield events.pop(0)
+                return
+            except StreamClosed:  # the run is recorded interrupted; aclose() ends quietly
+                return
             send, throw = None, None
+            if events:
+                try:
+                    while events:
+                        yield events.pop(0)
+                except GeneratorExit:  # the consumer stopped iterating: interrupt the run, record it
+                    events = None
+                    throw = StreamClosed()
+                    continue
             if type(op) is StoreCall:
                 try:
                     # the same protocol method, on the async twin of the store it is bound to
@@ -433,6 +562,7 @@ def loop(
     durability: str | None = ...,
     name: str | None = ...,
     retry: Retry | int | bool | None = ...,
+    on_step: Callable[[RunEvent], Any] | None = ...,
 ) -> Callable[[Callable[..., Any]], Any]: ...
 
 
@@ -450,6 +580,7 @@ def loop(
     durability: str | None = None,
     name: str | None = None,
     retry: Retry | int | bool | None = None,
+    on_step: Callable[[RunEvent], Any] | None = None,
 ) -> Any:
     """Turn a function doing ONE iteration (``state -> state``, sync or async) into a durable loop.
 
@@ -468,6 +599,10 @@ def loop(
         name: the stored run name (default ``module:qualname``).
         retry: retry transient errors inside a step (SDK rate limits, overload, timeouts):
             ``True``, a number of attempts, or ``Retry(...)``; off by default.
+        on_step: ``callback(event)``, called in the run's thread as each run of this loop
+            (and each run nested in it) starts, commits a step and finishes: a
+            :class:`RunStarted`, :class:`StepCommitted` or :class:`RunFinished`. An exception
+            it raises is reported once per run (:class:`EventCallbackWarning`) and the run goes on.
 
     Returns:
         A :class:`LoopRunner`, or an :class:`AsyncLoopRunner` for an ``async def``.
@@ -485,6 +620,8 @@ def loop(
         raise TypeError(f"scorer={scorer!r}: expected a callable state -> float")
     if cost_fn is not None and not callable(cost_fn):
         raise TypeError(f"cost_fn={cost_fn!r}: expected a callable state -> float")
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step={on_step!r}: expected a callable event -> None")
     policy = Policy.build(budget, converge_on, backtrack, on_stall)
     if scorer is None and policy.scored_parts:
         raise ValueError(
@@ -505,6 +642,8 @@ def loop(
                 stacklevel=stacklevel,
             )
         spec = _spec(func, policy, scorer, cost_fn, checkpoint, durability, name, retry_policy)
+        if on_step is not None:
+            spec = dataclasses.replace(spec, on_step=on_step)
         if inspect.iscoroutinefunction(func):
             return AsyncLoopRunner(func, spec)
         return LoopRunner(func, spec)

@@ -17,11 +17,13 @@ reaching into the engine's globals, the graph layer goes through this module onl
   :func:`store_spent` when the attempt ends;
 - a run that lives in another process: :func:`open_shared_parent` opens its ledger here
   (caps enforced in the database, ``loomc.store.shared``), so :func:`run_child` can run
-  a child of it in this process (an executor running a graph's node on another machine).
+  a child of it in this process (an executor running a graph's node on another machine);
+- who watches it: :func:`watch_host` (event callbacks and spans; its children inherit them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +32,7 @@ from loomc._core.context import current_ledger, running_under
 from loomc._core.engine import RunContext
 from loomc._core.holds import charge_record, supports_holds
 from loomc._core.ledger import RunLedger, ledger_factory
+from loomc._core.observe import RunEvent, RunWatch, watch_run
 from loomc._core.policy import EPS
 from loomc._core.types import RunInfo, RunResult
 from loomc.store import codec
@@ -42,7 +45,7 @@ __all__ = [
     "Claim", "MemoryStore", "NewRun", "RunLedger", "arun_child", "async_twin", "charge_left_holds", "claim",
     "current_ledger", "has_room",
     "new_top_run", "open_host_ledger", "open_shared_parent", "open_store", "owner_token", "run_child", "running_under",
-    "store_spent",
+    "store_spent", "watch_host",
 ]
 
 
@@ -134,3 +137,21 @@ async def store_spent(astore: Any, store: Any, ledger: RunLedger) -> None:
     held = ledger.take_durable()
     if held and supports_holds(store):
         await astore.drop_holds(held)
+
+
+def watch_host(
+    ledger: RunLedger, *, kind: str, resumed: bool, on_step: Callable[[RunEvent], Any] | None,
+    observers: tuple[Callable[[RunEvent], Any], ...],
+) -> RunWatch | None:
+    """Tell the watchers of a host run (a graph) that it started; ``None`` when nothing watches it.
+
+    Its children (the node runs) are watched by the same callbacks. The caller makes the
+    run's span current while children start (``watch.attach()``) and ends the run with
+    ``watch.finished(...)``.
+    """
+    ctx = ledger.context
+    watch = watch_run(ctx, kind, resumed, 0, None, on_step, observers)
+    if watch is not None:
+        ctx.watch = watch
+        watch.started(0)
+    return watch

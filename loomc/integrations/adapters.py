@@ -20,8 +20,9 @@ import contextvars
 import inspect
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomc._core.context import Reservation, reserve
 from loomc._core.detectors import JudgeDetector
@@ -29,6 +30,9 @@ from loomc._core.errors import CostError
 from loomc._core.holds import apersist
 from loomc._core.money import check_usd
 from loomc.integrations.pricing import Price, anthropic_cost, base_name, lookup, openai_cost
+
+if TYPE_CHECKING:
+    from loomc.integrations.otel import CallSpan
 
 __all__ = ["AnthropicAdapter", "OpenAIAdapter", "Price"]
 
@@ -99,7 +103,7 @@ class _Call:
       when it ends.
     """
 
-    __slots__ = ("adapter", "injected", "kwargs", "max_usd", "on_stream", "price", "reservation", "token")
+    __slots__ = ("adapter", "injected", "kwargs", "max_usd", "on_stream", "price", "reservation", "span", "span_token", "token")
 
     def __init__(self, adapter: _Adapter, kwargs: dict[str, Any], on_stream: _OnStream | None = None,
                  prepare: Callable[[dict[str, Any]], bool] | None = None) -> None:
@@ -115,6 +119,12 @@ class _Call:
         self.reservation: Reservation = reserve(self.max_usd)
         streaming = on_stream is not None and bool(kwargs.get("stream"))
         self.injected = prepare(kwargs) if prepare is not None and streaming else False
+        self.span: CallSpan | None = None  # the call's OpenTelemetry span, when the application traces
+        self.span_token: Any = None
+        if "opentelemetry.trace" in sys.modules:
+            from loomc.integrations.otel import start_call_span
+
+            self.span = start_call_span(adapter.provider, kwargs, adapter.model)
 
     async def durable(self) -> None:
         """Commit the reservation to the run's store, awaited (async calls, before they are sent)."""
@@ -122,21 +132,34 @@ class _Call:
 
     def __enter__(self) -> _Call:
         self.token = _accounted.set(True)
+        if self.span is not None:
+            self.span_token = self.span.attach()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.span_token is not None:
+            assert self.span is not None
+            self.span.detach(self.span_token)
+            self.span_token = None
         if self.token is not None:
             _accounted.reset(self.token)
             self.token = None
         if exc_type is not None:
-            self.release()  # the request failed before anything was billed
+            self.release(exc)  # the request failed before anything was billed
 
     def received(self, response: Any) -> Any:
         """What the caller gets back: ``response`` settled, or a stream that settles when it ends."""
         if self.on_stream is not None and self.kwargs.get("stream"):
             return self.on_stream(response, self)
+        if self.span is not None:
+            self.span.response(response)
         self.settle_usage(getattr(response, "usage", None))
         return response
+
+    def _end_span(self, usage: Any, usd: float | None, error: BaseException | None = None) -> None:
+        span, self.span = self.span, None
+        if span is not None:
+            span.end(usage, usd, error)
 
     def settle_usage(self, usage: Any) -> None:
         """Record the real cost from ``usage`` (the full reservation when there is none).
@@ -146,20 +169,24 @@ class _Call:
                 first (the call was made, so its cost is never under-counted).
         """
         if usage is None:
+            self._end_span(None, self.max_usd)
             self.reservation.settle(self.max_usd)
             return
         what = f"{self.adapter!r}: the cost computed from the response's usage"
         try:
             usd = check_usd(self.adapter.usage_cost(usage, self.price, self.kwargs), what)
         except CostError as exc:
+            self._end_span(usage, self.max_usd, exc)
             self.reservation.settle(self.max_usd)
             if str(exc).startswith(what):
                 raise
             raise CostError(f"{self.adapter!r}: {exc}") from exc
+        self._end_span(usage, usd)
         self.reservation.settle(usd)
 
-    def release(self) -> None:
-        """The call failed before anything was billed."""
+    def release(self, error: BaseException | None = None) -> None:
+        """The call failed before anything was billed (``error``: why)."""
+        self._end_span(None, 0.0, error)
         self.reservation.release()
 
 
