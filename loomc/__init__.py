@@ -21,6 +21,7 @@ from loomc._core.errors import (
     BudgetExhausted,
     CircuitOpenError,
     CostError,
+    InvalidAnswer,
     LoomcError,
     RunContextLost,
     RunLocked,
@@ -31,7 +32,9 @@ from loomc._core.errors import (
     StateError,
     StoreError,
     UnboundedLoopWarning,
+    WaitingForInput,
 )
+from loomc._core.human import ask
 from loomc._core.retry import Retry
 from loomc._core.types import RunInfo, RunResult, RunStatus, StepRecord
 from loomc.circuit_breaker import BreakerState, CircuitBreaker, circuit_breaker
@@ -59,6 +62,7 @@ __all__ = [
     "CircuitOpenError",
     "CostError",
     "Escalate",
+    "InvalidAnswer",
     "JudgeDetector",
     "LastGood",
     "LoomcError",
@@ -83,7 +87,9 @@ __all__ = [
     "StepRecord",
     "StoreError",
     "UnboundedLoopWarning",
+    "WaitingForInput",
     "areserve",
+    "ask",
     "charge",
     "circuit_breaker",
     "current_run",
