@@ -765,7 +765,7 @@ def prune(
     status: Annotated[
         str | None, typer.Option("--status", help="Only runs with these statuses (comma-separated).", show_default=False)
     ] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Only runs whose name matches this glob ('app:*').", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Only runs whose name matches a glob ('app:*').", show_default=False)] = None,
     keep_last: Annotated[
         int | None, typer.Option("--keep-last", min=0, help="Of each name, keep the newest N runs.", show_default=False)
     ] = None,
