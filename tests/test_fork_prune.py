@@ -175,7 +175,8 @@ def test_prune_deletes_whole_trees_never_waiting_or_running(db: str) -> None:
     store = SQLiteStore(db)
     parent = store.begin_run(NewRun(spec_hash="p", name="tests:tree"))
     child = store.begin_run(NewRun(spec_hash="c", name="tests:leaf", parent_run_id=parent, parent_step=0, call_index=0))
-    store.commit_step(child, StepRow(0, '{"a": 1}', 0.1, None, now_iso(), None, None, 0, 0.0, 0.1, 1, 0.0, 0.1, "completed", None, (parent,)))
+    done = StepRow(0, '{"a": 1}', 0.1, None, now_iso(), None, None, 0, 0.0, 0.1, 1, 0.0, 0.1, "completed", None, (parent,))
+    store.commit_step(child, done)
     store.finish_run(parent, RunStatus.COMPLETED, None, 0.0)
     waiting = store.begin_run(NewRun(spec_hash="w", name="tests:tree"))
     store.update_run_status(waiting, RunStatus.WAITING)
@@ -265,7 +266,8 @@ def test_prune_ten_thousand_runs_while_a_loop_commits(tmp_path: Path) -> None:
     assert {r.id for r in report.roots} == set(old_done)
     assert json.loads(dry.stdout)["runs"] == 4000
     assert json.loads(dry.stdout)["bytes_freed"] > 0
-    assert report.steps == 8000 and report.blobs == 4000
+    assert report.steps == 8000
+    assert report.blobs == 4000
     left = {r.id for r in store.list_runs()}
     assert left == {*old_failed, *new_done, busy_id}
     assert len(store.load_steps(busy_id)) == 400  # every step the loop committed meanwhile is there
@@ -312,7 +314,8 @@ def test_cli_fork(db: str, tmp_path: Path) -> None:
     eid = edited.stdout.split("new run ")[1].split()[0]
     assert SQLiteStore(db).load_state(eid, 0) == {"n": 10, "seen": [], "pad": ""}
     bad = cli("fork", rid, "--step", "9", db=db)
-    assert bad.returncode == 2 and "steps 0..5" in bad.stderr
+    assert bad.returncode == 2
+    assert "steps 0..5" in bad.stderr
     both = cli("fork", rid, "--step", "1", "--state", "{}", "--state-file", str(state), db=db)
     assert both.returncode == 2
     assert rows_of(db, rid) == before

@@ -708,7 +708,8 @@ def reply(
     store = writable_store(database_path(db), existing=True)
     q = reply_to(store, run_id, value)
     out = r.Output()
-    out.line(f"answered run {q.run_id}'s question at step {q.step_n}: {r.visible(q.text)}")
+    first_line = (q.text.splitlines() or [""])[0]
+    out.line(f"answered run {q.run_id}'s question at step {q.step_n}: {r.clip(first_line)}")
     root = root_run(store, find_run(store, q.run_id))
     how = (f"loomc graph run PIPELINE.py --resume {root.id}" if root.kind == "graph" else f"loomc resume {root.id} --run")
     out.line(f"resume it to continue: {how}")

@@ -668,11 +668,11 @@ def fork(
     )
     yield EXEC, d.FORK_STEPS, (new_id, run_id, at_step)
     if state_blob is not None:
-        state, blob_id = state_blob, None
-        if isinstance(state, (bytes, bytearray)):
-            blob_id = yield INSERT, d.INSERT_BLOB, (state,)
-            state = None
-        yield EXEC, d.SET_STEP_STATE, (state, blob_id, new_id, at_step)
+        if isinstance(state_blob, (bytes, bytearray)):  # a compressed state lives in the blob table
+            blob_id = yield INSERT, d.INSERT_BLOB, (state_blob,)
+            yield EXEC, d.SET_STEP_STATE, (None, blob_id, new_id, at_step)
+        else:
+            yield EXEC, d.SET_STEP_STATE, (state_blob, None, new_id, at_step)
     return new_id
 
 
