@@ -274,7 +274,7 @@ def test_prune_ten_thousand_runs_while_a_loop_commits(tmp_path: Path) -> None:
 
     cleared = cli("prune", "--status", "failed,completed", "--name", "tests:old", db=db)
     assert cleared.returncode == 0, cleared.stderr
-    assert "removed 3000 runs" in cleared.stdout
+    assert "removed 3000 run trees" in cleared.stdout
     vacuum = cli("db", "vacuum", db=db)
     assert vacuum.returncode == 0, vacuum.stderr
     size_after = os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0)
@@ -292,7 +292,7 @@ def test_dry_run_changes_nothing(db: str) -> None:
     before = Path(db).read_bytes()
     out = cli("prune", "--status", "completed", "--dry-run", db=db)
     assert out.returncode == 0, out.stderr
-    assert "would remove 3 runs" in out.stdout
+    assert "would remove 3 run trees" in out.stdout
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert Path(db).read_bytes() == before

@@ -798,7 +798,8 @@ class _Run:
         ledger.settle_open()  # a hold the step never settled counts in full
         own = q.run_id == self.run_id
         wall = self.wall_base + (time.monotonic() - self.t0)
-        text = q.text if len(q.text) <= 200 else q.text[:199] + "\u2026"
+        first = (q.text.splitlines() or [""])[0]  # the whole question is stored with it
+        text = first if len(first) <= 200 else first[:199] + "\u2026"
         reason = f"waiting: {text}" if own else f"waiting: run {q.run_id} asks {text}"
         holds = ledger.take_durable()
         row = WaitRow(round(ledger.spent, 12), wall, reason, q if own else None, self.ancestors, holds or None)

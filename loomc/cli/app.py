@@ -336,7 +336,9 @@ def _question_lines(store: Any, info: RunInfo) -> list[tuple[str, Any]]:
     pairs: list[tuple[str, Any]] = []
     for q in [q for q in store.questions(info.id, True) if q.answer is None]:
         where = "" if q.run_id == info.id else f"run {q.run_id}, "
-        pairs.append(("question", f"{q.text}  ({where}step {q.step_n})"))
+        lines = q.text.splitlines() or [""]
+        pairs.append(("question", f"({where}step {q.step_n}) {lines[0]}"))
+        pairs.extend(("", line) for line in lines[1:])  # each line escaped on its own
         if q.json_schema:
             pairs.append(("schema", q.json_schema))
         pairs.append(("answer with", f"loomc reply {q.run_id} 'JSON'"))
@@ -801,7 +803,7 @@ def prune(
         if len(report.roots) > len(shown):
             out.line(f"... and {len(report.roots) - len(shown)} more (--json lists every one)")
     out.line(
-        f"{verb} {len(report.roots)} runs ({report.runs} with their nested runs), {report.steps} steps, "
+        f"{verb} {len(report.roots)} run trees ({report.runs} runs), {report.steps} steps, "
         f"{report.blobs} stored states, {report.questions} questions: {r.size(report.bytes_freed)} of data"
     )
     if report.skipped:
