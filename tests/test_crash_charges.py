@@ -437,7 +437,7 @@ def test_a_v2_database_migrates_to_v3_and_its_runs_resume(tmp_path: Path) -> Non
         c.execute("DELETE FROM steps WHERE step_n = 2")
         c.execute("PRAGMA user_version=2")
     store = SQLiteStore(db)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.conn.execute("SELECT count(*) FROM holds").fetchone()[0] == 0
     store.close()
     result = step.resume_run("old1")

@@ -11,6 +11,7 @@ import pytest
 
 import loomc
 from loomc import Budget, Escalate, LastGood, SQLiteStore, loop, score_plateau
+from loomc.store.sqlite.sql import SCHEMA_VERSION
 
 
 def digest(path: Path) -> str:
@@ -178,4 +179,4 @@ def test_database_from_loomc_0_3_0_migrates_forward(tmp_path: Path) -> None:
     steps = store.load_steps(run.id)
     assert [s.state for s in steps] == [{"n": 1}, {"n": 2}]
     assert steps[0].event == "OPEN"
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

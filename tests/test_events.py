@@ -23,6 +23,7 @@ from loomc._core.retry import Retry
 from loomc.backtrack import BestScore
 from loomc.circuit_breaker import CircuitBreaker
 from loomc.convergence import score_plateau
+from loomc.store.sqlite.sql import SCHEMA_VERSION
 from loomc.store.sqlite.sync import CheckpointStore, SQLiteStore
 
 FAST = Retry(attempts=3, initial=0.01, max_delay=0.01, jitter=0, on=ConnectionError)
@@ -167,7 +168,7 @@ def test_a_v3_database_migrates_its_events_to_records(tmp_path: Path) -> None:
     """Opening a v3 file for writing parses each old event line into records (unknown text: a note)."""
     db, run_id = _v3_database(tmp_path)
     store = SQLiteStore(db)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     raw = stored_events(db, run_id)
     assert raw[0] is None
     assert json.loads(raw[1] or "") == [
@@ -197,7 +198,7 @@ def test_a_v3_reader_refuses_a_v4_file(tmp_path: Path, monkeypatch: pytest.Monke
     close_stores()
     before = db.read_bytes()
     monkeypatch.setattr(loomc.store.sqlite.sql, "SCHEMA_VERSION", 3)
-    with pytest.raises(loomc.SchemaTooNew, match="schema v4"):
+    with pytest.raises(loomc.SchemaTooNew, match=f"schema v{SCHEMA_VERSION}"):
         SQLiteStore(db).list_runs()
     assert db.read_bytes() == before
 

@@ -392,8 +392,20 @@ def migrate(conn: sqlite3.Connection, version: int) -> None:
     """Bring a database at ``version`` to ``version + 1`` (``MIGRATIONS[version]``)."""
     if version == 0:
         migrate_0(conn)
+    elif version == 4:
+        migrate_4(conn)
     else:
         run_script(conn, MIGRATIONS[version])
+
+
+def migrate_4(conn: sqlite3.Connection) -> None:
+    """``MIGRATIONS[4]``, adding only the columns ``runs`` lacks (a file copied back from a newer one has them)."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    for stmt in MIGRATIONS[4].split(";"):
+        words = stmt.split()
+        if not words or (words[:2] == ["ALTER", "TABLE"] and words[5] in cols):
+            continue
+        conn.execute(stmt)
 
 
 def run_script(conn: sqlite3.Connection, script: str) -> None:
