@@ -22,6 +22,7 @@ from loomc._core.errors import (
     CircuitOpenError,
     CostError,
     EventCallbackWarning,
+    InvalidAnswer,
     LeaseLost,
     LoomcError,
     RunContextLost,
@@ -33,7 +34,9 @@ from loomc._core.errors import (
     StateError,
     StoreError,
     UnboundedLoopWarning,
+    WaitingForInput,
 )
+from loomc._core.human import ask
 from loomc._core.observe import RunEvent, RunFinished, RunStarted, StepCommitted
 from loomc._core.retry import Retry
 from loomc._core.types import RunInfo, RunResult, RunStatus, StepRecord
@@ -63,6 +66,7 @@ __all__ = [
     "CostError",
     "Escalate",
     "EventCallbackWarning",
+    "InvalidAnswer",
     "JudgeDetector",
     "LastGood",
     "LeaseLost",
@@ -92,7 +96,9 @@ __all__ = [
     "StepRecord",
     "StoreError",
     "UnboundedLoopWarning",
+    "WaitingForInput",
     "areserve",
+    "ask",
     "charge",
     "circuit_breaker",
     "current_run",

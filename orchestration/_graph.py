@@ -841,6 +841,11 @@ class _Execution:
             return RunStatus.FAILED, f"failed: node {first.name!r}{detail}"
         if stalled := named(RunStatus.STALLED.value):
             return RunStatus.STALLED, f"stalled: node {stalled[0]!r}"
+        if waiting := named(RunStatus.WAITING.value):
+            # a node asked a person: the other branches finished; reply, then resume the graph
+            return RunStatus.WAITING, "waiting: " + ", ".join(
+                f"node {n!r} ({self.infos[n].stop_reason or 'asks a question'})" for n in waiting
+            )
         pending = named(PENDING)
         if self.exhausted or pending:
             tail = f"; not started: {', '.join(pending)}" if pending else ""
@@ -882,7 +887,8 @@ class _Execution:
             for up in node.after:
                 await self.done[up].wait()
             ups = [self.infos[u] for u in node.after]
-            if any(u.status == PENDING or u.name in self.unfinished for u in ups):
+            if any(u.status in (PENDING, RunStatus.WAITING.value) or u.name in self.unfinished for u in ups):
+                # (downstream of a node waiting for an answer: it runs once the graph resumes)
                 return self._finish(self._not_run(name, PENDING))
             ran = [u for u in ups if not u.routed_out]
             if ups and not ran:  # every upstream was left out by routing: so is this node

@@ -186,3 +186,27 @@ def test_observe_prints_events_and_spans(tmp_path: Path) -> None:
     assert re.search(r"^finished graph observe: completed", out, re.M)
     assert re.search(r"^loomc\.graph observe +\{'loomc\.run_id'", out, re.M)
     assert re.search(r"^loomc\.step critic ", out, re.M)
+
+
+def test_approval_waits_for_a_person_and_resumes_with_the_cli_answer(tmp_path: Path) -> None:
+    """examples/approval.py: waits with its question; a refused, a rejected and an approved reply from the CLI."""
+    first = run([sys.executable, str(EXAMPLES / "approval.py")], tmp_path).stdout
+    rid = re.match(r"run (\w{12}): starting", first)
+    assert rid, first
+    run_id = rid.group(1)
+    assert f"run {run_id}: waiting for an answer ($0.02 spent so far)" in first
+    assert "Send this email to Ada?" in first
+    listed = run([sys.executable, "-m", "loomc", "runs", "--status", "waiting"], tmp_path).stdout
+    assert run_id in listed
+    env = {k: v for k, v in os.environ.items() if k != "LOOMC_DB"}
+    refused = subprocess.run([sys.executable, "-m", "loomc", "reply", run_id, '{"approve": "sure"}'], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "nothing was stored" in refused.stderr
+    run([sys.executable, "-m", "loomc", "reply", run_id, '{"approve": false, "feedback": "mention the date"}'], tmp_path)
+    second = run([sys.executable, str(EXAMPLES / "approval.py"), "--resume", run_id], tmp_path).stdout
+    assert "(As asked: mention the date.)" in second
+    assert "waiting for an answer ($0.06 spent so far)" in second
+    run([sys.executable, "-m", "loomc", "reply", run_id, '{"approve": true}'], tmp_path)
+    done = run([sys.executable, "-m", "loomc", "resume", run_id, "--run"], tmp_path).stdout
+    assert "completed: converged (2 steps, $0.0800)" in done

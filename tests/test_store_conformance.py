@@ -23,7 +23,19 @@ import loomc
 from loomc import AmbiguousRunId, Budget, LoomcError, MemoryStore, RunNotFound, RunStatus, SQLiteStore, StepRecord, loop, predicate
 from loomc.store.codec import decode, encode
 from loomc.store.lease import owner_token
-from loomc.store.protocol import AsyncCheckpointStore, CheckpointStore, NewRun, ResumePoint, SchemaInfo, StepRow, StoredInput, StoredStep
+from loomc.store.protocol import (
+    AsyncCheckpointStore,
+    CheckpointStore,
+    NewRun,
+    Question,
+    ResumePoint,
+    RunLifeStore,
+    SchemaInfo,
+    StepRow,
+    StoredInput,
+    StoredStep,
+    WaitRow,
+)
 from loomc.store.sqlite.aio import AsyncSQLiteStore, async_twin
 from loomc.store.sqlite.sql import SCHEMA_VERSION, now_iso
 
@@ -339,6 +351,57 @@ async def test_schema_info(store: Face) -> None:
     info = await store.schema_info()
     assert info == SchemaInfo(SCHEMA_VERSION, info.reads_from, SCHEMA_VERSION)
     assert 1 <= info.reads_from <= SCHEMA_VERSION
+
+
+def test_every_store_has_the_run_life_methods() -> None:
+    """The SQLite, memory and async SQLite stores keep questions, fork and prune (RunLifeStore)."""
+    methods = protocol_methods(RunLifeStore)
+    assert methods == {"questions", "wait_for_input", "answer", "fork", "prune"}
+    for cls in (SQLiteStore, MemoryStore, AsyncSQLiteStore):
+        assert methods <= set(dir(cls)), cls
+    assert isinstance(SQLiteStore(":memory:"), RunLifeStore)
+    assert not isinstance(TinyStore(), RunLifeStore)  # optional: a store of one's own may leave them out
+
+
+async def test_questions_fork_and_prune(store: Face) -> None:
+    """Every store waits with a question, stores one answer, forks a run's history and prunes whole trees."""
+    rid = await store.begin_run(NewRun(spec_hash="h", name="tests:life"))
+    for n in range(3):
+        await store.commit_step(rid, row(n, {"n": n}, 0.1, round(0.1 * (n + 1), 12)))
+    asked = Question(rid, 3, 0, "ok?", None, '{"type": "boolean"}', "")
+    await store.wait_for_input(rid, WaitRow(0.35, 1.0, "waiting: ok?", asked))
+    info = await store.get_run(rid)
+    assert info.status is RunStatus.WAITING
+    assert info.cost_usd == pytest.approx(0.35)
+    assert info.steps == 3
+    (stored,) = await store.questions(rid)
+    assert (stored.step_n, stored.text, stored.answer) == (3, "ok?", None)
+    await store.answer(stored, "true")
+    with pytest.raises(LoomcError, match="already answered"):
+        await store.answer(stored, "false")
+    assert [q.answer for q in await store.questions(rid, True)] == ["true"]
+
+    fid = await store.fork(rid, 1, new_run_id="f0rk00000001")
+    fork = await store.get_run(fid)
+    assert (fork.forked_from, fork.forked_step, fork.steps, fork.status) == (rid, 1, 2, RunStatus.INTERRUPTED)
+    assert fork.cost_usd == pytest.approx(0.2)
+    assert [s.state for s in await store.load_steps(fid)] == [{"n": 0}, {"n": 1}]
+    assert (await store.resume_point(fid)).next_from == 1
+    with pytest.raises(ValueError, match=r"steps 0\.\.2"):
+        await store.fork(rid, 3, new_run_id="f0rk00000002")
+    edited = await store.fork(rid, 0, new_run_id="f0rk00000003", state_blob=encode({"n": 99}))
+    assert decode((await store.resume_point(edited)).start_blob) == {"n": 99}
+    assert [s.state for s in await store.load_steps(rid)] == [{"n": 0}, {"n": 1}, {"n": 2}]  # the original's
+
+    report = await store.prune(name="tests:*", older_than=0, dry_run=True)
+    assert {r.id for r in report.roots} == {fid, edited}  # never the waiting run
+    assert len(await store.list_runs()) == 3
+    await store.finish_run(rid, RunStatus.COMPLETED, None, 1.0)
+    report = await store.prune(status="completed", name="tests:life")
+    assert [r.id for r in report.roots] == [rid]
+    assert (report.runs, report.steps, report.questions) == (1, 3, 1)
+    assert [s.state for s in await store.load_steps(fid)] == [{"n": 0}, {"n": 1}]  # the fork reads on
+    assert await store.questions(rid) == []
 
 
 def test_large_states_live_in_blobs(tmp_path: Path) -> None:

@@ -22,9 +22,18 @@ from typing import Any, Protocol, TypeVar, cast
 from loomc._core import events as _events
 from loomc._core.budget import Budget
 from loomc._core.context import RunView, _current_ledger, steps_in_flight
-from loomc._core.errors import BudgetExhausted, LeaseLost, LoomcError, SpecMismatch, StateError, StoreError
+from loomc._core.errors import (
+    BudgetExhausted,
+    LeaseLost,
+    LoomcError,
+    SpecMismatch,
+    StateError,
+    StoreError,
+    WaitingForInput,
+)
 from loomc._core.events import Event
 from loomc._core.holds import HeldCharge, HoldStore, charge_record, supports_holds
+from loomc._core.human import AskPending
 from loomc._core.ledger import RunLedger, ledger_factory
 from loomc._core.money import check_usd
 from loomc._core.observe import RunWatch, watch_run
@@ -32,6 +41,7 @@ from loomc._core.policy import Policy, RunUsage, Stop, Verdict, after_step, best
 from loomc._core.types import RunHistory, RunInfo, RunResult, RunStatus, StepRecord
 from loomc.store import codec as _codec
 from loomc.store.lease import Claim, claim, owner_token
+from loomc.store.protocol import Question, RunLifeStore, WaitRow
 from loomc.store.sqlite.sql import StepRow, now_iso
 from loomc.store.sqlite.sync import CheckpointStore, NewRun, ResumePoint, StateLoader, new_run_id
 
@@ -120,6 +130,14 @@ class StoreRequests:
         """
         return StoreCall(self.store.commit_step, (run_id, row), shield)
 
+    def questions(self, run_id: str, tree: bool) -> Generator[StoreCall, Any, list[Question]]:
+        """The run's questions (``tree``: and its descendants'); only for a store that keeps them."""
+        return cast("list[Question]", (yield StoreCall(cast(RunLifeStore, self.store).questions, (run_id, tree))))
+
+    def wait_for_input(self, run_id: str, row: WaitRow) -> Generator[StoreCall, Any, None]:
+        """Stop the run to wait for an answer (shielded: it must land even while being cancelled)."""
+        yield StoreCall(cast(RunLifeStore, self.store).wait_for_input, (run_id, row), True)
+
     def set_meta(self, run_id: str, meta: dict[str, Any]) -> Generator[StoreCall, Any, None]:
         """Replace the run's ``meta``."""
         yield StoreCall(self.store.set_meta, (run_id, meta))
@@ -205,6 +223,9 @@ class RunContext:
         self.meta_dirty = False  # set by components (circuit breakers) that changed ``meta``
         self.events: list[Event] = []  # retries, breaker transitions during the current step
         self.watch: RunWatch | None = None  # who watches this run (and, through it, its nested runs)
+        #: answers given to this run's questions, by (step, call order) (``loomc.ask``)
+        self.answers: dict[tuple[int, int], str] = {}
+        self._asks = 0
 
     def begin_step(self, step_n: int) -> None:
         """A step (or another attempt of it) starts: nested loops it starts are numbered from 0 again."""
@@ -212,6 +233,7 @@ class RunContext:
             self.children_paid = {}
         self.step_n = step_n
         self._calls = 0
+        self._asks = 0
         self.in_step = True
 
     def enter_step(self, step_n: int) -> None:
@@ -251,6 +273,12 @@ class RunContext:
             i = self._calls
             self._calls += 1
             return i
+
+    def next_ask_index(self) -> int:
+        """The call order of the next ``loomc.ask`` of the current step."""
+        i = self._asks
+        self._asks += 1
+        return i
 
     def view(self) -> RunView:
         """A snapshot for user code."""
@@ -400,6 +428,7 @@ class _Run:
         self.budget = req.budget if req.budget is not None else spec.policy.budget
         self.run_id = ""
         self.rp: ResumePoint | None = None
+        self.answers: dict[tuple[int, int], str] = {}  # the run's answered questions (``loomc.ask``)
         self.held = 0.0  # holds left in the store by an earlier attempt, charged when this one took over
         self.meta_after: dict[str, Any] | None = None  # the run's meta once held charges were noted in it
         self.carried = 0.0  # cost already spent by a resumed child, to roll up into its parent
@@ -508,6 +537,16 @@ class _Run:
             best_state, best_score = _BestStep(history).of(history)
             return RunResult(run_id, info.status, self.state, info.steps, info.cost_usd, best_state, best_score,
                              info.stop_reason, None, history)
+        if callable(getattr(self.store, "questions", None)):
+            waiting = info.status is RunStatus.WAITING
+            asked = yield from self.io.questions(run_id, waiting)
+            pending = [q for q in asked if q.answer is None]
+            if pending:  # nobody answered yet: running the step again would only ask again
+                q = pending[0]
+                err = WaitingForInput(run_id, q.text, asking_run_id=q.run_id, step=q.step_n, pending=q)
+                return RunResult(run_id, info.status, self.state, info.steps, info.cost_usd, None, None,
+                                 info.stop_reason, err, history)
+            self.answers = {(q.step_n, q.call_index): q.answer for q in asked if q.run_id == run_id and q.answer is not None}
         yield from self._take(
             self.io.acquire(run_id, self.owner, self.budget.to_dict() if req.budget is not None else None), run_id, info.wall_s
         )
@@ -573,6 +612,8 @@ class _Run:
         ctx = self.ctx = RunContext(run_id, spec.name, store, parent_run_id, budget, pctx.root_run_id if pctx else None)
         self.states = StateLoader(store, run_id)  # loads states dropped from memory, on demand
         ctx.meta = dict(rp.info.meta or {}) if rp is not None else dict(spec.meta)
+        if rp is not None:
+            ctx.answers = self.answers
         if self.meta_after is not None:
             ctx.meta = self.meta_after  # what the store now holds: a later ``set_meta`` keeps the note
         ledger = self.ledger = ledger_factory(store)(
@@ -658,6 +699,8 @@ class _Run:
             error, budget_stop = exc, _refused(exc, ledger)
         except Exception as exc:  # noqa: BLE001 - recorded with the step, re-raised by __call__
             error = exc
+        except AskPending as asked:
+            return (yield from self._wait(asked.question))
         except BaseException as exc:
             yield from self._interrupted(exc)
             raise
@@ -800,6 +843,30 @@ class _Run:
         best_state, best_score = self.best.of(self.history)
         return RunResult(self.run_id, status, self.state, self.iterations, self.ledger.spent, best_state, best_score,
                          reason, error, self.history)
+
+    def _wait(self, q: Question) -> Generator[StoreCall, Any, RunResult]:
+        """A question without an answer stopped the step: discard it, keep its charges, wait.
+
+        The step is not committed nor counted; what it spent stays in the run's total.
+        ``q`` was asked by this run's step, or by a run nested in it (stored with that run).
+        """
+        ctx, ledger = self.ctx, self.ledger
+        ctx.leave_step()
+        ledger.settle_open()  # a hold the step never settled counts in full
+        own = q.run_id == self.run_id
+        wall = self.wall_base + (time.monotonic() - self.t0)
+        first = (q.text.splitlines() or [""])[0]  # the whole question is stored with it
+        text = first if len(first) <= 200 else first[:199] + "\u2026"
+        reason = f"waiting: {text}" if own else f"waiting: run {q.run_id} asks {text}"
+        holds = ledger.take_durable()
+        row = WaitRow(round(ledger.spent, 12), wall, reason, q if own else None, self.ancestors, holds or None)
+        self.recorded = True
+        yield from self.io.wait_for_input(self.run_id, row)
+        if holds:
+            ledger.forget_durable(holds)
+        ledger.release_step()
+        err = WaitingForInput(self.run_id, q.text, asking_run_id=q.run_id, step=q.step_n, pending=q)
+        return (yield from self.finish(RunStatus.WAITING, reason, err))
 
     def _interrupted(self, exc: BaseException) -> Generator[StoreCall, Any, None]:
         """The step (its call, cost_fn or scorer) was interrupted: record the run as interrupted."""

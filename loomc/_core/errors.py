@@ -12,6 +12,8 @@ Every error a user can cause derives from :class:`LoomcError`::
     ├── RunLocked                the run is held by a live process
     ├── LeaseLost                another process took the run over: this one may no longer write it
     ├── SpecMismatch             resuming a run with a different function or graph
+    ├── WaitingForInput          the run waits for a person's answer (``loomc.ask``)
+    ├── InvalidAnswer            a reply that does not fit the question's schema (also a ``ValueError``)
     ├── StateError               a state cannot be serialised (also a ``TypeError``)
     ├── StoreError               the checkpoint database cannot be used
     │   └── SchemaTooNew         the database was written by a newer loomc
@@ -36,6 +38,7 @@ __all__ = [
     "CostError",
     "EventCallbackWarning",
     "LeaseLost",
+    "InvalidAnswer",
     "LoomcError",
     "RunContextLost",
     "RunLocked",
@@ -46,6 +49,7 @@ __all__ = [
     "StateError",
     "StoreError",
     "UnboundedLoopWarning",
+    "WaitingForInput",
 ]
 
 
@@ -215,6 +219,38 @@ class LeaseLost(LoomcError):
 
 class SpecMismatch(LoomcError):
     """A run is being resumed by a different function or graph."""
+
+
+class WaitingForInput(LoomcError):
+    """The run stopped to wait for a person's answer to ``loomc.ask(question)``.
+
+    Attributes:
+        run_id: the run to reply to and resume (the top of its tree).
+        question: what was asked.
+        asking_run_id: the run whose step asked (``run_id`` itself, or a run nested in it).
+        step: the step of ``asking_run_id`` that asked.
+    """
+
+    def __init__(
+        self, run_id: str, question: str, *, asking_run_id: str | None = None, step: int | None = None,
+        pending: Any = None,
+    ) -> None:
+        self.run_id = run_id
+        #: the stored question (``loomc.store.protocol.Question``) when known
+        self.pending = pending
+        self.question = question
+        self.asking_run_id = asking_run_id or run_id
+        self.step = step
+        where = "" if self.asking_run_id == run_id else f" (asked by its nested run {self.asking_run_id})"
+        super().__init__(
+            f"run {run_id} waits for an answer{where}: {question!r}. Answer it with "
+            f"fn.reply({run_id!r}, answer) or `loomc reply {run_id} 'JSON'`, then resume it "
+            f"(fn.resume({run_id!r}) or `loomc resume {run_id} --run`)"
+        )
+
+
+class InvalidAnswer(LoomcError, ValueError):
+    """A reply to a question that its schema refuses (nothing was stored)."""
 
 
 class StateError(LoomcError, TypeError):

@@ -21,7 +21,8 @@ from typing import Any, Generic, TypeVar, overload
 from loomc._core.budget import Budget
 from loomc._core.context import _current_ledger
 from loomc._core.engine import CallOp, RunRequest, RunSpec, SleepOp, StoreCall, WallClockExceeded, run_protocol
-from loomc._core.errors import BudgetExhausted, StallError, UnboundedLoopWarning
+from loomc._core.errors import BudgetExhausted, StallError, UnboundedLoopWarning, WaitingForInput
+from loomc._core.human import AskPending
 from loomc._core.observe import RunEvent
 from loomc._core.policy import Policy
 from loomc._core.retry import Retry, as_retry
@@ -33,6 +34,8 @@ __all__ = ["AsyncLoopRunner", "LoopRunner", "loop"]
 _memory_lock = threading.Lock()  # two threads' first runs of a memory loop share one store
 
 S = TypeVar("S")
+
+_UNSET: Any = object()  # ``fork(state=...)`` not given (``None`` may be a state)
 
 
 def _spec(
@@ -103,6 +106,43 @@ class _BaseRunner(Generic[S]):
             raise TypeError(f"budget={budget!r}: expected loomc.Budget(...)")
         return RunRequest(state=state, run_id=run_id, resume=resume, budget=budget, force=force)
 
+    def reply(self, run_id: str, answer: Any) -> None:
+        """Answer the question run ``run_id`` waits on (``loomc.ask``); resume the run to continue.
+
+        Args:
+            run_id: the waiting run's id (or a unique prefix), or the id of a run above it.
+            answer: the answer, checked against the question's ``schema`` (a model
+                instance, or its fields as a dict; any JSON value without a schema).
+
+        Raises:
+            InvalidAnswer: the answer does not fit the schema (nothing is stored).
+            LoomcError: the run waits for no answer.
+        """
+        from loomc._core.life import reply_to
+
+        reply_to(self.store(), run_id, answer)
+
+    def fork(self, run_id: str, *, at_step: int, state: Any = _UNSET, budget: Budget | None = None) -> str:
+        """A new run whose history is run ``run_id``'s steps 0..``at_step``; its id (resume it to continue).
+
+        The original is not changed; the fork shares its stored states (nothing large is
+        copied). It continues from where the original stood after step ``at_step``.
+
+        Args:
+            run_id: the run to fork (id or unique prefix): a top-level loop run.
+            at_step: the last step the fork keeps (0 .. the original's last step).
+            state: the state to continue from instead (checked like any state).
+            budget: limits that replace the original's (what it had used at ``at_step`` carries over).
+
+        Raises:
+            ValueError: ``at_step`` is not one of the run's steps.
+            LoomcError: a nested run or a graph run (see ``docs/fork-and-prune.md``).
+        """
+        from loomc._core.life import fork_run
+
+        return fork_run(self.store(), run_id, at_step=at_step, state=None if state is _UNSET else state,
+                        state_given=state is not _UNSET, budget=budget)
+
     def _child_protocol(
         self, state: Any, call_index: int, kind: str, meta: dict[str, Any] | None, budget: Budget | None = None
     ) -> Generator[Any, Any, RunResult]:
@@ -131,6 +171,8 @@ class _BaseRunner(Generic[S]):
                     raise err
                 raise err
             raise BudgetExhausted("usd", result.cost_usd, result.cost_usd, run_id=result.run_id, state=result.state)
+        if st is RunStatus.WAITING and isinstance(err, WaitingForInput):
+            raise err
         if st is RunStatus.STALLED:
             after = self.spec.policy.on_stall.after if self.spec.policy.on_stall else 0
             raise StallError(after, run_id=result.run_id, state=result.state, best_state=result.best_state)
@@ -253,7 +295,10 @@ class LoopRunner(_BaseRunner[S]):
         req = dataclasses.replace(req, observers=(*req.observers, events.append))
         nested, gen = self._protocol(req)
         with _SigTerm() if not nested else _nullctx():
-            return (yield from _driver(gen, self._fn, events))
+            result = yield from _driver(gen, self._fn, events)
+        if nested:
+            _wait_with_parent(result)
+        return result
 
     def _protocol(self, req: RunRequest) -> tuple[bool, Generator[Any, Any, RunResult]]:
         """The run protocol for ``req``, and whether it runs nested in the current step."""
@@ -265,7 +310,10 @@ class LoopRunner(_BaseRunner[S]):
     def _drive(self, req: RunRequest) -> RunResult:
         nested, gen = self._protocol(req)
         with _SigTerm() if not nested else _nullctx():
-            return _drive_sync(gen, self._fn)
+            result = _drive_sync(gen, self._fn)
+        if nested:
+            _wait_with_parent(result)
+        return result
 
     def _run_child(
         self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None,
@@ -273,6 +321,17 @@ class LoopRunner(_BaseRunner[S]):
     ) -> RunResult:
         """Run (or resume) as the child at ``call_index`` of the current parent step (graph nodes)."""
         return _drive_sync(self._child_protocol(state, call_index, kind, meta, budget), self._fn)
+
+
+def _wait_with_parent(result: RunResult) -> None:
+    """A loop nested in a step stopped to wait for an answer: the step stops too, and its run waits.
+
+    (A graph's node returns its result instead: the graph's other branches go on.)
+    """
+    if result.status is RunStatus.WAITING and isinstance(result.error, WaitingForInput):
+        pending = result.error.pending
+        if pending is not None:
+            raise AskPending(pending)
 
 
 class _nullctx:  # noqa: N801
@@ -432,8 +491,13 @@ class AsyncLoopRunner(_BaseRunner[S]):
             await inner.aclose()  # closed early: the run is interrupted and recorded so
 
     async def _drive(self, req: RunRequest) -> RunResult:
+        parent = _current_ledger.get()
+        nested = parent is not None and parent.context is not None and parent.context.in_step
         gen, twin = await self._protocol(req)
-        return await _drive_async(gen, self._fn, twin)
+        result = await _drive_async(gen, self._fn, twin)
+        if nested:
+            _wait_with_parent(result)
+        return result
 
     async def _protocol(self, req: RunRequest) -> tuple[Generator[Any, Any, RunResult], Callable[[Any], Any]]:
         import anyio.to_thread
@@ -455,6 +519,18 @@ class AsyncLoopRunner(_BaseRunner[S]):
         if isinstance(store, AsyncSQLiteStore):
             store = store.sync  # the protocol names sync stores; the driver picks their async twin
         return run_protocol(self.spec, req, parent, store), async_twin
+
+    async def areply(self, run_id: str, answer: Any) -> None:
+        """:meth:`reply` in a worker thread (the event loop is not blocked)."""
+        import anyio.to_thread
+
+        await anyio.to_thread.run_sync(lambda: self.reply(run_id, answer))
+
+    async def afork(self, run_id: str, *, at_step: int, state: Any = _UNSET, budget: Budget | None = None) -> str:
+        """:meth:`fork` in a worker thread (the event loop is not blocked)."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(lambda: self.fork(run_id, at_step=at_step, state=state, budget=budget))
 
     async def _run_child(
         self, state: Any, *, call_index: int, kind: str = "node", meta: dict[str, Any] | None = None,

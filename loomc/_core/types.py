@@ -24,6 +24,8 @@ class RunStatus(str, enum.Enum):
     FAILED = "failed"
     INTERRUPTED = "interrupted"
     CRASHED = "crashed"
+    #: A step asked a person (``loomc.ask``) and the run waits for the answer (``fn.reply``).
+    WAITING = "waiting"
 
     def __str__(self) -> str:
         return self.value
@@ -206,6 +208,9 @@ class RunInfo:
     stop_reason: str | None = None
     owner: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The run this one was forked from (``fn.fork``) and the step it was forked at.
+    forked_from: str | None = None
+    forked_step: int | None = None
 
 
 class RunHistory(list):  # type: ignore[type-arg]

@@ -31,6 +31,7 @@ from loomc.cli.common import (
     find_run,
     given_limits,
     root_run,
+    writable_store,
 )
 
 if TYPE_CHECKING:
@@ -323,6 +324,24 @@ def _header(info: RunInfo, out: Any) -> list[tuple[str, Any]]:
     pairs.append(("created", r.when(info.created_at) + " UTC"))
     if info.parent_run_id:
         pairs.append(("parent", f"{info.parent_run_id} (step {info.parent_step})"))
+    if info.forked_from:
+        pairs.append(("forked from", f"{info.forked_from} at step {info.forked_step}"))
+    return pairs
+
+
+def _question_lines(store: Any, info: RunInfo) -> list[tuple[str, Any]]:
+    """What a waiting run (or a run below it) asks, and how to answer."""
+    if info.status is not RunStatus.WAITING or not callable(getattr(store, "questions", None)):
+        return []
+    pairs: list[tuple[str, Any]] = []
+    for q in [q for q in store.questions(info.id, True) if q.answer is None]:
+        where = "" if q.run_id == info.id else f"run {q.run_id}, "
+        lines = q.text.splitlines() or [""]
+        pairs.append(("question", f"({where}step {q.step_n}) {lines[0]}"))
+        pairs.extend(("", line) for line in lines[1:])  # each line escaped on its own
+        if q.json_schema:
+            pairs.append(("schema", q.json_schema))
+        pairs.append(("answer with", f"loomc reply {q.run_id} 'JSON'"))
     return pairs
 
 
@@ -412,6 +431,8 @@ def show(
         if pick_first is not None or pick_last is not None:
             data["steps_not_shown"] = before + gap + after
         data["children"] = [r.run_dict(k) for k in kids]
+        if callable(getattr(store, "questions", None)):
+            data["questions"] = [r.question_dict(q) for q in store.questions(info.id, True)]
         if info.kind == "graph":
             data["nodes"] = [
                 {
@@ -430,7 +451,7 @@ def show(
         _show_tree(out, store, info, items)
         return
     pick_first, pick_last = _window(first, last, all_, out.tty)
-    out.kv(_header(info, out), width=None if full else r.VALUE_WIDTH)
+    out.kv(_header(info, out) + _question_lines(store, info), width=None if full else r.VALUE_WIDTH)
     kids = store.children(info.id)
     picked, before, at, gap, after = _step_rows(store, info.id, pick_first, pick_last, full=full)
     if info.kind == "graph":
@@ -647,6 +668,167 @@ def export(
         sys.stderr.write(f"loomc: exported run {info.id} to {output}\n")
     else:
         sys.stdout.write(text + "\n")
+
+
+# ---------------------------------------------------------------------------------
+# reply, fork, prune, db
+
+
+def _json_arg(text: str | None, file: Path | None, what: str, options: str) -> tuple[bool, Any]:
+    """``(given, value)`` of a JSON value passed inline or in a file (one of the two)."""
+    import json
+
+    if text is not None and file is not None:
+        raise typer.BadParameter(f"give the {what} inline or with a file, not both", param_hint=options)
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    if text is None:
+        return False, None
+    try:
+        return True, json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"the {what} is not valid JSON ({exc}); quote it for the shell, e.g. '{{\"ok\": true}}'") from exc
+
+
+@app.command()
+def reply(
+    run_id: RunIdArg,
+    answer: Annotated[str | None, typer.Argument(metavar="JSON", help="The answer, as JSON.", show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the answer (JSON) from a file.", show_default=False)] = None,
+    db: DbOpt = None,
+) -> None:
+    """Answer the question a waiting run asks (loomc.ask); then resume it."""
+    from loomc._core.life import reply_to
+    from loomc.cli import render as r
+
+    given, value = _json_arg(answer, file, "answer", "JSON/--file")
+    if not given:
+        raise typer.BadParameter("give the answer as JSON, or --file PATH", param_hint="JSON/--file")
+    store = writable_store(database_path(db), existing=True)
+    q = reply_to(store, run_id, value)
+    out = r.Output()
+    first_line = (q.text.splitlines() or [""])[0]
+    out.line(f"answered run {q.run_id}'s question at step {q.step_n}: {r.clip(first_line)}")
+    root = root_run(store, find_run(store, q.run_id))
+    how = (f"loomc graph run PIPELINE.py --resume {root.id}" if root.kind == "graph" else f"loomc resume {root.id} --run")
+    out.line(f"resume it to continue: {how}")
+
+
+@app.command()
+def fork(
+    run_id: RunIdArg,
+    step: Annotated[int, typer.Option("--step", "-s", help="The last step the fork keeps.", show_default=False)],
+    state: Annotated[str | None, typer.Option("--state", help="Continue from this state (JSON) instead.", show_default=False)] = None,
+    state_file: Annotated[
+        Path | None, typer.Option("--state-file", help="Continue from the state (JSON) in this file.", show_default=False)
+    ] = None,
+    run: Annotated[bool, typer.Option("--run", help="Resume the fork here at once (imports the run's function).")] = False,
+    usd: UsdOpt = None,
+    iterations: IterationsOpt = None,
+    wall_clock: WallClockOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """A new run whose history is the run's steps 0..STEP (shared, not copied); the original is unchanged."""
+    from loomc._core.life import fork_run
+    from loomc.cli import render as r
+    from loomc.cli.resume import resume_budget
+
+    given, value = _json_arg(state, state_file, "state", "--state/--state-file")
+    store = writable_store(database_path(db), existing=True)
+    info = find_run(store, run_id)
+    try:
+        budget = resume_budget(info.budget, **given_limits(usd, iterations, wall_clock))
+    except (TypeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint=LIMIT_OPTIONS) from exc
+    try:
+        new_id = fork_run(store, info.id, at_step=step, state=value, state_given=given, budget=budget)
+    except ValueError as exc:
+        if isinstance(exc, LoomcError):
+            raise
+        raise typer.BadParameter(str(exc), param_hint="--step") from exc
+    new = find_run(store, new_id)
+    out = r.Output()
+    out.line(f"forked run {info.id} at step {step}: new run {new_id} ({new.steps} steps, {r.money(new.cost_usd)} used)")
+    if not run:
+        out.line(f"resume it to continue: loomc resume {new_id} --run")
+        return
+    from loomc.cli.resume import resume_here
+
+    raise typer.Exit(resume_here(store, new))
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="Only runs not updated for this long (30d, 12h).", show_default=False)
+    ] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only runs with these statuses (comma-separated).", show_default=False)
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Only runs whose name matches a glob ('app:*').", show_default=False)] = None,
+    keep_last: Annotated[
+        int | None, typer.Option("--keep-last", min=0, help="Of each name, keep the newest N runs.", show_default=False)
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; remove nothing.")] = False,
+    db: DbOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Delete whole run trees (runs, steps, unshared states); never a running or waiting run."""
+    from loomc.cli import render as r
+
+    store = writable_store(database_path(db), existing=True)
+    try:
+        report = store.prune(older_than=older_than, status=status, name=name, keep_last=keep_last, dry_run=dry_run)
+    except ValueError as exc:
+        if isinstance(exc, LoomcError):
+            raise
+        raise typer.BadParameter(str(exc), param_hint="--older-than/--status/--keep-last") from exc
+    if json_:
+        data = {
+            "dry_run": report.dry_run, "runs": report.runs, "steps": report.steps, "blobs": report.blobs,
+            "questions": report.questions, "bytes_freed": report.bytes_freed, "skipped": report.skipped,
+            "removed": [r.run_dict(i) for i in report.roots],
+        }
+        sys.stdout.write(r.dumps(data) + "\n")
+        return
+    out = r.Output()
+    verb = "would remove" if dry_run else "removed"
+    shown = report.roots[:_PRUNE_LISTED]
+    if shown:
+        out.table(r.RUN_COLS, [[i.id, out.status(i.status), str(i.steps), r.money(i.cost_usd), r.when(i.created_at),
+                                r.clip(i.name, 120)] for i in shown])
+        if len(report.roots) > len(shown):
+            out.line(f"... and {len(report.roots) - len(shown)} more (--json lists every one)")
+    out.line(
+        f"{verb} {len(report.roots)} run trees ({report.runs} runs), {report.steps} steps, "
+        f"{report.blobs} stored states, {report.questions} questions: {r.size(report.bytes_freed)} of data"
+    )
+    if report.skipped:
+        out.line(f"left alone: {len(report.skipped)} runs that started running or waiting meanwhile")
+    if not dry_run and report.runs:
+        out.line(f"the file keeps its size until `loomc db vacuum --db {store.path}` returns the space")
+
+
+_PRUNE_LISTED = 20
+
+db_app = typer.Typer(help="The database itself: vacuum.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("vacuum")
+def db_vacuum(db: DbOpt = None) -> None:
+    """Return the space of deleted runs to the file system (SQLite VACUUM)."""
+    from loomc.cli import render as r
+
+    store = writable_store(database_path(db), existing=True)
+    vacuum = getattr(store, "vacuum", None)
+    if not callable(vacuum):
+        raise CliError(f"{store!r} has nothing to vacuum")
+    before, after = vacuum()
+    r.Output().line(f"{store.path}: {r.size(before)} -> {r.size(after)} ({r.size(before - after)} returned)")
 
 
 # ---------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ STATUS_STYLE = {
     RunStatus.FAILED: "red",
     RunStatus.INTERRUPTED: "yellow",
     RunStatus.CRASHED: "bold red",
+    RunStatus.WAITING: "bold blue",
 }
 
 #: Longest error shown in a table cell (``show --full``, ``--json`` and ``export`` keep the whole text).
@@ -251,7 +252,28 @@ def run_dict(info: RunInfo) -> dict[str, Any]:
         "stop_reason": info.stop_reason,
         "owner": info.owner,
         "meta": info.meta,
+        "forked_from": info.forked_from,
+        "forked_step": info.forked_step,
     }
+
+
+def question_dict(q: Any) -> dict[str, Any]:
+    """A question a run asked (``loomc.ask``) as plain JSON-ready data."""
+    return {
+        "run_id": q.run_id, "step": q.step_n, "call_index": q.call_index, "question": q.text,
+        "schema": json.loads(q.json_schema) if q.json_schema else None, "asked_at": q.asked_at,
+        "answer": json.loads(q.answer) if q.answer is not None else None, "answered_at": q.answered_at,
+    }
+
+
+def size(n: int) -> str:
+    """A number of bytes for people (``1.5 MB``)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"  # pragma: no cover
 
 
 def step_dict(rec: StepRecord, cumul: float) -> dict[str, Any]:

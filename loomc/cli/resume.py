@@ -170,6 +170,8 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
         follower.close()
     if result.error is not None and result.status is RunStatus.FAILED:
         error_line(f"run {info.id} failed: {type(result.error).__name__}: {result.error}")
+    elif result.status is RunStatus.WAITING and result.error is not None:
+        error_line(r.visible(str(result.error)))
     elif result.status is RunStatus.BUDGET_EXHAUSTED:
         error_line(f"run {info.id} stopped ({r.clip(result.stop_reason)}); give it more with "
                    f"`loomc resume {info.id} --run --usd/--iterations/--wall-clock ...`")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Generator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from loomc._core.errors import AmbiguousRunId, BudgetExhausted, LeaseLost, LoomcError, RunLocked, RunNotFound, StoreError
@@ -23,7 +23,18 @@ from loomc._core.holds import HeldCharge, charge_record
 from loomc._core.types import _MISSING, RunInfo, RunStatus, StepRecord
 from loomc.store.codec import decode, delta_base, encode, expand
 from loomc.store.lease import is_alive
-from loomc.store.protocol import NewRun, ResumePoint, SchemaInfo, StepRow, StoredInput, StoredStep
+from loomc.store.protocol import (
+    NewRun,
+    PruneReport,
+    PruneRequest,
+    Question,
+    ResumePoint,
+    SchemaInfo,
+    StepRow,
+    StoredInput,
+    StoredStep,
+    WaitRow,
+)
 
 __all__ = ["COUNT", "EXEC", "EXEC_MANY", "INSERT", "QUERY", "Op", "Request", "StateLoader", "drive", "expand_rows", "now_iso", "storable"]
 
@@ -124,6 +135,7 @@ def run_info(row: tuple[Any, ...] | Any) -> RunInfo:
         kind=row[6], parent_run_id=row[7], parent_step=row[8], call_index=row[9], cost_usd=row[10],
         steps=row[11], wall_s=row[12], max_step_cost=row[13], budget=json.loads(row[14]) if row[14] else {},
         stop_reason=row[15], owner=row[16], meta=json.loads(row[18]) if row[18] else {},
+        forked_from=row[21], forked_step=row[22],
     )
 
 
@@ -650,3 +662,263 @@ def charge_holds(d: Any, run_id: str) -> Op:
     yield EXEC, d.CHARGE_HELD, (charge.usd, json.dumps(charge_record(meta, charge)), charge.at, run_id)
     yield EXEC, d.ROLL_UP_HELD, (run_id, charge.usd)
     return charge
+
+
+# -- a run's whole life: questions, forks, pruning ------------------------------------------
+
+
+def questions(d: Any, run_id: str, tree: bool) -> Op:
+    """The questions a run's steps asked (``tree``: and those of every run below it)."""
+    rows = yield QUERY, d.SELECT_TREE_QUESTIONS if tree else d.SELECT_QUESTIONS, (run_id,)
+    return [Question(*r) for r in rows]
+
+
+def wait_for_input(d: Any, run_id: str, row: WaitRow, epoch: int | None) -> Op:
+    """Stop the run to wait for an answer: status ``waiting``, the question, the step's charges kept.
+
+    The discarded step's cost is not a step's: it stays in the run's total (and its
+    ancestors', raised as a committed step raises them), and the holds it leaves are dropped.
+    """
+    now = now_iso()
+    if (yield COUNT, d.WAIT, (row.total_cost, storable(row.reason), row.wall_s, now, run_id, epoch)) != 1:
+        yield from fence_failed(d, run_id, epoch)  # the run's writes are fenced before any other lands
+    if row.ancestors:
+        yield EXEC, d.roll_up_sql(len(row.ancestors)), (row.total_cost, run_id, now, *row.ancestors)
+    q = row.question
+    if q is not None:
+        yield EXEC, d.INSERT_QUESTION, (
+            run_id, q.step_n, q.call_index, storable(q.text), q.schema_ref, q.json_schema, now,
+        )
+    if row.holds:
+        yield EXEC_MANY, d.DELETE_HOLD, [(hold_id,) for hold_id in row.holds]
+
+
+def answer(d: Any, where: str, question: Question, answer_text: str) -> Op:
+    """Store the answer to ``question`` (an answer already given is never replaced).
+
+    Raises:
+        LoomcError: the question is not in the store, or was answered meanwhile.
+    """
+    key = (question.run_id, question.step_n, question.call_index)
+    rows = yield QUERY, d.SELECT_QUESTION, key
+    if not rows:
+        raise LoomcError(
+            f"run {question.run_id} has no question at step {question.step_n} in {where}; "
+            f"list what it waits for with `loomc show {question.run_id}`"
+        )
+    if rows[0][7] is not None:
+        raise LoomcError(
+            f"the question of run {question.run_id} at step {question.step_n} was already answered "
+            f"({rows[0][8]}); resume the run (`loomc resume {question.run_id} --run`)"
+        )
+    yield EXEC, d.ANSWER, (storable(answer_text), now_iso(), *key)
+
+
+def fork(
+    d: Any, where: str, run_id: str, at_step: int, new_id: str, state_blob: str | bytes | None,
+    budget: dict[str, Any] | None,
+) -> Op:
+    """Make run ``new_id``: the history of ``run_id`` up to step ``at_step``, continuing from there.
+
+    The step rows are copied (they are small); a compressed state is shared, not copied: the
+    fork's row points at the same blob. ``state_blob`` replaces the state of the fork's
+    step ``at_step`` (the state it continues from). The original is not changed.
+
+    Raises:
+        RunNotFound: no such run.
+        LoomcError: a nested run or a graph (see ``docs/fork-and-prune.md``), or a run
+            with no steps.
+        ValueError: ``at_step`` is not one of the run's steps.
+    """
+    info = yield from get_run(d, run_id)
+    if info is None:
+        raise RunNotFound(run_id, where=where)
+    refuse_fork(info)
+    last = (yield QUERY, d.SELECT_LAST_STEP_N, (run_id,))[0][0]
+    if last is None:
+        raise LoomcError(f"run {run_id} has no committed step to fork from; run or resume it first")
+    if isinstance(at_step, bool) or not isinstance(at_step, int) or not 0 <= at_step <= last:
+        raise ValueError(f"at_step={at_step!r}: run {run_id} has steps 0..{last}; fork at one of them")
+    count, cost, max_cost, wall, _ = (yield QUERY, d.FORK_TOTALS, (run_id, at_step))[0]
+    if count != at_step + 1:
+        raise missing_state(run_id, at_step, where, row=False)
+    stored_next = (yield QUERY, d.SELECT_STEP_NEXT, (run_id, at_step))[0][0]
+    next_from = at_step if state_blob is not None or stored_next is None else int(stored_next)
+    now = now_iso()
+    reason = f"forked from run {run_id} at step {at_step}; resume it to continue"
+    yield EXEC, d.FORK_RUN, (
+        new_id, RunStatus.INTERRUPTED.value, now, now, json.dumps(budget) if budget is not None else None,
+        round(float(cost), 12), int(count), float(wall), float(max_cost), next_from, reason, at_step, run_id,
+    )
+    yield EXEC, d.FORK_STEPS, (new_id, run_id, at_step)
+    if state_blob is not None:
+        if isinstance(state_blob, (bytes, bytearray)):  # a compressed state lives in the blob table
+            blob_id = yield INSERT, d.INSERT_BLOB, (state_blob,)
+            yield EXEC, d.SET_STEP_STATE, (None, blob_id, new_id, at_step)
+        else:
+            yield EXEC, d.SET_STEP_STATE, (state_blob, None, new_id, at_step)
+    return new_id
+
+
+def refuse_fork(info: RunInfo) -> None:
+    """Raise the error for a run that cannot be forked: a nested run or a graph."""
+    if info.parent_run_id:
+        raise LoomcError(
+            f"run {info.id} is nested in run {info.parent_run_id}: a nested run's history depends on its "
+            "parent's step and budget, so it is not forked alone; fork the top-level run at the step that "
+            "started it (see docs/fork-and-prune.md)"
+        )
+    if info.kind != "loop":
+        raise LoomcError(
+            f"run {info.id} is a {info.kind} run: it has no steps of its own to fork from (its nodes are "
+            "runs under it); resume it, or run the graph again (see docs/fork-and-prune.md)"
+        )
+
+
+#: Statuses ``prune`` never touches: a run being executed, or one that waits for a person.
+KEEP_STATUSES = (RunStatus.RUNNING.value, RunStatus.WAITING.value)
+
+
+def prune_choice(request: PruneRequest, roots: list[RunInfo], now: float) -> list[RunInfo]:
+    """Of the top-level runs ``roots``, those ``request`` selects (never a running or waiting one)."""
+    import fnmatch
+
+    cutoff = None if request.older_than_s is None else now - request.older_than_s
+    chosen: list[RunInfo] = []
+    kept: dict[str, int] = {}
+    for info in sorted(roots, key=lambda r: (r.created_at, r.id), reverse=True):
+        status = info.status.value
+        if status in KEEP_STATUSES:
+            continue
+        if request.statuses is not None and status not in request.statuses:
+            continue
+        if request.name is not None and not fnmatch.fnmatchcase(info.name, request.name):
+            continue
+        if request.keep_last is not None and kept.get(info.name, 0) < request.keep_last:
+            kept[info.name] = kept.get(info.name, 0) + 1
+            continue
+        if cutoff is not None and datetime.fromisoformat(info.updated_at).timestamp() >= cutoff:
+            continue
+        chosen.append(info)
+    return chosen
+
+
+def prune_roots(d: Any) -> Op:
+    """Every top-level run (what ``prune`` chooses from)."""
+    return [run_info(r) for r in (yield QUERY, d.SELECT_ROOTS, ())]
+
+
+def prune_trees(d: Any, roots: list[RunInfo], dry_run: bool) -> Op:
+    """Delete the trees of ``roots`` (runs, steps, questions, holds, unshared blobs); what went.
+
+    Run inside one write transaction, so a loop committing at the same time either commits
+    before (and its run, now changed, is skipped) or after (its run is gone, or was never
+    chosen). A tree is left alone when any run of it is running in a live process or
+    waiting, or when its root changed since it was chosen. With ``dry_run`` nothing is
+    written (and it may run as a read).
+    """
+    report = PruneReport(roots=[], dry_run=dry_run)
+    if not roots:
+        return report
+    by_id = {r.id: r for r in roots}
+    rows = yield QUERY, d.in_ids(d.TREES_OF, len(by_id)), tuple(by_id)
+    trees: dict[str, list[str]] = {}
+    bad: set[str] = set()
+    for root, rid, status, owner, beat, updated in rows:
+        trees.setdefault(root, []).append(rid)
+        live = status == RunStatus.RUNNING.value and owner and is_alive(owner, beat)
+        if status == RunStatus.WAITING.value or live or (rid == root and updated != by_id[root].updated_at):
+            bad.add(root)
+    report.skipped = sorted(r for r in by_id if r in bad or r not in trees)
+    ids = [rid for root, members in trees.items() if root not in bad for rid in members]
+    report.roots = [by_id[r] for r in by_id if r in trees and r not in bad]
+    if not ids:
+        return report
+    report.runs = len(ids)
+    per = d.IDS_PER_STATEMENT
+    blob_ids: list[int] = []
+    for i in range(0, len(ids), per):
+        part = tuple(ids[i : i + per])
+        n_steps, step_bytes = (yield QUERY, d.in_ids(d.STEP_STATS_IN, len(part)), part)[0]
+        report.steps += int(n_steps)
+        report.bytes_freed += int(step_bytes)
+        report.bytes_freed += int((yield QUERY, d.in_ids(d.RUN_BYTES_IN, len(part)), part)[0][0])
+        report.questions += int((yield QUERY, d.in_ids(d.QUESTION_COUNT_IN, len(part)), part)[0][0])
+        blob_ids.extend(r[0] for r in (yield QUERY, d.in_ids(d.BLOBS_OF_IN, len(part)), part))
+    if dry_run:  # the blobs no step outside these runs points at
+        all_ids = tuple(ids)
+        for i in range(0, len(blob_ids), per):
+            part_b = tuple(blob_ids[i : i + per])
+            found = yield QUERY, d.in_ids(d.UNSHARED_BLOBS, len(part_b), len(all_ids)), (*part_b, *all_ids)
+            report.blobs += len(found)
+            report.bytes_freed += sum(int(r[1]) for r in found)
+        return report
+    for i in range(0, len(ids), per):
+        part = tuple(ids[i : i + per])
+        for template in (d.DELETE_STEPS_IN, d.DELETE_QUESTIONS_IN, d.DELETE_HOLDS_IN, d.DELETE_RUNS_IN):
+            yield EXEC, d.in_ids(template, len(part)), part
+    for i in range(0, len(blob_ids), per):  # the steps are gone: a blob no step points at any more goes too
+        part_b = tuple(blob_ids[i : i + per])
+        found = yield QUERY, d.in_ids(d.ORPHAN_BLOBS, len(part_b)), part_b
+        if found:
+            report.blobs += len(found)
+            report.bytes_freed += sum(int(r[1]) for r in found)
+            yield EXEC, d.in_ids(d.DELETE_BLOBS_IN, len(found)), tuple(r[0] for r in found)
+    return report
+
+
+#: Top-level runs whose trees one prune transaction deletes: a loop committing meanwhile
+#: waits for one such transaction at most, never for the whole prune.
+PRUNE_ROOTS_PER_TRANSACTION = 200
+
+
+def prune_request(
+    older_than: str | float | timedelta | None, status: str | list[str] | tuple[str, ...] | None,
+    name: str | None, keep_last: int | None, now: float | None = None,
+) -> PruneRequest:
+    """Check ``prune``'s arguments and bundle them.
+
+    Raises:
+        ValueError: a bad duration, status or count.
+    """
+    from loomc._core.budget import parse_duration
+
+    older = None if older_than is None else parse_duration(older_than)
+    statuses: tuple[str, ...] | None = None
+    if status is not None:
+        names = [s.strip() for s in (status.split(",") if isinstance(status, str) else status)]
+        known = {s.value for s in RunStatus}
+        for s in names:
+            if s not in known:
+                raise ValueError(f"status {s!r}: use one of {', '.join(sorted(known))}")
+            if s in KEEP_STATUSES:
+                raise ValueError(f"status {s!r}: prune never removes a {s} run; finish or cancel it first")
+        statuses = tuple(names)
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
+        raise ValueError(f"keep_last={keep_last!r}: use a whole number >= 0")
+    if older is None and statuses is None and name is None and keep_last is None:
+        raise ValueError(
+            "prune needs at least one filter (older_than, status, name or keep_last), so that it never "
+            "removes every run by accident; e.g. older_than='30d'"
+        )
+    return PruneRequest(older, statuses, name, keep_last, now)
+
+
+def prune_chunks(chosen: list[RunInfo]) -> list[list[RunInfo]]:
+    """``chosen`` split into the groups deleted one transaction each."""
+    per = PRUNE_ROOTS_PER_TRANSACTION
+    return [chosen[i : i + per] for i in range(0, len(chosen), per)]
+
+
+def merge_reports(parts: list[PruneReport], dry_run: bool) -> PruneReport:
+    """One report for a prune made in several transactions."""
+    total = PruneReport(roots=[], dry_run=dry_run)
+    for part in parts:
+        total.roots.extend(part.roots)
+        total.skipped.extend(part.skipped)
+        total.runs += part.runs
+        total.steps += part.steps
+        total.blobs += part.blobs
+        total.questions += part.questions
+        total.bytes_freed += part.bytes_freed
+    return total

@@ -13,7 +13,18 @@ from loomc._core.types import RunInfo, RunStatus, StepRecord
 from loomc.store import core
 from loomc.store.codec import decode, delta_base, encode, expand
 from loomc.store.core import StateLoader, expand_rows, history_record, meta_record, now_iso
-from loomc.store.protocol import NewRun, ResumePoint, SchemaInfo, StepRow, StoredInput, StoredStep, new_run_id
+from loomc.store.protocol import (
+    NewRun,
+    PruneReport,
+    Question,
+    ResumePoint,
+    SchemaInfo,
+    StepRow,
+    StoredInput,
+    StoredStep,
+    WaitRow,
+    new_run_id,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -33,6 +44,7 @@ class MemoryStore:
         self._runs: dict[str, dict[str, Any]] = {}
         self._steps: dict[str, dict[int, StepRow]] = {}
         self._holds: dict[int, tuple[str, float]] = {}  # hold id -> (run id, usd)
+        self._questions: dict[tuple[str, int, int], Question] = {}
         self._lock = threading.RLock()
         self.path = None
         self.db_path = ":memory:"
@@ -49,6 +61,7 @@ class MemoryStore:
             cost_usd=r["cost_usd"], steps=r["steps"], parent_step=r["parent_step"], call_index=r["call_index"],
             wall_s=r["wall_s"], max_step_cost=r["max_step_cost"], budget=dict(r["budget"] or {}),
             stop_reason=r["stop_reason"], owner=r["owner"], meta=dict(r["meta"] or {}),
+            forked_from=r.get("forked_from"), forked_step=r.get("forked_step"),
         )
 
     def create_run(self, spec_hash: str, **kwargs: Any) -> str:
@@ -322,6 +335,129 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to close."""
+
+    # -- a run's whole life: questions, forks, pruning ----------------------------------
+    def _tree(self, run_id: str) -> list[str]:
+        """``run_id`` and every run below it."""
+        tree, frontier = [run_id], [run_id]
+        while frontier:
+            frontier = [r["id"] for r in self._runs.values() if r["parent_run_id"] in frontier and r["id"] not in tree]
+            tree.extend(frontier)
+        return tree
+
+    def questions(self, run_id: str, tree: bool = False) -> list[Question]:
+        """The questions the run's steps asked (``tree``: and those of the runs below it)."""
+        with self._lock:
+            ids = set(self._tree(run_id)) if tree else {run_id}
+            found = [q for q in self._questions.values() if q.run_id in ids]
+        if tree:
+            return sorted(found, key=lambda q: (q.asked_at, q.run_id))
+        return sorted(found, key=lambda q: (q.step_n, q.call_index))
+
+    def wait_for_input(self, run_id: str, row: WaitRow) -> None:
+        """Stop the run to wait for an answer (see ``SQLiteStore.wait_for_input``)."""
+        now = now_iso()
+        with self._lock:
+            run = self._runs[run_id]
+            rise = row.total_cost - run["cost_usd"]
+            for up in row.ancestors:
+                if up in self._runs:
+                    self._runs[up]["cost_usd"] = round(self._runs[up]["cost_usd"] + rise, 12)
+            run.update(cost_usd=row.total_cost, status=RunStatus.WAITING.value, stop_reason=row.reason,
+                       wall_s=max(run["wall_s"], row.wall_s), updated_at=now)
+            if row.question is not None:
+                q = row.question._replace(run_id=run_id, asked_at=now, answer=None, answered_at=None)
+                self._questions[(run_id, q.step_n, q.call_index)] = q
+            for hold_id in row.holds or ():
+                self._holds.pop(hold_id, None)
+
+    def answer(self, question: Question, answer: str) -> None:
+        """Store the answer (JSON text) to ``question``; an answer already given is never replaced."""
+        key = (question.run_id, question.step_n, question.call_index)
+        with self._lock:
+            q = self._questions.get(key)
+            if q is None:
+                raise LoomcError(f"run {question.run_id} has no question at step {question.step_n} in this memory store")
+            if q.answer is not None:
+                raise LoomcError(
+                    f"the question of run {question.run_id} at step {question.step_n} was already answered "
+                    f"({q.answered_at}); resume the run"
+                )
+            self._questions[key] = q._replace(answer=answer, answered_at=now_iso())
+
+    def fork(
+        self, run_id: str, at_step: int, *, new_run_id: str, state_blob: str | bytes | None = None,
+        budget: dict[str, Any] | None = None,
+    ) -> str:
+        """Make run ``new_run_id`` from the history of ``run_id`` up to ``at_step`` (see ``core.fork``)."""
+        with self._lock:
+            src = self._runs.get(run_id)
+            if src is None:
+                raise RunNotFound(run_id, where=_MEMORY_WHERE, hint=_MEMORY_HINT)
+            core.refuse_fork(self._info(src))
+            steps = self._steps[run_id]
+            if not steps:
+                raise LoomcError(f"run {run_id} has no committed step to fork from; run or resume it first")
+            last = max(steps)
+            if isinstance(at_step, bool) or not isinstance(at_step, int) or not 0 <= at_step <= last:
+                raise ValueError(f"at_step={at_step!r}: run {run_id} has steps 0..{last}; fork at one of them")
+            if new_run_id in self._runs:
+                raise LoomcError(f"run id {new_run_id!r} already exists in this memory store; choose another id")
+            rows = {n: row for n, row in steps.items() if n <= at_step}
+            if len(rows) != at_step + 1:
+                raise core.missing_state(run_id, at_step, "the memory store", row=False)
+            if state_blob is not None:  # (rows are never changed once committed: a new one for the fork)
+                from dataclasses import replace
+
+                rows[at_step] = replace(rows[at_step], state_blob=state_blob)
+            stored_next = rows[at_step].next_from
+            now = now_iso()
+            self._runs[new_run_id] = {
+                **src, "id": new_run_id, "status": RunStatus.INTERRUPTED.value, "created_at": now, "updated_at": now,
+                "budget": budget if budget is not None else src["budget"],
+                "cost_usd": round(sum(r.cost_usd for r in rows.values()), 12), "steps": len(rows),
+                "wall_s": sum(r.duration_s for r in rows.values()),
+                "max_step_cost": max(r.cost_usd for r in rows.values()),
+                "next_from": at_step if state_blob is not None or stored_next is None else stored_next,
+                "stop_reason": f"forked from run {run_id} at step {at_step}; resume it to continue",
+                "owner": None, "forked_from": run_id, "forked_step": at_step,
+            }
+            self._steps[new_run_id] = rows
+        return new_run_id
+
+    def prune(
+        self, *, older_than: Any = None, status: str | list[str] | None = None, name: str | None = None,
+        keep_last: int | None = None, dry_run: bool = False, now: float | None = None,
+    ) -> PruneReport:
+        """Delete whole run trees that match, never a running or waiting one (see ``SQLiteStore.prune``)."""
+        import time
+
+        request = core.prune_request(older_than, status, name, keep_last, now)
+        with self._lock:
+            roots = [self._info(r) for r in self._runs.values() if r["parent_run_id"] is None]
+            chosen = core.prune_choice(request, roots, request.now or time.time())
+            report = PruneReport(roots=[], dry_run=dry_run)
+            for root in chosen:
+                tree = self._tree(root.id)
+                if any(self._runs[i]["status"] in core.KEEP_STATUSES for i in tree):
+                    report.skipped.append(root.id)
+                    continue
+                report.roots.append(root)
+                report.runs += len(tree)
+                for i in tree:
+                    rows = self._steps.get(i, {})
+                    report.steps += len(rows)
+                    report.bytes_freed += sum(len(r.state_blob or "") for r in rows.values())
+                    keys = [k for k in self._questions if k[0] == i]
+                    report.questions += len(keys)
+                    if not dry_run:
+                        for k in keys:
+                            del self._questions[k]
+                        self._steps.pop(i, None)
+                        self._runs.pop(i, None)
+                        for hold_id in [h for h, (rid, _) in self._holds.items() if rid == i]:
+                            del self._holds[hold_id]
+        return report
 
 
 #

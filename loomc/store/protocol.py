@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -22,11 +22,16 @@ __all__ = [
     "CheckpointStore",
     "Durability",
     "NewRun",
+    "PruneReport",
+    "PruneRequest",
+    "Question",
     "ResumePoint",
+    "RunLifeStore",
     "SchemaInfo",
     "StepRow",
     "StoredInput",
     "StoredStep",
+    "WaitRow",
     "default_db_path",
     "new_run_id",
 ]
@@ -132,6 +137,75 @@ class StoredInput(NamedTuple):
     next_from: int | None
 
 
+class Question(NamedTuple):
+    """A question a run's step asked (``loomc.ask``), and its answer once given.
+
+    Keyed by ``(run_id, step_n, call_index)``: the ``call_index``-th ``ask`` of that step.
+    ``answer`` is JSON text (``None`` while unanswered); ``schema_ref`` names the schema's
+    class (``module:qualname``) when it is one, ``json_schema`` is its JSON schema (text).
+    """
+
+    run_id: str
+    step_n: int
+    call_index: int
+    text: str
+    schema_ref: str | None
+    json_schema: str | None
+    asked_at: str
+    answer: str | None = None
+    answered_at: str | None = None
+
+
+@dataclass(frozen=True)
+class WaitRow:
+    """A run stops to wait for an answer: its totals (the discarded step's charges kept) and the question.
+
+    ``question`` is ``None`` when the question was asked by a run nested in this one (it
+    is stored with that run). ``ancestors`` and ``holds`` are as in :class:`StepRow`.
+    """
+
+    total_cost: float
+    wall_s: float
+    reason: str
+    question: Question | None = None
+    ancestors: tuple[str, ...] = ()
+    holds: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """Which run trees ``prune`` removes (every filter given must hold).
+
+    Args:
+        older_than_s: only runs not updated for this many seconds.
+        statuses: only runs with one of these statuses (``None``: every finished status).
+        name: only runs whose name matches this glob pattern (``fnmatch``).
+        keep_last: of each name, keep the newest this many runs that match.
+        now: the time ages are measured from (``time.time()``; for tests).
+    """
+
+    older_than_s: float | None = None
+    statuses: tuple[str, ...] | None = None
+    name: str | None = None
+    keep_last: int | None = None
+    now: float | None = None
+
+
+@dataclass
+class PruneReport:
+    """What ``prune`` removed (or, with ``dry_run``, would remove)."""
+
+    roots: list[RunInfo]
+    runs: int = 0
+    steps: int = 0
+    blobs: int = 0
+    questions: int = 0
+    bytes_freed: int = 0
+    dry_run: bool = False
+    #: roots chosen but left alone: they started running (or waiting) meanwhile
+    skipped: list[str] = field(default_factory=list)
+
+
 class SchemaInfo(NamedTuple):
     """The version of a store's schema and the versions this loomc reads and writes."""
 
@@ -193,6 +267,24 @@ class CheckpointStore(Protocol):
     def charge_holds(self, run_id: str) -> HeldCharge | None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RunLifeStore(Protocol):
+    """What a store provides for a run's whole life: questions, forks and pruning (optional).
+
+    loomc's stores implement it; a store of your own may leave it out, and then
+    ``loomc.ask``, ``fn.fork`` and ``prune`` say that the store does not support them.
+    """
+
+    def questions(self, run_id: str, tree: bool = False) -> list[Question]: ...
+    def wait_for_input(self, run_id: str, row: WaitRow) -> None: ...
+    def answer(self, question: Question, answer: str) -> None: ...
+    def fork(
+        self, run_id: str, at_step: int, *, new_run_id: str, state_blob: str | bytes | None = None,
+        budget: dict[str, Any] | None = None,
+    ) -> str: ...
+    def prune(self, request: PruneRequest | None = None, *, dry_run: bool = False) -> PruneReport: ...
 
 
 @runtime_checkable

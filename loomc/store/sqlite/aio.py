@@ -411,6 +411,36 @@ class AsyncSQLiteStore:
         return await self._read(core.step_totals(_sql, run_id, before))  # type: ignore[no-any-return]
 
 
+    # -- a run's whole life ---------------------------------------------------------------
+    async def questions(self, run_id: str, tree: bool = False) -> list[p.Question]:
+        """The questions the run's steps asked (``tree``: and those of the runs below it)."""
+        return await self._read(core.questions(_sql, run_id, tree))  # type: ignore[no-any-return]
+
+    async def wait_for_input(self, run_id: str, row: p.WaitRow) -> None:
+        """Stop the run to wait for an answer (see ``SQLiteStore.wait_for_input``)."""
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.wait_for_input(_sql, run_id, row, epoch))
+
+    async def answer(self, question: p.Question, answer: str) -> None:
+        """Store the answer (JSON text) to ``question`` (see ``SQLiteStore.answer``)."""
+        where = str(self.path)
+        await self._write(lambda beat: core.answer(_sql, where, question, answer))
+
+    async def fork(
+        self, run_id: str, at_step: int, *, new_run_id: str, state_blob: str | bytes | None = None,
+        budget: dict[str, Any] | None = None,
+    ) -> str:
+        """Make run ``new_run_id`` from the history of ``run_id`` up to ``at_step`` (see ``core.fork``)."""
+        where = str(self.path)
+        return await self._write(lambda beat: core.fork(_sql, where, run_id, at_step, new_run_id, state_blob, budget))  # type: ignore[no-any-return]
+
+    async def prune(self, **options: Any) -> p.PruneReport:
+        """``SQLiteStore.prune`` in a worker thread (it runs several transactions)."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(lambda: self.sync.prune(**options))  # type: ignore[no-any-return]
+
+
 class _Batch:
     """Writes committed together by :meth:`AsyncSQLiteStore._write`."""
 

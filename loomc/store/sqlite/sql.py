@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA_VERSION", "StepRow", "now_iso", "run_info", "storable"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: The oldest schema this loomc reads without migrating it (readers never write).
 READS_FROM = 1
 
@@ -110,6 +110,27 @@ ALTER TABLE holds ADD COLUMN counted INTEGER NOT NULL DEFAULT 0;
 UPDATE runs SET lease_until = heartbeat + 30 WHERE heartbeat IS NOT NULL;
 UPDATE runs SET usd_cap = json_extract(budget, '$.usd') WHERE budget IS NOT NULL AND json_valid(budget)
 """,
+    # v6: a run's whole life. ``questions``: what a step asked a person (``loomc.ask``),
+    # keyed by (run, step, call order), and the answer once given. ``runs.forked_from`` /
+    # ``forked_step``: the run and step a fork continues. ``steps_blob``: which steps use a
+    # blob, so a prune deletes only the blobs no other run (a fork) still shares.
+    5: """
+CREATE TABLE IF NOT EXISTS questions (
+    run_id TEXT NOT NULL,
+    step_n INTEGER NOT NULL,
+    call_index INTEGER NOT NULL,
+    question TEXT NOT NULL,
+    schema_ref TEXT,
+    json_schema TEXT,
+    asked_at TEXT NOT NULL,
+    answer TEXT,
+    answered_at TEXT,
+    PRIMARY KEY (run_id, step_n, call_index)
+) WITHOUT ROWID;
+ALTER TABLE runs ADD COLUMN forked_from TEXT;
+ALTER TABLE runs ADD COLUMN forked_step INTEGER;
+CREATE INDEX IF NOT EXISTS steps_blob ON steps(blob_id) WHERE blob_id IS NOT NULL
+""",
 }
 
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=OFF")
@@ -123,7 +144,8 @@ EXPIRED = f"(lease_until IS NULL OR lease_until < {NOW})"
 
 RUN_COLS = (
     "id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, parent_step, "
-    f"call_index, cost_usd, steps, wall_s, max_step_cost, budget, stop_reason, owner, heartbeat, meta, epoch, {EXPIRED}"
+    f"call_index, cost_usd, steps, wall_s, max_step_cost, budget, stop_reason, owner, heartbeat, meta, epoch, {EXPIRED}, "
+    "forked_from, forked_step"
 )
 
 #: A new run's owner holds epoch 1 and a lease of the given length.
@@ -291,6 +313,99 @@ ROLL_UP_HELD = (
     "UNION SELECT r.parent_run_id FROM runs r JOIN up ON r.id = up.id) "
     "UPDATE runs SET cost_usd = cost_usd + ? WHERE id IN (SELECT id FROM up)"
 )
+
+
+# -- questions (``loomc.ask``) --------------------------------------------------------------
+
+QUESTION_COLS = "run_id, step_n, call_index, question, schema_ref, json_schema, asked_at, answer, answered_at"
+INSERT_QUESTION = (
+    "INSERT OR REPLACE INTO questions (run_id, step_n, call_index, question, schema_ref, json_schema, asked_at) "
+    "VALUES (?,?,?,?,?,?,?)"
+)
+SELECT_QUESTIONS = f"SELECT {QUESTION_COLS} FROM questions WHERE run_id = ? ORDER BY step_n, call_index"
+#: The questions of a run and of every run below it.
+SELECT_TREE_QUESTIONS = (
+    "WITH RECURSIVE tree(id) AS (SELECT ? UNION SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id) "
+    f"SELECT {QUESTION_COLS} FROM questions WHERE run_id IN (SELECT id FROM tree) ORDER BY asked_at, run_id"
+)
+SELECT_QUESTION = f"SELECT {QUESTION_COLS} FROM questions WHERE run_id = ? AND step_n = ? AND call_index = ?"
+ANSWER = (
+    "UPDATE questions SET answer = ?, answered_at = ? "
+    "WHERE run_id = ? AND step_n = ? AND call_index = ? AND answer IS NULL"
+)
+#: The run stops to wait for an answer: its totals (the discarded step's charges kept) and status.
+WAIT = (
+    "UPDATE runs SET cost_usd = ?, status = 'waiting', stop_reason = ?, wall_s = MAX(wall_s, ?), "
+    f"updated_at = ?, heartbeat = {NOW} WHERE id = ? AND epoch = COALESCE(?, epoch)"
+)
+
+# -- fork -----------------------------------------------------------------------------------
+
+#: ``(steps, cost, max step cost, active seconds, last step)`` of a run's steps up to a step.
+FORK_TOTALS = (
+    "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0), COALESCE(MAX(cost_usd), 0), COALESCE(SUM(duration_s), 0), "
+    "MAX(step_n) FROM steps WHERE run_id = ? AND step_n <= ?"
+)
+SELECT_LAST_STEP_N = "SELECT MAX(step_n) FROM steps WHERE run_id = ?"
+SELECT_STEP_NEXT = "SELECT next_from FROM steps WHERE run_id = ? AND step_n = ?"
+#: The fork's row: the original's name, type, input and meta; its own totals and status.
+FORK_RUN = (
+    "INSERT INTO runs (id, spec_hash, status, created_at, updated_at, name, kind, state_type, input_blob, budget, "
+    "cost_usd, steps, wall_s, max_step_cost, next_from, stop_reason, meta, attempts, forked_from, forked_step) "
+    "SELECT ?, spec_hash, ?, ?, ?, name, kind, state_type, input_blob, COALESCE(?, budget), ?, ?, ?, ?, ?, ?, meta, "
+    "0, id, ? FROM runs WHERE id = ?"
+)
+#: The fork's history: the original's step rows up to the fork step. A compressed state is
+#: not copied: the new row points at the same blob.
+FORK_STEPS = (
+    "INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, event, next_from, "
+    "duration_s, blob_id) SELECT ?, step_n, state_blob, cost_usd, score, timestamp, error, event, next_from, "
+    "duration_s, blob_id FROM steps WHERE run_id = ? AND step_n <= ?"
+)
+SET_STEP_STATE = "UPDATE steps SET state_blob = ?, blob_id = ? WHERE run_id = ? AND step_n = ?"
+
+# -- prune ------------------------------------------------------------------------------------
+
+SELECT_ROOTS = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id IS NULL"
+#: Templates over lists of ids: ``{0}`` (and ``{1}``) become one placeholder per id (``in_ids``).
+#: Every run of the trees under the listed roots: ``(root, id, status, owner, heartbeat, updated_at)``.
+TREES_OF = (
+    "WITH RECURSIVE tree(id, root) AS (SELECT id, id FROM runs WHERE id IN ({0}) "
+    "UNION SELECT r.id, t.root FROM runs r JOIN tree t ON r.parent_run_id = t.id) "
+    "SELECT t.root, r.id, r.status, r.owner, r.heartbeat, r.updated_at FROM tree t JOIN runs r ON r.id = t.id"
+)
+STEP_STATS_IN = (
+    "SELECT COUNT(*), COALESCE(SUM(LENGTH(state_blob)), 0) + COALESCE(SUM(LENGTH(error)), 0) "
+    "+ COALESCE(SUM(LENGTH(event)), 0) FROM steps WHERE run_id IN ({0})"
+)
+RUN_BYTES_IN = "SELECT COALESCE(SUM(LENGTH(input_blob)), 0) + COALESCE(SUM(LENGTH(meta)), 0) FROM runs WHERE id IN ({0})"
+QUESTION_COUNT_IN = "SELECT COUNT(*) FROM questions WHERE run_id IN ({0})"
+BLOBS_OF_IN = "SELECT DISTINCT blob_id FROM steps WHERE run_id IN ({0}) AND blob_id IS NOT NULL"
+#: Of the blobs ``{0}``, those no step outside the runs ``{1}`` points at, and their sizes.
+UNSHARED_BLOBS = (
+    "SELECT id, LENGTH(data) FROM blobs WHERE id IN ({0}) AND NOT EXISTS "
+    "(SELECT 1 FROM steps s WHERE s.blob_id = blobs.id AND s.run_id NOT IN ({1}))"
+)
+#: Of the blobs ``{0}``, those no step points at (any more), and their sizes.
+ORPHAN_BLOBS = (
+    "SELECT id, LENGTH(data) FROM blobs WHERE id IN ({0}) AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.blob_id = blobs.id)"
+)
+DELETE_STEPS_IN = "DELETE FROM steps WHERE run_id IN ({0})"
+DELETE_QUESTIONS_IN = "DELETE FROM questions WHERE run_id IN ({0})"
+DELETE_HOLDS_IN = "DELETE FROM holds WHERE run_id IN ({0})"
+DELETE_RUNS_IN = "DELETE FROM runs WHERE id IN ({0})"
+DELETE_BLOBS_IN = "DELETE FROM blobs WHERE id IN ({0})"
+#: How many ids one statement lists (well under SQLite's 32766 parameters).
+IDS_PER_STATEMENT = 500
+
+
+def in_ids(template: str, *counts: int) -> str:
+    """``template`` with ``{0}``, ``{1}``... each replaced by that many placeholders."""
+    return template.format(*(",".join("?" * n) for n in counts))
+
+
+#: Return freed pages to the file system (outside any transaction): the log first, then the file.
+VACUUM = ("PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def list_runs_sql(

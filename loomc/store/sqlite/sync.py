@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,14 @@ from loomc.store.protocol import (
     CheckpointStore,
     Durability,
     NewRun,
+    PruneReport,
+    Question,
     ResumePoint,
     SchemaInfo,
     StepRow,
     StoredInput,
     StoredStep,
+    WaitRow,
     default_db_path,
     new_run_id,
 )
@@ -580,6 +584,84 @@ class SQLiteStore:
     def step_totals(self, run_id: str, before: int) -> tuple[int, float]:
         """``(steps, cost)`` of a run's steps numbered below ``before``: what a window leaves out."""
         return self._read(core.step_totals(_sql, run_id, before))  # type: ignore[no-any-return]
+
+
+    # -- a run's whole life: questions, forks, pruning ----------------------------------
+    def questions(self, run_id: str, tree: bool = False) -> list[Question]:
+        """The questions the run's steps asked (``tree``: and those of the runs below it)."""
+        return self._read(core.questions(_sql, run_id, tree))  # type: ignore[no-any-return]
+
+    def wait_for_input(self, run_id: str, row: WaitRow) -> None:
+        """Stop the run to wait for an answer (status ``waiting``, the question stored) in one transaction."""
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.wait_for_input(_sql, run_id, row, epoch))
+
+    def answer(self, question: Question, answer: str) -> None:
+        """Store the answer (JSON text) to ``question``; an answer already given is never replaced."""
+        where = str(self.path)
+        self._write(lambda beat: core.answer(_sql, where, question, answer))
+
+    def fork(
+        self, run_id: str, at_step: int, *, new_run_id: str, state_blob: str | bytes | None = None,
+        budget: dict[str, Any] | None = None,
+    ) -> str:
+        """Make run ``new_run_id`` from the history of ``run_id`` up to ``at_step`` (see ``core.fork``)."""
+        where = str(self.path)
+        return self._write(lambda beat: core.fork(_sql, where, run_id, at_step, new_run_id, state_blob, budget))  # type: ignore[no-any-return]
+
+    def prune(
+        self, *, older_than: str | float | timedelta | None = None, status: str | list[str] | None = None,
+        name: str | None = None, keep_last: int | None = None, dry_run: bool = False, now: float | None = None,
+    ) -> PruneReport:
+        """Delete whole run trees that match (never a running or waiting one); what was removed.
+
+        Args:
+            older_than: only runs not updated for this long (``"30d"``, seconds, a ``timedelta``).
+            status: only runs with these statuses (a list, or ``"failed,completed"``).
+            name: only runs whose name matches this glob pattern (``"app:*"``).
+            keep_last: of each name, keep the newest this many runs that match.
+            dry_run: report what would go, remove nothing.
+            now: the time ages count from (``time.time()``).
+
+        Deletes runs, steps, questions, holds and the blobs no other run (a fork) shares,
+        a few hundred trees per transaction, so loops committing meanwhile go on. The
+        file does not shrink until :meth:`vacuum`.
+        """
+        request = core.prune_request(older_than, status, name, keep_last, now)
+        chosen = core.prune_choice(request, self._read(core.prune_roots(_sql)), request.now or time.time())
+        parts = [
+            self._read(core.prune_trees(_sql, part, True)) if dry_run
+            else self._write(lambda beat, part=part: core.prune_trees(_sql, part, False))  # type: ignore[misc]
+            for part in core.prune_chunks(chosen)
+        ]
+        return core.merge_reports(parts, dry_run)
+
+    def vacuum(self) -> tuple[int, int]:
+        """Return the space freed by deleted runs to the file system; the file's size ``(before, after)``.
+
+        SQLite's ``VACUUM`` rewrites the file (it needs as much free disk again, and waits
+        for other processes' writes to finish); the write-ahead log is emptied first.
+        """
+        with self._lock:
+            conn = self.conn
+            before = _size(self.path)
+            try:
+                for stmt in _sql.VACUUM:
+                    conn.execute(stmt)
+            except sqlite3.Error as exc:
+                raise self._wrap(exc) from exc
+            return before, _size(self.path)
+
+
+def _size(path: Path) -> int:
+    """Bytes on disk of a database and its write-ahead log."""
+    total = 0
+    for p in (path, Path(f"{path}-wal")):
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 #: How often (seconds) a writing store checks that its database file is still there.
