@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from urllib.parse import urlencode
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio.to_thread
 import jinja2

@@ -99,7 +99,7 @@ def chart(
     good = [s for s in scores if s is not None and math.isfinite(s)]
     lo = min(good, default=0.0)
     hi = max(good, default=1.0)
-    if 0.0 <= lo and hi <= 1.0:
+    if lo >= 0.0 and hi <= 1.0:
         lo, hi = 0.0, 1.0
     score_span = (hi - lo) or 1.0
 

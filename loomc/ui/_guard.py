@@ -28,7 +28,7 @@ from loomc._core.errors import LoomcError
 __all__ = ["COOKIE", "Guard", "check_bind", "is_loopback"]
 
 COOKIE = "loomc_ui_token"
-TOKEN_ENV = "LOOMC_UI_TOKEN"
+TOKEN_ENV = "LOOMC_UI_TOKEN"  # noqa: S105 - the name of the variable, not a token
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "

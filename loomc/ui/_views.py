@@ -325,9 +325,10 @@ def _tree_node(store: Any, info: RunInfo, kids: list[RunInfo], current: str, dep
             children.append(TreeNode(None, "", "", "", False, [], note=f"{rest} more runs ({what})"))
     if info.kind == "graph":
         have = {k.meta.get("node") for k in kids if k.kind == "node"}
-        for n in info.meta.get("nodes", []):
-            if isinstance(n, dict) and "name" in n and n["name"] not in have:
-                children.append(TreeNode(None, "", "", "", False, [], note=f"node {n['name']}: not started"))
+        children.extend(
+            TreeNode(None, "", "", "", False, [], note=f"node {n['name']}: not started")
+            for n in info.meta.get("nodes", []) if isinstance(n, dict) and "name" in n and n["name"] not in have
+        )
     return TreeNode(info, _label(info), money(own_cost(info, kids)), money(info.cost_usd), info.id == current, children)
 
 
