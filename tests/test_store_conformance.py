@@ -157,7 +157,8 @@ async def test_search_runs_narrows_and_pages(store: Face) -> None:
         before = (page[-1].created_at, page[-1].id)
     assert seen == newest_first
     roots = [r.id for r in await store.search_runs(roots_only=True, limit=100)]
-    assert child not in roots and len(roots) == 23
+    assert child not in roots
+    assert len(roots) == 23
     failed = await store.search_runs(status="failed", limit=100)
     assert [r.id for r in failed] == [m for m in reversed(made) if int(m[1:], 16) % 5 == 0]
     by_prefix = await store.search_runs(id_prefix="2", limit=100)

@@ -20,7 +20,7 @@ from loomc import BestScore, Budget, LastGood, MemoryStore, RunStatus, SQLiteSto
 from loomc.ui._chart import chart
 from loomc.ui._guard import check_bind, is_loopback
 from tests.test_store_conformance import TinyStore
-from tests.ui_support import SCRIPT_ERROR, SCRIPT_NAME, SCRIPT_STATE, ROOT, child_env, ui_process, ui_thread
+from tests.ui_support import ROOT, SCRIPT_ERROR, SCRIPT_NAME, SCRIPT_STATE, child_env, ui_process, ui_thread
 
 
 def _refine(checkpoint: Any, steps: int = 6, name: str = "refine") -> str:
@@ -64,8 +64,10 @@ def test_runs_list_and_run_page_over_a_real_process(filled: tuple[Path, str, str
         assert "$0.0500" in page  # the cumulative cost after five paid steps
         assert "backtrack to step" in page
         assert "RuntimeError: " + escape(SCRIPT_ERROR) in page
-        assert 'data-steps="6"' in page and 'data-scored="5"' in page  # the chart: six steps, five scored
-        assert "$0.0500" in page and "$0.9500" in page  # usd used and left of the $1 budget
+        assert 'data-steps="6"' in page
+        assert 'data-scored="5"' in page
+        assert "$0.0500" in page
+        assert "$0.9500" in page
 
 
 def test_stored_markup_is_escaped_everywhere(filled: tuple[Path, str, str]) -> None:
@@ -75,7 +77,9 @@ def test_stored_markup_is_escaped_everywhere(filled: tuple[Path, str, str]) -> N
         pages = [server.get("/")[2], server.get(f"/runs/{marked}")[2], server.get(f"/runs/{marked}/steps/2")[2],
                  server.get(f"/runs/{marked}/steps/1")[2], server.get(f"/?name={SCRIPT_NAME[:8]}")[2]]
     for page in pages:
-        assert "<script>window" not in page and "<img" not in page and "<svg onload" not in page
+        assert "<script>window" not in page
+        assert "<img" not in page
+        assert "<svg onload" not in page
         assert page.count("<script") == 1  # the page's own /static/ui.js
     assert escape(SCRIPT_NAME) in pages[0]
     assert escape(SCRIPT_ERROR) in pages[2]
@@ -87,9 +91,11 @@ def test_prefix_redirects_to_the_full_id_and_unknown_ids_are_404(filled: tuple[P
     db, plain, _ = filled
     with ui_process(db) as server:
         status, headers, _ = server.get(f"/runs/{plain[:7]}?from=2")
-        assert status == 307 and headers["location"].endswith(f"/runs/{plain}?from=2")
+        assert status == 307
+        assert headers["location"].endswith(f"/runs/{plain}?from=2")
         status, _, body = server.get("/runs/ffffffffffff")
-        assert status == 404 and "no run" in body
+        assert status == 404
+        assert "no run" in body
         assert server.get(f"/runs/{plain}/steps/99")[0] == 404
         assert server.get("/nowhere")[0] == 404
         assert server.get("/?status=nonsense")[0] == 400
@@ -101,7 +107,8 @@ def test_the_reply_route_is_guarded_and_says_it_is_not_available_yet(filled: tup
     db, plain, _ = filled
     with ui_process(db) as server:
         status, _, body = server.get(f"/runs/{plain}/reply", data=b"answer=1")
-        assert status == 501 and f"loomc reply {plain}" in html.unescape(body)
+        assert status == 501
+        assert f"loomc reply {plain}" in html.unescape(body)
         status, _, body = server.get(f"/runs/{plain}/reply", data=b"answer=1", headers={"Origin": "http://evil.example"})
         assert status == 403
 
@@ -126,7 +133,8 @@ def test_a_token_is_checked_on_every_request(filled: tuple[Path, str, str]) -> N
         assert server.get("/?token=wrong")[0] == 401
         assert server.get("/", headers={"Authorization": "Bearer wrong"})[0] == 401
         status, headers, _ = server.get(f"/runs/{plain}?token=s3cret-token&from=1")
-        assert status == 303 and headers["location"] == f"/runs/{plain}?from=1"
+        assert status == 303
+        assert headers["location"] == f"/runs/{plain}?from=1"
         cookie = headers["set-cookie"].split(";")[0]
         assert "HttpOnly" in headers["set-cookie"]
         assert server.get(f"/runs/{plain}?from=1", headers={"Cookie": cookie})[0] == 200
@@ -143,11 +151,15 @@ def test_non_loopback_bind_without_a_token_is_refused(tmp_path: Path, filled: tu
                               capture_output=True, text=True, env=child_env(), timeout=60)
         assert proc.returncode == 1, proc.stderr
         assert proc.stdout == ""
-        assert proc.stderr.startswith("loomc: --host") and "--token" in proc.stderr and "127.0.0.1" in proc.stderr
+        assert proc.stderr.startswith("loomc: --host")
+        assert "--token" in proc.stderr
+        assert "127.0.0.1" in proc.stderr
         assert len(proc.stderr.splitlines()) == 1
     proc = subprocess.run([sys.executable, "-m", "loomc", "ui", "--db", str(db), "--token", "has space"],
                           capture_output=True, text=True, env=child_env(), timeout=60)
-    assert proc.returncode == 1 and "--token" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert "--token" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_bind_rules() -> None:
@@ -175,14 +187,18 @@ def test_missing_database_and_busy_port_are_one_line_errors(tmp_path: Path, fill
     """No database: one line, exit 1 (nothing created). A port in use: one line naming --port."""
     proc = subprocess.run([sys.executable, "-m", "loomc", "ui", "--db", str(tmp_path / "none.db")],
                           capture_output=True, text=True, env=child_env(), timeout=60)
-    assert proc.returncode == 1 and "no loomc database" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert proc.returncode == 1
+    assert "no loomc database" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "none.db").exists()
     db, _, _ = filled
     with ui_process(db) as server:
         port = server.url.rsplit(":", 1)[1].strip("/")
         proc = subprocess.run([sys.executable, "-m", "loomc", "ui", "--db", str(db), "--port", port],
                               capture_output=True, text=True, env=child_env(), timeout=60)
-    assert proc.returncode == 1 and "in use" in proc.stderr and "--port" in proc.stderr
+    assert proc.returncode == 1
+    assert "in use" in proc.stderr
+    assert "--port" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
 
 
@@ -240,7 +256,7 @@ def test_a_memory_store_with_nested_runs_shows_the_tree() -> None:
     with ui_thread(store) as server:
         page = server.get(f"/runs/{kids[1].id}")[2]
     tree = page[page.index('id="tree"'):]
-    assert [m for m in re.findall(r'href="/runs/([0-9a-f]{12})" class="id"', tree)] == [root, kids[0].id, kids[1].id]
+    assert list(re.findall(r'href="/runs/([0-9a-f]{12})" class="id"', tree)) == [root, kids[0].id, kids[1].id]
     assert re.search(rf'<li class="current">\s*<a href="/runs/{kids[1].id}"', tree)
     assert f'<a href="/runs/{root}">{root}</a> (step 1)' in page
 
@@ -263,7 +279,8 @@ def test_window_of_a_long_run(tmp_path: Path) -> None:
         page = server.get(f"/runs/{rid}?from=100&n=50")[2]
         steps = [int(n) for n in re.findall(r'<tr class="step[^"]*" data-step="(\d+)"', page)]
         assert steps == list(range(100, 150))
-        assert "100 earlier steps not shown" in page and "1050 later steps not shown" in page
+        assert "100 earlier steps not shown" in page
+        assert "1050 later steps not shown" in page
         assert 'data-steps="50"' in page
 
 
@@ -273,13 +290,20 @@ def test_chart_geometry() -> None:
     assert c is not None
     assert len(c.cost_points.split()) == 5
     assert [len(line.split()) for line in c.score_lines] == [1, 1, 1]
-    assert len(c.errors) == 1 and c.scored == 3 and c.steps == 5
-    x0, y0, x1, y1 = c.box
+    assert len(c.errors) == 1
+    assert c.scored == 3
+    assert c.steps == 5
+    x0, y0, x1, _y1 = c.box
     xs = [float(p.split(",")[0]) for p in c.cost_points.split()]
     ys = [float(p.split(",")[1]) for p in c.cost_points.split()]
-    assert xs[0] == x0 and xs[-1] == x1 and xs == sorted(xs)
-    assert ys[-1] == y0 and ys == sorted(ys, reverse=True)  # cumulative cost only rises
+    assert xs[0] == x0
+    assert xs[-1] == x1
+    assert xs == sorted(xs)
+    assert ys[-1] == y0
+    assert ys == sorted(ys, reverse=True)
     assert {t.text for t in c.ticks} >= {"$0.6000", "step 0", "step 4", "0", "1"}
     assert chart([], [], [], []) is None
     one = chart([7], [2.5], [0.0], [False])
-    assert one is not None and one.cost_points and one.score_marks
+    assert one is not None
+    assert one.cost_points
+    assert one.score_marks
