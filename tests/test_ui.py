@@ -307,3 +307,40 @@ def test_chart_geometry() -> None:
     assert one is not None
     assert one.cost_points
     assert one.score_marks
+
+
+def test_a_graph_page_draws_its_nodes_and_their_child_loops(tmp_path: Path) -> None:
+    """A graph's run page: each node (by name) with its own loop under it, a failed node and the one it skipped."""
+    from orchestration import Graph
+
+    db = tmp_path / "graph.db"
+
+    @loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.01, name="agents:inner")
+    def inner(s: dict[str, Any]) -> dict[str, Any]:
+        return {"x": s.get("x", 0) + 1}
+
+    @loop(budget=Budget(iterations=1), name="agents:research")
+    def research(s: dict[str, Any]) -> dict[str, Any]:
+        return inner.run({"x": 0}).state
+
+    def broken(s: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError("<b>no</b>")
+
+    def final(s: dict[str, Any]) -> dict[str, Any]:
+        return s
+
+    g = Graph("report", checkpoint=str(db))
+    g.add(research)
+    g.add(broken, after=research)
+    g.add(final, after=broken)
+    result = g.run({})
+    with ui_process(db) as server:
+        page = server.get(f"/runs/{result.run_id}")[2]
+    tree = page[page.index('id="tree"'):]
+    labels = re.findall(r'<span class="kind">([^<]+)</span>\s*<span class="name">([^<]*)</span>\s*<span class="status st-(\w+)"', tree)
+    assert ("graph", "report", "failed") in labels
+    assert ("node research", "agents:research", "budget_exhausted") in labels  # its one iteration used
+    assert any(kind == "node broken" and st == "failed" for kind, _, st in labels)
+    assert ("loop", "agents:inner", "budget_exhausted") in labels
+    assert "node final: not started" in tree
+    assert "<b>no</b>" not in page
