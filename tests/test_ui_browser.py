@@ -54,9 +54,13 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium_path: str) -> Iterator[Any]:
-    """A headless Chromium for the whole session."""
+    """A headless Chromium for this module's tests.
+
+    Playwright's sync API keeps an asyncio loop running in this thread while it is
+    started: it is stopped when the module ends, so async tests after it run as usual.
+    """
     with playwright_sync.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=chromium_path, headless=True)
         yield chromium
