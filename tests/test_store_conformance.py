@@ -144,6 +144,46 @@ async def test_0_3_0_api(store: Face) -> None:
         await store.save_step("nonexistent", StepRecord(step_n=0, state={}))
 
 
+async def test_search_runs_narrows_and_pages(store: Face) -> None:
+    """``search_runs``: newest first, by status, id prefix and name (either case), roots only, page after page."""
+    from loomc.store.protocol import RunSearch
+
+    assert isinstance(store.store, RunSearch) or store.is_async
+    made: list[str] = []
+    for i in range(23):
+        rid = await store.begin_run(NewRun(spec_hash="s", name=f"pkg.mod:Agent_{i % 3}", run_id=f"{i % 4:x}{i:011x}"))
+        made.append(rid)
+        if i % 5 == 0:
+            await store.update_run_status(rid, RunStatus.FAILED)
+    child = await store.begin_run(NewRun(spec_hash="s", name="pkg.mod:agent_1", parent_run_id=made[0], parent_step=0, call_index=0))
+    newest_first = [r.id for r in await store.list_runs()]
+    assert newest_first[0] == child
+    # every run, 5 at a time: the pages join up to list_runs' order, none twice, none left out
+    seen: list[str] = []
+    before = None
+    while True:
+        page = await store.search_runs(limit=5, before=before)
+        seen += [r.id for r in page]
+        if len(page) < 5:
+            break
+        before = (page[-1].created_at, page[-1].id)
+    assert seen == newest_first
+    roots = [r.id for r in await store.search_runs(roots_only=True, limit=100)]
+    assert child not in roots
+    assert len(roots) == 23
+    failed = await store.search_runs(status="failed", limit=100)
+    assert [r.id for r in failed] == [m for m in reversed(made) if int(m[1:], 16) % 5 == 0]
+    by_prefix = await store.search_runs(id_prefix="2", limit=100)
+    assert sorted(r.id for r in by_prefix) == sorted(m for m in made if m.startswith("2"))
+    by_name = await store.search_runs(name="AGENT_1", limit=100)
+    assert {r.name for r in by_name} == {"pkg.mod:Agent_1", "pkg.mod:agent_1"}
+    assert len(by_name) == len([i for i in range(23) if i % 3 == 1]) + 1
+    assert await store.search_runs(name="no such agent", limit=10) == []
+    assert [r.id for r in await store.search_runs(status="failed", id_prefix="0", limit=2)] == [
+        m for m in reversed(made) if m.startswith("0") and int(m[1:], 16) % 5 == 0
+    ][:2]
+
+
 async def test_commit_step_updates_totals_and_resume_point(store: Face) -> None:
     """A committed step moves the run's totals; the resume point starts from next_from."""
     rid = await store.begin_run(NewRun(spec_hash="h", name="m:f", input_blob=encode({"n": 0}), owner=owner_token()))

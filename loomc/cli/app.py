@@ -599,6 +599,38 @@ def watch(
 
 
 # ---------------------------------------------------------------------------------
+# ui
+
+
+@app.command()
+def ui(
+    db: DbOpt = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; any but a loopback one needs --token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: a free one).")] = 8765,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="LOOMC_UI_TOKEN", show_default=False,
+                     help="A secret every request must carry (required with a non-loopback --host)."),
+    ] = None,
+) -> None:
+    """Serve a local web page of runs: list, steps, chart, tree, live updates (needs loomc[ui])."""
+    from loomc.ui._extra import require
+    from loomc.ui._guard import check_bind
+
+    try:
+        check_bind(host, token)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    require()
+    from loomc.ui._serve import serve
+
+    store = _open(db)
+    serve(store, host, port, token, where=str(store.path))
+
+
+# ---------------------------------------------------------------------------------
 # export
 
 

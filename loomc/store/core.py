@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -298,25 +298,33 @@ def resolve(d: Any, where: str, run_id: str) -> Op:
 _LEASED = (RunStatus.RUNNING.value, RunStatus.CRASHED.value)
 
 
-def list_runs(d: Any, status: RunStatus | str | None, limit: int | None, roots_only: bool) -> Op:
+def list_runs(
+    d: Any, status: RunStatus | str | None, limit: int | None, roots_only: bool, *,
+    before: tuple[str, str] | None = None, id_prefix: str | None = None, name: str | None = None,
+) -> Op:
     """Runs newest first.
+
+    ``before`` (a ``(created_at, id)`` cursor: only runs listed after it), ``id_prefix`` and
+    ``name`` (a case-insensitive part of the name) narrow the list in the database, so a
+    page of a large one reads about a page of rows (``search_runs``).
 
     A ``crashed`` run is stored as ``running`` (its owner died): the two are told apart
     after reading, so they are read a page at a time, newest first, until ``limit`` of the
     status asked for are found; a LIMIT in the query could cut off the ones asked for.
     """
     st = status.value if isinstance(status, RunStatus) else status
+    narrow = {"id_prefix": id_prefix or None, "name": name or None}
     if st not in _LEASED or limit is None or limit <= 0:
-        sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=None if st in _LEASED else limit)
+        sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=None if st in _LEASED else limit, before=before, **narrow)
         runs = [run_info(r) for r in (yield QUERY, sql, args)]
         if st is None:
             return runs
         runs = [r for r in runs if r.status.value == st]
         return runs[:limit] if limit is not None else runs
     found: list[RunInfo] = []
-    page, before = max(2 * limit, 64), None
+    page = max(2 * limit, 64)
     while True:
-        sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=page, before=before)
+        sql, args = d.list_runs_sql(status=st, roots_only=roots_only, limit=page, before=before, **narrow)
         rows = yield QUERY, sql, args
         for row in rows:
             info = run_info(row)
@@ -327,6 +335,30 @@ def list_runs(d: Any, status: RunStatus | str | None, limit: int | None, roots_o
         if len(rows) < page:
             return found
         before, page = (rows[-1][3], rows[-1][0]), page * 2
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def page_of(
+    runs: Iterable[RunInfo], *, status: str | None = None, roots_only: bool = False, id_prefix: str | None = None,
+    name: str | None = None, before: tuple[str, str] | None = None, limit: int = 50,
+) -> list[RunInfo]:
+    """What ``search_runs`` returns, cut from ``runs`` (newest first) in Python: for stores without a query language."""
+    part = name.translate(_ASCII_LOWER) if name else None
+    out: list[RunInfo] = []
+    for r in runs:
+        if (
+            (before is None or (r.created_at, r.id) < before)
+            and (status is None or r.status.value == status)
+            and not (roots_only and r.parent_run_id)
+            and (not id_prefix or r.id.startswith(id_prefix))
+            and (part is None or part in r.name.translate(_ASCII_LOWER))
+        ):
+            out.append(r)
+            if len(out) >= limit:
+                break
+    return out
 
 
 def find_child(d: Any, parent_run_id: str, parent_step: int, call_index: int) -> Op:

@@ -117,6 +117,14 @@ class MemoryStore:
         runs = [r for r in runs if (not roots_only or r.parent_run_id is None) and (st is None or r.status.value == st)]
         return runs[:limit] if limit is not None else runs
 
+    def search_runs(
+        self, *, status: str | None = None, roots_only: bool = False, id_prefix: str | None = None,
+        name: str | None = None, before: tuple[str, str] | None = None, limit: int = 50,
+    ) -> list[RunInfo]:
+        """A page of runs, newest first (see :class:`~loomc.store.protocol.RunSearch`)."""
+        return core.page_of(self.list_runs(), status=status, roots_only=roots_only, id_prefix=id_prefix, name=name,
+                            before=before, limit=limit)
+
     def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
         """Set a run's status."""
         with self._lock:

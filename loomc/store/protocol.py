@@ -27,6 +27,7 @@ __all__ = [
     "Question",
     "ResumePoint",
     "RunLifeStore",
+    "RunSearch",
     "SchemaInfo",
     "StepRow",
     "StoredInput",
@@ -212,6 +213,33 @@ class SchemaInfo(NamedTuple):
     version: int
     reads_from: int
     current: int
+
+
+@runtime_checkable
+class RunSearch(Protocol):
+    """An optional capability: a page of runs, narrowed and paged by the database.
+
+    ``loomc ui`` lists runs through it when a store has it (SQLite and memory do), so a
+    page of 100,000 runs reads about a page of rows; for a store without it the page is
+    cut from ``list_runs``.
+    """
+
+    def search_runs(
+        self, *, status: str | None = None, roots_only: bool = False, id_prefix: str | None = None,
+        name: str | None = None, before: tuple[str, str] | None = None, limit: int = 50,
+    ) -> list[RunInfo]:
+        """Up to ``limit`` runs, newest first (by ``(created_at, id)``).
+
+        Args:
+            status: only runs with this status (``crashed``: running runs whose owner died).
+            roots_only: only top-level runs (no nested loops, graph nodes or map items).
+            id_prefix: only runs whose id starts with this.
+            name: only runs whose name holds this text (ASCII letters in either case).
+            before: only runs after this ``(created_at, id)`` in that order: the cursor of
+                the next page is the last run of this one.
+            limit: the size of the page.
+        """
+        ...
 
 
 @runtime_checkable

@@ -302,6 +302,14 @@ class AsyncSQLiteStore:
         """Runs newest first."""
         return await self._read(core.list_runs(_sql, status, limit, roots_only))  # type: ignore[no-any-return]
 
+    async def search_runs(
+        self, *, status: str | None = None, roots_only: bool = False, id_prefix: str | None = None,
+        name: str | None = None, before: tuple[str, str] | None = None, limit: int = 50,
+    ) -> list[RunInfo]:
+        """A page of runs, newest first, narrowed in the database (see :class:`~loomc.store.protocol.RunSearch`)."""
+        op = core.list_runs(_sql, status, limit, roots_only, before=before, id_prefix=id_prefix, name=name)
+        return await self._read(op)  # type: ignore[no-any-return]
+
     async def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
         """Set a run's status."""
         await self._write(lambda beat: core.update_run_status(_sql, run_id, status))

@@ -409,17 +409,26 @@ VACUUM = ("PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM", "PRAGMA wal_checkpoint(TR
 
 
 def list_runs_sql(
-    *, status: str | None, roots_only: bool, limit: int | None, before: tuple[str, str] | None = None
+    *, status: str | None, roots_only: bool, limit: int | None, before: tuple[str, str] | None = None,
+    id_prefix: str | None = None, name: str | None = None,
 ) -> tuple[str, tuple[Any, ...]]:
     """The query behind ``list_runs``: newest first, optionally roots only.
 
     ``before``: only runs older than this ``(created_at, id)`` (the next page).
+    ``id_prefix``: only ids starting with it. ``name``: only names holding it, ASCII
+    letters matched in either case.
     """
     where: list[str] = []
     args: list[Any] = []
     if before is not None:
         where.append("(created_at, id) < (?, ?)")
         args.extend(before)
+    if id_prefix:
+        where.append("id >= ? AND id < ?")
+        args.extend(prefix_args(id_prefix))
+    if name:
+        where.append("instr(lower(name), lower(?)) > 0")
+        args.append(name)
     if roots_only:
         # "+" keeps SQLite from picking runs_children (an equality match on NULL) and
         # sorting every root run; walking runs_created newest first stops at LIMIT.

@@ -425,6 +425,14 @@ class SQLiteStore:
         """Runs newest first (all of them by default, as in loomc 0.3.0)."""
         return self._read(core.list_runs(_sql, status, limit, roots_only))  # type: ignore[no-any-return]
 
+    def search_runs(
+        self, *, status: str | None = None, roots_only: bool = False, id_prefix: str | None = None,
+        name: str | None = None, before: tuple[str, str] | None = None, limit: int = 50,
+    ) -> list[RunInfo]:
+        """A page of runs, newest first, narrowed in the database (see :class:`~loomc.store.protocol.RunSearch`)."""
+        op = core.list_runs(_sql, status, limit, roots_only, before=before, id_prefix=id_prefix, name=name)
+        return self._read(op)  # type: ignore[no-any-return]
+
     def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
         """Set a run's status."""
         self._write(lambda beat: core.update_run_status(_sql, run_id, status))
