@@ -12,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from markupsafe import escape
+from pydantic import BaseModel
 
+import loomc
 from loomc import BestScore, Budget, LastGood, MemoryStore, RunStatus, SQLiteStore, loop
 from loomc.ui._chart import chart
 from loomc.ui._guard import check_bind, is_loopback
@@ -102,15 +105,59 @@ def test_prefix_redirects_to_the_full_id_and_unknown_ids_are_404(filled: tuple[P
         assert server.get("/?before=garbage")[0] == 400
 
 
-def test_the_reply_route_is_guarded_and_says_it_is_not_available_yet(filled: tuple[Path, str, str]) -> None:
-    """POST /runs/<id>/reply answers 501 with what to do instead; a form on another site is refused first."""
-    db, plain, _ = filled
+class Approval(BaseModel):
+    approve: bool
+
+
+def test_a_waiting_run_shows_its_question_and_takes_the_reply_from_the_form(tmp_path: Path) -> None:
+    """A run waiting on ``loomc.ask``: the page shows the question (escaped); the form stores a valid answer only."""
+    db = tmp_path / "ask.db"
+
+    @loop(checkpoint=str(db), budget=Budget(iterations=2), name="approve")
+    def drafting(state: dict[str, Any]) -> dict[str, Any]:
+        ok = state.get("ok")
+        if state["n"] == 0:
+            ok = loomc.ask("Send <b>this</b> email?", schema=Approval).approve
+        return {"n": state["n"] + 1, "ok": ok}
+
+    waiting = drafting.run({"n": 0})
+    assert waiting.status is RunStatus.WAITING
+    run_id = waiting.run_id
+    store = SQLiteStore(db)
+
+    def post(server: Any, answer: str, **headers: str) -> tuple[int, dict[str, str], str]:
+        got: tuple[int, dict[str, str], str] = server.get(
+            f"/runs/{run_id}/reply", data=urlencode({"answer": answer}).encode(), headers=headers,
+        )
+        return got
+
     with ui_process(db) as server:
-        status, _, body = server.get(f"/runs/{plain}/reply", data=b"answer=1")
-        assert status == 501
-        assert f"loomc reply {plain}" in html.unescape(body)
-        status, _, body = server.get(f"/runs/{plain}/reply", data=b"answer=1", headers={"Origin": "http://evil.example"})
-        assert status == 403
+        status, _, page = server.get(f"/runs/{run_id}")
+        assert status == 200
+        assert "Waiting for an answer" in page
+        assert "Send &lt;b&gt;this&lt;/b&gt; email?" in page
+        assert "<b>this</b>" not in page
+        assert f'action="/runs/{run_id}/reply"' in page
+        assert post(server, "yes please")[0] == 400  # not JSON
+        status, _, body = post(server, '{"approve": "perhaps"}')
+        assert status == 422  # JSON, but not what the schema asks
+        assert "approve" in html.unescape(body)
+        assert post(server, '{"approve": true}', Origin="http://evil.example")[0] == 403
+        assert [q.answer for q in store.questions(run_id, True)] == [None]  # nothing stored so far
+        status, headers, _ = post(server, '{"approve": true}')
+        assert status == 303
+        assert headers["location"].endswith(f"/runs/{run_id}#question")
+        assert [q.answer for q in store.questions(run_id, True)] == ['{"approve":true}']
+        page = server.get(f"/runs/{run_id}")[2]
+        assert "Answered, waiting to be resumed" in page
+        assert f"loomc resume {run_id} --run" in page
+        status, _, body = post(server, '{"approve": false}')
+        assert status == 409  # answered already: the first answer stays
+        assert [q.answer for q in store.questions(run_id, True)] == ['{"approve":true}']
+    done = drafting.resume_run(run_id)
+    assert done.status is RunStatus.BUDGET_EXHAUSTED
+    assert done.state == {"n": 2, "ok": True}
+    store.close()
 
 
 def test_a_foreign_host_header_is_refused_without_a_token(filled: tuple[Path, str, str]) -> None:

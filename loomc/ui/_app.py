@@ -1,6 +1,6 @@
 """The Starlette application: routes, templates, and the answers to bad requests.
 
-Pages (all read-only but the reply form's POST, which is not available yet):
+Pages (all read-only but the reply form's POST):
 
 =====================================  ============================================================
 ``/``                                  the runs list: ``?status=``, ``?id=`` (an id prefix),
@@ -11,7 +11,7 @@ Pages (all read-only but the reply form's POST, which is not available yet):
 ``/runs/{id}/live``                    the changing part of the run page, for the page's own
                                        script (``?since=`` the version it has: 204 if unchanged)
 ``/runs/{id}/steps/{n}``               one step: the whole error, its event records, its state
-``POST /runs/{id}/reply``              answer a waiting run's question (501 for now)
+``POST /runs/{id}/reply``              answer a waiting run's question (validated by its schema)
 ``/static/...``                        the page's own CSS and script
 =====================================  ============================================================
 
@@ -21,9 +21,10 @@ A run id may be a unique prefix; the page redirects to the full id, so links can
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 import anyio.to_thread
 import jinja2
@@ -164,14 +165,29 @@ class _Pages:
         return self.html("step.html", s=page)
 
     async def reply(self, request: Request) -> Response:
+        """Store the answer to the question a waiting run asks (validated by its schema), then show the run."""
+        from loomc._core.errors import InvalidAnswer
+        from loomc._core.life import reply_to
+
         found = await self.find(request)
         if isinstance(found, Response):
             return found
-        return self.problem(
-            501, "replying from the page is not available yet",
-            f"this loomc cannot store an answer from the page yet; answer from a terminal with "
-            f"loomc reply {found.id} 'JSON', or from Python with fn.reply({found.id!r}, answer)",
-        )
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        text = (form.get("answer") or [""])[0].strip()
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return self.problem(
+                400, "the answer is not JSON",
+                f"{exc}; write the answer as JSON, e.g. true, \"yes\" or {{\"approve\": true}} - nothing was stored",
+            )
+        try:
+            await self.read(reply_to, self.store, found.id, value)
+        except InvalidAnswer as exc:
+            return self.problem(422, "the answer does not fit the question", str(exc))
+        except LoomcError as exc:
+            return self.problem(409, "no answer was expected", str(exc))
+        return RedirectResponse(f"/runs/{quote(found.id)}#question", status_code=303)
 
     async def not_found(self, request: Request, exc: Exception) -> Response:
         return self.problem(404, "not found", f"nothing at {request.url.path}; the runs are listed at /")

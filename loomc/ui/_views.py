@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from loomc._core import events as _events
 from loomc._core.errors import StoreError
@@ -166,6 +166,10 @@ class Question:
     text: str
     schema: str | None
     step: int | None
+    #: every question of the run is answered: it waits only to be resumed
+    answered: bool = False
+    #: the run that asked (the page's run, or a run nested below it)
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,33 +195,20 @@ class RunPage:
     state_cut: bool
 
 
-@runtime_checkable
-class QuestionStore(Protocol):
-    """A store that keeps the questions of runs waiting for a person (``loomc.ask``)."""
-
-    def pending_question(self, run_id: str) -> Any:
-        """The question run ``run_id`` waits on (a mapping with ``question``, ``schema``, ``step``), or ``None``."""
-        ...
-
-
 def question_of(store: Any, info: RunInfo) -> Question | None:
-    """The question a ``waiting`` run asks, found through the store (``None`` for any other run)."""
-    if info.status.value != "waiting":
+    """The question a ``waiting`` run (or a run below it) asks, read through the store's ``questions``.
+
+    ``None`` for a run that is not waiting, or a store that keeps no questions. A question
+    answered but not yet resumed is returned with ``answered`` set.
+    """
+    if info.status.value != "waiting" or not callable(getattr(store, "questions", None)):
         return None
-    found: Any = store.pending_question(info.id) if isinstance(store, QuestionStore) else info.meta.get("question")
-    if found is None:
+    asked = list(store.questions(info.id, True))
+    if not asked:
         return None
-    if isinstance(found, str):
-        return Question(found, None, None)
-    text = _get(found, "question") or _get(found, "text")
-    if text is None:
-        return Question(dumps(found), None, None)
-    schema = _get(found, "schema")
-    step = _get(found, "step")
-    return Question(
-        str(text), None if schema is None else (schema if isinstance(schema, str) else dumps(schema)),
-        step if isinstance(step, int) else None,
-    )
+    pending = [q for q in asked if q.answer is None]
+    q = pending[0] if pending else asked[-1]
+    return Question(q.text, q.json_schema, q.step_n, answered=not pending, run_id=q.run_id)
 
 
 def _get(obj: Any, key: str) -> Any:
