@@ -155,7 +155,8 @@ async def test_search_runs_narrows_and_pages(store: Face) -> None:
         made.append(rid)
         if i % 5 == 0:
             await store.update_run_status(rid, RunStatus.FAILED)
-    child = await store.begin_run(NewRun(spec_hash="s", name="pkg.mod:agent_1", parent_run_id=made[0], parent_step=0, call_index=0))
+    child = await store.begin_run(NewRun(spec_hash="s", name="pkg.mod:agent_1", parent_run_id=made[0], parent_step=0,
+                                         call_index=0, run_id="f00000000000"))  # outside every prefix searched
     newest_first = [r.id for r in await store.list_runs()]
     assert newest_first[0] == child
     # every run, 5 at a time: the pages join up to list_runs' order, none twice, none left out
