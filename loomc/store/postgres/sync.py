@@ -341,6 +341,15 @@ class PostgresStore:
 
         return self._run(lambda: op(time.time()), True, retry)
 
+    # -- any operation (``loomc.store.transfer``: whole-database tools) -------------
+    def run_read(self, op_for: Callable[[], Op]) -> Any:
+        """Drive the read operation ``op_for()`` makes (``loomc.store.core`` style) on this store."""
+        return self._read(op_for)
+
+    def run_write(self, op: WriteOp) -> Any:
+        """Drive the write ``op(heartbeat)`` in one transaction of this store; its result."""
+        return self._write(op)
+
     # -- runs ---------------------------------------------------------------------
     def create_run(self, spec_hash: str, **kwargs: Any) -> str:
         """Create a run (status ``running``, no owner) and return its id."""
@@ -353,15 +362,15 @@ class PostgresStore:
 
     def get_run(self, run_id: str) -> RunInfo | None:
         """The run with exactly this id, or ``None``."""
-        return self._reread(lambda: core.get_run(_sql, run_id))  # type: ignore[no-any-return]
+        return self._read(lambda: core.get_run(_sql, run_id))  # type: ignore[no-any-return]
 
     def resolve(self, run_id: str) -> str:
         """The full id of the run whose id is or starts with ``run_id`` (see ``SQLiteStore.resolve``)."""
-        return self._reread(lambda: core.resolve(_sql, self.path, run_id))  # type: ignore[no-any-return]
+        return self._read(lambda: core.resolve(_sql, self.path, run_id))  # type: ignore[no-any-return]
 
     def list_runs(self, *, status: str | None = None, limit: int | None = None, roots_only: bool = False) -> list[RunInfo]:
         """Runs newest first (all of them by default)."""
-        return self._reread(lambda: core.list_runs(_sql, status, limit, roots_only))  # type: ignore[no-any-return]
+        return self._read(lambda: core.list_runs(_sql, status, limit, roots_only))  # type: ignore[no-any-return]
 
     def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
         """Set a run's status."""
@@ -397,15 +406,15 @@ class PostgresStore:
 
     def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
         """The child run a parent step started as its ``call_index``-th nested loop."""
-        return self._reread(lambda: core.find_child(_sql, parent_run_id, parent_step, call_index))  # type: ignore[no-any-return]
+        return self._read(lambda: core.find_child(_sql, parent_run_id, parent_step, call_index))  # type: ignore[no-any-return]
 
     def children(self, run_id: str) -> list[RunInfo]:
         """Direct child runs, in the order their parent started them."""
-        return self._reread(lambda: core.children(_sql, run_id))  # type: ignore[no-any-return]
+        return self._read(lambda: core.children(_sql, run_id))  # type: ignore[no-any-return]
 
     def schema_info(self) -> SchemaInfo:
         """The database's schema version and the versions this loomc reads and writes."""
-        return self._reread(lambda: core.schema_info(_sql))  # type: ignore[no-any-return]
+        return self._read(lambda: core.schema_info(_sql))  # type: ignore[no-any-return]
 
     # -- holds ----------------------------------------------------------------------
     def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
@@ -427,60 +436,47 @@ class PostgresStore:
 
     def load_steps(self, run_id: str) -> list[StepRecord]:
         """Every step of the run, states included, in order."""
-        return self._reread(lambda: core.load_steps(_sql, self.path, run_id))  # type: ignore[no-any-return]
+        return self._read(lambda: core.load_steps(_sql, self.path, run_id))  # type: ignore[no-any-return]
 
     def stored_steps(self, run_id: str) -> list[StoredStep]:
         """Every step of the run with its state as stored (deltas made whole), in order."""
-        return self._reread(lambda: core.stored_steps(_sql, self.path, run_id))  # type: ignore[no-any-return]
+        return self._read(lambda: core.stored_steps(_sql, self.path, run_id))  # type: ignore[no-any-return]
 
     def stored_input(self, run_id: str) -> StoredInput | None:
         """The run's input as stored, its state type and next start (``None``: no such run)."""
-        return self._reread(lambda: core.stored_input(_sql, run_id))  # type: ignore[no-any-return]
+        return self._read(lambda: core.stored_input(_sql, run_id))  # type: ignore[no-any-return]
 
     def stored_state(self, run_id: str, step_n: int) -> str | bytes | None:
         """A step's state as stored, a delta made whole (``None``: no such step)."""
-        return self._reread(lambda: core.stored_state(_sql, self.path, run_id, step_n))  # type: ignore[no-any-return]
+        return self._read(lambda: core.stored_state(_sql, self.path, run_id, step_n))  # type: ignore[no-any-return]
 
     def load_state(self, run_id: str, step_n: int) -> Any:
         """The state a step committed (``step_n == -1``: the run's input)."""
-        return self._reread(lambda: core.load_state(_sql, self.path, run_id, step_n))
+        return self._read(lambda: core.load_state(_sql, self.path, run_id, step_n))
 
     def resume_point(self, run_id: str) -> ResumePoint:
         """The run's info, its last step and the state to start from (earlier steps: ``step_history``)."""
         loader = StateLoader(self, run_id)
-        return self._reread(lambda: core.resume_point(_sql, self.path, run_id, loader))  # type: ignore[no-any-return]
+        return self._read(lambda: core.resume_point(_sql, self.path, run_id, loader))  # type: ignore[no-any-return]
 
     def step_history(self, run_id: str, before: int) -> list[StepRecord]:
         """The run's steps numbered below ``before``, in order (states loaded lazily)."""
         loader = StateLoader(self, run_id)
-        return self._reread(lambda: core.step_history(_sql, run_id, before, loader))  # type: ignore[no-any-return]
+        return self._read(lambda: core.step_history(_sql, run_id, before, loader))  # type: ignore[no-any-return]
 
     def step_window(
         self, run_id: str, after: int = -1, *, first: int | None = None, last: int | None = None,
         error_chars: int | None = None,
     ) -> list[StepRecord]:
         """Step metadata (no state) in step order, reading only the rows asked for (see ``core.step_window``)."""
-        return self._reread(lambda: core.step_window(_sql, run_id, after, first, last, error_chars))  # type: ignore[no-any-return]
+        return self._read(lambda: core.step_window(_sql, run_id, after, first, last, error_chars))  # type: ignore[no-any-return]
 
     def step_totals(self, run_id: str, before: int) -> tuple[int, float]:
         """``(steps, cost)`` of a run's steps numbered below ``before``."""
-        return self._reread(lambda: core.step_totals(_sql, run_id, before))  # type: ignore[no-any-return]
+        return self._read(lambda: core.step_totals(_sql, run_id, before))  # type: ignore[no-any-return]
 
-    # -- the whole database (``loomc db info``) ---------------------------------------
-    def db_stats(self) -> dict[str, Any]:
-        """Schema version, run and step counts and the bytes the tables take."""
-        return self._reread(lambda: _stats())  # type: ignore[no-any-return]
-
-    def _reread(self, op_for: Callable[[], Op]) -> Any:
+    def _read(self, op_for: Callable[[], Op]) -> Any:
         """A read, run again on a fresh connection if the server dropped the first one."""
         return self._run(op_for, False, True)
-
-
-def _stats() -> Op:
-    version = yield QUERY, _sql.SELECT_VERSION, ()
-    runs = yield QUERY, _sql.COUNT_RUNS, ()
-    steps = yield QUERY, _sql.COUNT_STEPS, ()
-    size = yield QUERY, _sql.TABLES_SIZE, ()
-    return {"schema_version": int(version[0][0]), "runs": int(runs[0][0]), "steps": int(steps[0][0]), "bytes": int(size[0][0])}
 
 
