@@ -24,10 +24,10 @@ import loomc
 from loomc import AmbiguousRunId, Budget, LoomcError, MemoryStore, RunNotFound, RunStatus, SQLiteStore, StepRecord, loop, predicate
 from loomc.store.codec import decode, encode
 from loomc.store.lease import owner_token
-from loomc.store.protocol import AsyncCheckpointStore, CheckpointStore, NewRun, ResumePoint, SchemaInfo, StepRow, StoredInput, StoredStep
-from loomc.store.sqlite.aio import AsyncSQLiteStore, async_twin
 from loomc.store.postgres.aio import AsyncPostgresStore
 from loomc.store.postgres.sync import PostgresStore
+from loomc.store.protocol import AsyncCheckpointStore, CheckpointStore, NewRun, ResumePoint, SchemaInfo, StepRow, StoredInput, StoredStep
+from loomc.store.sqlite.aio import AsyncSQLiteStore, async_twin
 from loomc.store.sqlite.sql import SCHEMA_VERSION, now_iso
 
 pytestmark = pytest.mark.anyio

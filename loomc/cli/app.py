@@ -725,7 +725,8 @@ def db_copy(
         writer.close()
     line = f"copied {report.runs} runs ({report.steps} steps, {report.holds} reservations) from {reader.path} to {writer.path}"
     if report.skipped:
-        line += f"; skipped {len(report.skipped)} run trees DST already had ({', '.join(report.skipped[:5])}{' ...' if len(report.skipped) > 5 else ''})"
+        more = " ..." if len(report.skipped) > 5 else ""
+        line += f"; skipped {len(report.skipped)} run trees DST already had ({', '.join(report.skipped[:5])}{more})"
     sys.stdout.write(line + "\n")
 
 

@@ -12,6 +12,7 @@ psycopg is imported when a store is made, never by ``import loomc``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -79,7 +80,14 @@ def _scrub(message: str, dsn: str) -> str:
     except Exception:  # noqa: BLE001 - nothing to scrub in what cannot be parsed
         password = None
     message = " ".join(str(message).split())
-    return message.replace(str(password), "***") if password else message
+    if password:
+        message = message.replace(str(password), "***")
+    # a DSN the driver could not parse may be quoted whole: blank what looks like a password in it
+    return _URI_PASSWORD.sub(r"\1***@", _KV_PASSWORD.sub("password=***", message))
+
+
+_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_KV_PASSWORD = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
 
 
 def load_state_bytes(data: bytes) -> str | bytes:
@@ -96,17 +104,15 @@ def make_state_loader(binary: bool) -> type[Any]:
 
     base: Any = ByteaBinaryLoader if binary else ByteaLoader
 
-    class StateLoader_(base):  # type: ignore[misc, valid-type]
+    class BytesOrText(base):  # type: ignore[misc, valid-type]
         def load(self, data: Any) -> str | bytes:
             return load_state_bytes(bytes(super().load(bytes(data))))
 
-    return StateLoader_
+    return BytesOrText
 
 
 def register_state_loaders(adapters: Any) -> None:
     """Make ``bytea`` columns read as states on connections configured with ``adapters``."""
-    from psycopg.adapt import PyFormat  # noqa: F401 - the adapters module is loaded with it
-
     adapters.register_loader("bytea", make_state_loader(False))
     adapters.register_loader("bytea", make_state_loader(True))
 
