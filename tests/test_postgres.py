@@ -161,7 +161,8 @@ def test_a_graph_runs_and_resumes_on_postgres(pg_dsn: str) -> None:
     assert sorted(n.name.rsplit(".", 1)[-1] for n in nodes) == ["draft", "research"]
     before = len(calls)
     again = g.resume(res.run_id)
-    assert again.status is RunStatus.COMPLETED and len(calls) == before
+    assert again.status is RunStatus.COMPLETED
+    assert len(calls) == before
 
 
 def test_sessions_are_configured_for_durability_and_idle_transactions(pg_dsn: str) -> None:
@@ -175,7 +176,8 @@ def test_sessions_are_configured_for_durability_and_idle_transactions(pg_dsn: st
             assert conn.execute("SHOW synchronous_commit").fetchone() == (setting,)
             assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("7s",)
             prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
-            assert prepared is not None and prepared[0] > 0
+            assert prepared is not None
+            assert prepared[0] > 0
         store.close()
 
 
@@ -222,7 +224,8 @@ def test_bad_dsns_and_unreachable_servers_are_one_line_without_the_password(tmp_
     for dsn in ("postgresql://ann:hunter2@127.0.0.1:1/db", "postgresql://ann:hunter2@[bad/db"):
         out = loomc_cli("runs", "--db", dsn)
         assert out.returncode == 1
-        assert out.stderr.startswith("loomc: ") and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith("loomc: "), out.stderr
+        assert out.stderr.count("\n") == 1, out.stderr
         assert "hunter2" not in out.stderr + out.stdout
         assert "Traceback" not in out.stderr
 
@@ -252,7 +255,8 @@ def test_without_the_extra_the_error_names_it(tmp_path: Path) -> None:
         capture_output=True, text=True, env=_env(), timeout=60,
     )
     assert cli.returncode == 1
-    assert "pip install 'loomc[postgres]'" in cli.stderr and "Traceback" not in cli.stderr
+    assert "pip install 'loomc[postgres]'" in cli.stderr
+    assert "Traceback" not in cli.stderr
 
 
 # -- the CLI ----------------------------------------------------------------------------------
@@ -320,7 +324,8 @@ def test_every_cli_command_reads_and_writes_postgres(pg_dsn: str, tmp_path: Path
 
     for args, env in ((("--db", pg_dsn), None), ((), with_env)):
         listed = ok("runs", *args, env=env)
-        assert rid in listed and "budget_exhausted" in listed
+        assert rid in listed
+        assert "budget_exhausted" in listed
         assert ok("show", rid, "--tree", *args, env=env).count("pgsubject:polish") == 3
         exported = json.loads(ok("export", rid, *args, env=env))
         assert exported["run"]["history"][-1]["state"]["n"] == 3
@@ -328,12 +333,14 @@ def test_every_cli_command_reads_and_writes_postgres(pg_dsn: str, tmp_path: Path
     db = ("--db", pg_dsn)
     assert ok("runs", "--all", *db).count("pgsubject:polish") == 3
     shown = ok("show", rid[:6], *db)
-    assert "pgsubject:refine" in shown and "$0.0900" in shown
+    assert "pgsubject:refine" in shown
+    assert "$0.0900" in shown
     assert len(json.loads(ok("show", rid, "--json", *db))["history"]) == 3
     assert "loomc resume" in ok("resume", rid, *db)
     assert "pgsubject:refine" in ok("watch", rid, "--interval", "0.05", *db)
     info = ok("db", "info", *db)
-    assert "postgresql" in info and "v4" in info
+    assert "postgresql" in info
+    assert "v4" in info
     ok("resume", rid, "--run", "--iterations", "10", "--db", pg_dsn)
     store = PostgresStore(pg_dsn)
     done = store.get_run(rid)
@@ -348,7 +355,9 @@ def test_every_cli_command_reads_and_writes_postgres(pg_dsn: str, tmp_path: Path
     resumed = loomc_cli("graph", "run", "pipeline.py", "--resume", graphs[0].id, "--db", pg_dsn, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     missing = loomc_cli("show", "nosuchrun", "--db", pg_dsn)
-    assert missing.returncode == 1 and missing.stderr.startswith("loomc: ") and "Traceback" not in missing.stderr
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("loomc: ")
+    assert "Traceback" not in missing.stderr
     store.close()
 
 
@@ -404,7 +413,8 @@ def test_db_copy_moves_every_run_step_state_and_hold(pg_dsn: str, tmp_path: Path
     assert after["runs"] == before["runs"]
     assert after["steps"] == before["steps"]
     assert after["holds"] == before["holds"] == [(4242, ids[2], 0.75, before["holds"][0][3])]
-    assert report.runs == len(before["runs"]) and report.steps == sum(len(s) for s in before["steps"].values())
+    assert report.runs == len(before["runs"])
+    assert report.steps == sum(len(s) for s in before["steps"].values())
     kinds = {s[1][:1] for steps in after["steps"].values() for s in steps if isinstance(s[1], bytes)}
     assert {b"Z", b"D"} <= kinds  # compressed keyframes and deltas travelled as stored
     for rid in before["runs"]:
@@ -438,9 +448,12 @@ def test_db_copy_and_info_on_the_cli(pg_dsn: str, tmp_path: Path) -> None:
     assert (info["kind"], info["schema_version"], info["runs"]) == ("sqlite", 4, runs)
     assert db_info(PostgresStore(pg_dsn)).steps == info["steps"] > 0
     refused = loomc_cli("db", "copy", str(first), pg_dsn)
-    assert refused.returncode == 1 and "--skip-existing" in refused.stderr and ids[0] in refused.stderr
+    assert refused.returncode == 1
+    assert "--skip-existing" in refused.stderr
+    assert ids[0] in refused.stderr
     same = loomc_cli("db", "copy", str(first), str(first))
-    assert same.returncode == 1 and "same database" in same.stderr
+    assert same.returncode == 1
+    assert "same database" in same.stderr
 
 
 # -- the server restarted under a running loop -----------------------------------------------------
