@@ -65,6 +65,20 @@ async def adrive(op: Op, cur: Any) -> Any:
         return done.value
 
 
+async def atransact(conn: Any, op: Op) -> Any:
+    """Drive the write ``op`` in one pipelined transaction on ``conn`` (see ``sync.transact``)."""
+    async with conn.pipeline():
+        cur = conn.cursor()
+        await cur.execute(_sql.BEGIN)
+        try:
+            result = await adrive(op, cur)
+        except BaseException:
+            await cur.execute(_sql.ROLLBACK)
+            raise
+        await cur.execute(_sql.COMMIT)
+    return result
+
+
 def _current_loop() -> Any:
     import asyncio
 
@@ -191,8 +205,8 @@ class AsyncPostgresStore:
                     async with pool.connection() as conn:
                         return await adrive(op_for(), conn.cursor())
                 with anyio.CancelScope(shield=True):
-                    async with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                        return await adrive(op_for(), conn.cursor())
+                    async with pool.connection() as conn:
+                        return await atransact(conn, op_for())
             except PoolTimeout as exc:
                 raise connection_error(exc, self.sync.dsn, "connect to") from None
             except psycopg.OperationalError as exc:

@@ -273,6 +273,9 @@ TABLES_SIZE = (
     "SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0) FROM "
     "unnest(ARRAY['runs', 'steps', 'blobs', 'holds', 'loomc_schema']) t"
 )
+BEGIN = "BEGIN"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
 COUNT_RUNS = "SELECT COUNT(*) FROM runs"
 COUNT_STEPS = "SELECT COUNT(*) FROM steps"
 

@@ -157,6 +157,26 @@ def drive(op: Op, cur: Any) -> Any:
         return done.value
 
 
+def transact(conn: Any, op: Op) -> Any:
+    """Drive the write ``op`` in one transaction on ``conn`` (autocommit), in pipeline mode.
+
+    ``BEGIN``, the statements and ``COMMIT`` are queued and sent together: a step that
+    reads nothing back costs one round trip to the server. A read in the middle (a
+    ``QUERY``, an ``INSERT ... RETURNING``) waits for its own result first; the explicit
+    transaction keeps everything atomic across those waits. An error rolls it all back.
+    """
+    with conn.pipeline():
+        cur = conn.cursor()
+        cur.execute(_sql.BEGIN)
+        try:
+            result = drive(op, cur)
+        except BaseException:
+            cur.execute(_sql.ROLLBACK)
+            raise
+        cur.execute(_sql.COMMIT)
+    return result
+
+
 def text_input(new: NewRun) -> NewRun:
     """``new`` with a JSON-text input as UTF-8 bytes: every state column is ``bytea``."""
     if isinstance(new.input_blob, str):
@@ -326,8 +346,7 @@ class PostgresStore:
                 with pool.connection() as conn:
                     if not write:
                         return drive(op_for(), conn.cursor())
-                    with conn.pipeline(), conn.transaction():
-                        return drive(op_for(), conn.cursor())
+                    return transact(conn, op_for())
             except PoolTimeout as exc:
                 raise connection_error(exc, self.dsn, "connect to") from None
             except psycopg.OperationalError as exc:
