@@ -507,3 +507,38 @@ def test_the_server_restarted_under_a_running_loop_loses_and_repeats_no_step(pg_
     info = store.get_run("restart-run")
     assert (info.steps, info.cost_usd) == (target, pytest.approx(0.01 * target))
     store.close()
+
+
+def test_a_forked_child_opens_its_own_connections(pg_dsn: str) -> None:
+    """A process forked from one using a store gets fresh connections; the parent's keep working."""
+    import multiprocessing
+
+    from loomc.store.open import open_store
+
+    store = open_store(pg_dsn)
+    rid = store.begin_run(NewRun(spec_hash="h"))
+    assert store.get_run(rid).steps == 0
+
+    def child() -> None:
+        mine = open_store(pg_dsn)  # the parent's cached store object, inherited by the fork
+        mine.add_cost(rid, 0.5)
+        mine.set_meta(rid, {"from": "child"})
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    info = store.get_run(rid)  # the parent's pooled connection was not disturbed
+    assert (info.cost_usd, info.meta) == (0.5, {"from": "child"})
+
+
+def test_the_shared_postgres_example_runs(pg_dsn: str) -> None:
+    """examples/shared_postgres.py: three worker processes, one database, every run there."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "shared_postgres.py"), "--dsn", pg_dsn],
+        capture_output=True, text=True, env=_env(LOOMC_EXAMPLE_DELAY="0"), timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("completed after 5 steps") == 6
+    assert "6 runs in postgresql://" in out.stdout
+    assert "30 steps" in out.stdout

@@ -12,8 +12,10 @@ psycopg is imported when a store is made, never by ``import loomc``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -265,6 +267,7 @@ class PostgresStore:
         self.path = display_dsn(dsn)
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         self._lock = threading.Lock()
+        _open_stores.add(self)
 
     @property
     def db_path(self) -> str:
@@ -505,3 +508,17 @@ class PostgresStore:
         return self._run(op_for, False, True)
 
 
+
+
+# A forked child (multiprocessing, a process pool) must not use its parent's connections,
+# nor the pool's threads, which did not survive the fork: it opens its own on first use.
+_open_stores: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
+
+
+def _forget_pools_in_child() -> None:
+    for store in list(_open_stores):
+        store._pool = None  # abandoned, not closed: closing would end the parent's sessions
+        store._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
