@@ -67,6 +67,15 @@ def pg_server() -> Iterator[PgServer]:
 
 
 @pytest.fixture
-def pg_dsn(pg_server: PgServer) -> str:
-    """A DSN naming a fresh, empty schema of the session's server."""
-    return pg_server.new_schema()
+def pg_dsn(pg_server: PgServer) -> Iterator[str]:
+    """A DSN naming a fresh, empty schema of the session's server.
+
+    The stores loops opened on it (``checkpoint=dsn`` is cached per process) are closed
+    after the test, so their connections do not pile up on the server.
+    """
+    from loomc.store import open as store_open
+
+    dsn = pg_server.new_schema()
+    yield dsn
+    for key in [k for k in store_open._pg_stores if k[0] == dsn]:
+        store_open._pg_stores.pop(key).close()

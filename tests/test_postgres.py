@@ -186,7 +186,8 @@ def test_a_newer_or_foreign_schema_is_refused_untouched(pg_server: PgServer) -> 
     import psycopg
 
     newer = pg_server.new_schema()
-    PostgresStore(newer).open()
+    with PostgresStore(newer) as made:
+        made.open()
     with psycopg.connect(newer, autocommit=True) as conn:
         conn.execute("UPDATE loomc_schema SET version = 99")
     with pytest.raises(SchemaTooNew, match="newer loomc"):
@@ -213,7 +214,8 @@ def test_migrations_are_the_sqlite_versions(pg_dsn: str) -> None:
 
     assert pg_sql.SCHEMA_VERSION == lite_sql.SCHEMA_VERSION
     assert set(pg_sql.MIGRATIONS) == set(lite_sql.MIGRATIONS)
-    assert PostgresStore(pg_dsn).schema_info().version == lite_sql.SCHEMA_VERSION
+    with PostgresStore(pg_dsn) as store:
+        assert store.schema_info().version == lite_sql.SCHEMA_VERSION
 
 
 def test_bad_dsns_and_unreachable_servers_are_one_line_without_the_password(tmp_path: Path) -> None:
@@ -446,7 +448,8 @@ def test_db_copy_and_info_on_the_cli(pg_dsn: str, tmp_path: Path) -> None:
     assert raw_dump(SQLiteStore(back))["steps"] == raw_dump(SQLiteStore(first))["steps"]
     info = json.loads(loomc_cli("db", "info", "--db", str(back), "--json").stdout)
     assert (info["kind"], info["schema_version"], info["runs"]) == ("sqlite", 4, runs)
-    assert db_info(PostgresStore(pg_dsn)).steps == info["steps"] > 0
+    with PostgresStore(pg_dsn) as pg:
+        assert db_info(pg).steps == info["steps"] > 0
     refused = loomc_cli("db", "copy", str(first), pg_dsn)
     assert refused.returncode == 1
     assert "--skip-existing" in refused.stderr

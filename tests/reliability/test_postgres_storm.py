@@ -86,7 +86,8 @@ def test_sigkills_on_postgres_lose_no_committed_step(pg_dsn: str, tmp_path: Path
             assert sorted(now) == list(range(len(now))), f"steps not contiguous: {sorted(now)}"
             lost = {n: v for n, v in seen.items() if now.get(n) != v}
             assert not lost, f"committed steps lost or changed after a kill: {sorted(lost)}"
-            info = loomc.PostgresStore(pg_dsn, create=False).get_run(run_id)
+            with loomc.PostgresStore(pg_dsn, create=False) as reader:
+                info = reader.get_run(run_id)
             assert info is not None
             if done is None:
                 expected = loomc.RunStatus.COMPLETED if len(now) == TARGET else loomc.RunStatus.CRASHED

@@ -173,6 +173,7 @@ class AsyncPostgresStore:
                 pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                     s.dsn, min_size=s.min_size, max_size=s.max_size, kwargs=s.connect_kwargs(),
                     configure=self._configure, open=False, name="loomc-async", timeout=max(s.connect_timeout, 30.0),
+                    num_workers=1,
                 )
                 await pool.open(wait=False)
                 self._pool, self._loop = pool, loop

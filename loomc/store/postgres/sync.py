@@ -321,12 +321,19 @@ class PostgresStore:
         pool: ConnectionPool[Any] = ConnectionPool(
             self.dsn, min_size=self.min_size, max_size=self.max_size, kwargs=self.connect_kwargs(),
             configure=self.configure, open=False, name="loomc", timeout=max(self.connect_timeout, 30.0),
+            num_workers=1,  # the pool's background thread (new connections, health); the caller's own do the work
         )
         pool.open(wait=False)
         return pool
 
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Close the pool (it reopens on next use)."""
+        """Close the pool (it reopens on next use). ``with PostgresStore(dsn) as store:`` closes it at the end."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
