@@ -545,3 +545,33 @@ def test_the_shared_postgres_example_runs(pg_dsn: str) -> None:
     assert out.stdout.count("completed after 5 steps") == 6
     assert "6 runs in postgresql://" in out.stdout
     assert "30 steps" in out.stdout
+
+
+def test_a_write_commits_whole_or_not_at_all(pg_dsn: str) -> None:
+    """A pipelined write whose later statement fails, or whose operation raises, leaves nothing behind."""
+    from loomc.store.core import EXEC, QUERY, Op
+
+    def failing_late(beat: float) -> Op:
+        yield EXEC, pg_sql.INSERT_HOLD, (1, "r", 0.5, "t")
+        yield EXEC, pg_sql.INSERT_HOLD, (1, "r", 0.5, "t")  # the same key: the server refuses it
+
+    def raising(beat: float) -> Op:
+        yield EXEC, pg_sql.INSERT_HOLD, (2, "r", 0.5, "t")
+        raise LoomcError("changed my mind")
+
+    def reading(beat: float) -> Op:
+        yield EXEC, pg_sql.INSERT_HOLD, (3, "r", 0.5, "t")
+        rows = yield QUERY, "SELECT count(*) FROM holds", ()
+        assert rows == [(1,)]  # its own insert, seen inside its transaction
+        raise LoomcError("after a read")
+
+    with PostgresStore(pg_dsn) as store:
+        with pytest.raises(StoreError, match="refused a write"):
+            store.run_write(failing_late)
+        with pytest.raises(LoomcError, match="changed my mind"):
+            store.run_write(raising)
+        with pytest.raises(LoomcError, match="after a read"):
+            store.run_write(reading)
+        assert store.run_read(lambda: (yield QUERY, "SELECT count(*) FROM holds", ())) == [(0,)]
+        store.put_hold("r", 4, 0.25)  # and the connections are fine afterwards
+        assert store.charge_holds("r").usd == 0.25

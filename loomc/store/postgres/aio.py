@@ -66,17 +66,41 @@ async def adrive(op: Op, cur: Any) -> Any:
 
 
 async def atransact(conn: Any, op: Op) -> Any:
-    """Drive the write ``op`` in one pipelined transaction on ``conn`` (see ``sync.transact``)."""
+    """Drive the write ``op`` as one pipelined transaction on ``conn`` (see ``sync.transact``)."""
+    import psycopg
+
     async with conn.pipeline():
         cur = conn.cursor()
-        await cur.execute(_sql.BEGIN)
+        began = False
+        send: Any = None
         try:
-            result = await adrive(op, cur)
+            while True:
+                kind, sql, args = op.send(send)
+                if kind == EXEC:
+                    await cur.execute(sql, args)
+                    send = None
+                elif kind == EXEC_MANY:
+                    if args:
+                        await cur.executemany(sql, args)
+                    send = None
+                else:
+                    if not began:
+                        await cur.execute(_sql.BEGIN)
+                        began = True
+                    await cur.execute(sql, args)
+                    send = await cur.fetchall() if kind == QUERY else (await cur.fetchone())[0]
+        except StopIteration as done:
+            if began:
+                await cur.execute(_sql.COMMIT)
+            return done.value
         except BaseException:
-            await cur.execute(_sql.ROLLBACK)
+            try:
+                if not began:
+                    await cur.execute(_sql.BEGIN)
+                await cur.execute(_sql.ROLLBACK)
+            except psycopg.Error:
+                pass
             raise
-        await cur.execute(_sql.COMMIT)
-    return result
 
 
 def _current_loop() -> Any:

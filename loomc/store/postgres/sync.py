@@ -4,7 +4,8 @@ The operations are ``loomc.store.core``'s, written once for every store; this mo
 fulfils their requests on psycopg 3 connections taken from a ``psycopg_pool`` pool and
 owns the schema: the first connection checks it, and migrates it forward under an
 advisory lock (several processes may open one database at once). Writes are sent in
-pipeline mode: a step's ``BEGIN``, statements and ``COMMIT`` travel to the server together.
+pipeline mode (:func:`transact`): a step's statements travel to the server together and
+commit as one transaction, in one round trip.
 
 psycopg is imported when a store is made, never by ``import loomc``.
 """
@@ -160,23 +161,50 @@ def drive(op: Op, cur: Any) -> Any:
 
 
 def transact(conn: Any, op: Op) -> Any:
-    """Drive the write ``op`` in one transaction on ``conn`` (autocommit), in pipeline mode.
+    """Drive the write ``op`` as one transaction on ``conn`` (autocommit), in pipeline mode.
 
-    ``BEGIN``, the statements and ``COMMIT`` are queued and sent together: a step that
-    reads nothing back costs one round trip to the server. A read in the middle (a
-    ``QUERY``, an ``INSERT ... RETURNING``) waits for its own result first; the explicit
-    transaction keeps everything atomic across those waits. An error rolls it all back.
+    The statements are queued and sent together; what the server runs between two
+    pipeline syncs is one implicit transaction, so a write that reads nothing back (a
+    step) is atomic in one round trip, without ``BEGIN`` and ``COMMIT``. Before the
+    first read a write needs (a ``QUERY``, an ``INSERT ... RETURNING``), ``BEGIN`` is
+    sent: it opens an explicit transaction that takes in the statements already sent
+    (the server's rule for a ``BEGIN`` inside an implicit block), kept across the wait
+    for the result and ended by ``COMMIT``. An error rolls everything back.
     """
+    import psycopg
+
     with conn.pipeline():
         cur = conn.cursor()
-        cur.execute(_sql.BEGIN)
+        began = False
+        send: Any = None
         try:
-            result = drive(op, cur)
+            while True:
+                kind, sql, args = op.send(send)
+                if kind == EXEC:
+                    cur.execute(sql, args)
+                    send = None
+                elif kind == EXEC_MANY:
+                    if args:
+                        cur.executemany(sql, args)
+                    send = None
+                else:
+                    if not began:
+                        cur.execute(_sql.BEGIN)
+                        began = True
+                    cur.execute(sql, args)
+                    send = cur.fetchall() if kind == QUERY else cur.fetchone()[0]
+        except StopIteration as done:
+            if began:
+                cur.execute(_sql.COMMIT)
+            return done.value
         except BaseException:
-            cur.execute(_sql.ROLLBACK)
+            try:
+                if not began:
+                    cur.execute(_sql.BEGIN)  # takes in what was sent, so that it is rolled back too
+                cur.execute(_sql.ROLLBACK)
+            except psycopg.Error:
+                pass  # the server already aborted it: nothing of it is kept
             raise
-        cur.execute(_sql.COMMIT)
-    return result
 
 
 def text_input(new: NewRun) -> NewRun:
