@@ -25,7 +25,7 @@ import pytest
 import loomc
 from loomc import Budget, LoomcError, PostgresStore, RunStatus, SchemaTooNew, SQLiteStore, StoreError, loop, predicate
 from loomc.store.postgres import sql as pg_sql
-from loomc.store.protocol import NewRun
+from loomc.store.protocol import NewRun, StepRow
 from loomc.store.transfer import copy_runs, db_info
 from orchestration import Graph
 from tests.postgres_fixtures import PgServer
@@ -575,3 +575,47 @@ def test_a_write_commits_whole_or_not_at_all(pg_dsn: str) -> None:
         assert store.run_read(lambda: (yield QUERY, "SELECT count(*) FROM holds", ())) == [(0,)]
         store.put_hold("r", 4, 0.25)  # and the connections are fine afterwards
         assert store.charge_holds("r").usd == 0.25
+
+
+def test_import_loomc_leaves_psycopg_alone() -> None:
+    """``import loomc`` (and a SQLite loop) imports no psycopg; making a ``PostgresStore`` does."""
+    code = textwrap.dedent(
+        """
+        import sys, tempfile, os
+        import loomc
+        from loomc import Budget, loop
+        @loop(budget=Budget(iterations=1), checkpoint=os.path.join(tempfile.mkdtemp(), "x.db"))
+        def f(s):
+            return s
+        f.run({})
+        before = sorted(m for m in ("psycopg", "psycopg_pool") if m in sys.modules)
+        loomc.PostgresStore("postgresql://nobody@127.0.0.1:1/x")  # connects at first use, not here
+        print(before, "psycopg" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert out.stdout.split() == ["[]", "True"], out.stderr
+
+
+def test_text_with_nul_characters_is_stored_made_visible(pg_dsn: str) -> None:
+    """PostgreSQL text cannot hold NUL (SQLite's can): names, errors and stop reasons keep it as ``\\x00``."""
+
+    @loop(budget=Budget(iterations=3), checkpoint=pg_dsn, name="nul\x00name")
+    def boom(s: dict[str, int]) -> dict[str, int]:
+        if s["n"] == 1:
+            raise RuntimeError("bad\x00byte")
+        return {"n": s["n"] + 1}
+
+    res = boom.run({"n": 0})
+    assert res.status is RunStatus.FAILED
+    store = boom.store()
+    info = store.get_run(res.run_id)
+    assert info.name == "nul\\x00name"
+    assert info.stop_reason is not None
+    assert "bad\\x00byte" in info.stop_reason
+    rid = store.begin_run(NewRun(spec_hash="h", name="a\x00b"))
+    store.commit_step(rid, StepRow(0, '{"n":1}', 0.1, None, "2026-01-01T00:00:00+00:00", "err\x00or", None, 0, 0.0, 0.1, 1,
+                                   0.0, 0.1, "running", None))
+    assert store.step_window(rid)[0].error == "err\\x00or"
+    with pytest.raises(loomc.RunNotFound):
+        store.resolve("\x00")  # a read with NUL in its parameters is answered too

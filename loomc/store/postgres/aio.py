@@ -27,11 +27,13 @@ from loomc.store.postgres import sql as _sql
 from loomc.store.postgres.sync import (
     PostgresStore,
     WriteOp,
+    _has_nul_text,
     _scrub,
     connection_error,
     register_state_loaders,
     session_settings,
     text_input,
+    without_nul,
 )
 from loomc.store.protocol import NewRun, new_run_id
 
@@ -42,12 +44,14 @@ if TYPE_CHECKING:
 __all__ = ["AsyncPostgresStore", "asyncio_twin"]
 
 
-async def adrive(op: Op, cur: Any) -> Any:
-    """Run ``op`` on a psycopg async cursor; its result."""
+async def adrive(op: Op, cur: Any, clean: bool = False) -> Any:
+    """Run ``op`` on a psycopg async cursor; its result (``clean``: as for ``sync.drive``)."""
     send: Any = None
     try:
         while True:
             kind, sql, args = op.send(send)
+            if clean:
+                args = without_nul(args)
             if kind == EXEC:
                 await cur.execute(sql, args)
                 send = None
@@ -65,7 +69,7 @@ async def adrive(op: Op, cur: Any) -> Any:
         return done.value
 
 
-async def atransact(conn: Any, op: Op) -> Any:
+async def atransact(conn: Any, op: Op, clean: bool = False) -> Any:
     """Drive the write ``op`` as one pipelined transaction on ``conn`` (see ``sync.transact``)."""
     import psycopg
 
@@ -76,6 +80,8 @@ async def atransact(conn: Any, op: Op) -> Any:
         try:
             while True:
                 kind, sql, args = op.send(send)
+                if clean:
+                    args = without_nul(args)
                 if kind == EXEC:
                     await cur.execute(sql, args)
                     send = None
@@ -223,15 +229,19 @@ class AsyncPostgresStore:
         from psycopg_pool import PoolTimeout
 
         pool = await self._connect()
-        for attempt in (0, 1):
+        clean = False
+        for attempt in (0, 1, 2):
             conn: Any = None
             try:
-                if not write:
+                with anyio.CancelScope(shield=write):  # a write is never left half done
                     async with pool.connection() as conn:
-                        return await adrive(op_for(), conn.cursor())
-                with anyio.CancelScope(shield=True):
-                    async with pool.connection() as conn:
-                        return await atransact(conn, op_for())
+                        try:
+                            if not write:
+                                return await adrive(op_for(), conn.cursor(), clean)
+                            return await atransact(conn, op_for(), clean)
+                        except psycopg.Error:
+                            await conn.close()  # not trusted after a failed statement (see PostgresStore._run)
+                            raise
             except PoolTimeout as exc:
                 raise connection_error(exc, self.sync.dsn, "connect to") from None
             except psycopg.OperationalError as exc:
@@ -240,6 +250,9 @@ class AsyncPostgresStore:
                     continue
                 raise connection_error(exc, self.sync.dsn, "write to" if write else "read from") from None
             except psycopg.Error as exc:
+                if not clean and _has_nul_text(exc):
+                    clean = True
+                    continue
                 raise StoreError(
                     f"PostgreSQL at {self.path} refused a {'write' if write else 'read'}: {_scrub(str(exc), self.sync.dsn)}"
                 ) from None

@@ -137,12 +137,35 @@ def connection_error(exc: BaseException, dsn: str, doing: str) -> StoreError:
     )
 
 
-def drive(op: Op, cur: Any) -> Any:
-    """Run ``op`` on a psycopg cursor (its result); ``INSERT`` reads the id its ``RETURNING`` gives."""
+def without_nul(args: Any) -> Any:
+    """Statement parameters with every NUL character of their text written as ``\\x00``.
+
+    PostgreSQL's text cannot hold NUL (SQLite's can): a step error or a name carrying one
+    is stored with it made visible, as ``storable`` does for a lone surrogate.
+    """
+    if isinstance(args, list):  # EXEC_MANY: a list of parameter tuples
+        return [without_nul(a) for a in args]
+    return tuple(a.replace("\x00", "\\x00") if isinstance(a, str) else a for a in args)
+
+
+def _has_nul_text(exc: BaseException) -> bool:
+    """Whether psycopg refused a parameter for holding a NUL character."""
+    import psycopg
+
+    return isinstance(exc, psycopg.DataError) and "NUL" in str(exc)
+
+
+def drive(op: Op, cur: Any, clean: bool = False) -> Any:
+    """Run ``op`` on a psycopg cursor (its result); ``INSERT`` reads the id its ``RETURNING`` gives.
+
+    ``clean``: pass every parameter through :func:`without_nul` first.
+    """
     send: Any = None
     try:
         while True:
             kind, sql, args = op.send(send)
+            if clean:
+                args = without_nul(args)
             if kind == EXEC:
                 cur.execute(sql, args)
                 send = None
@@ -160,7 +183,7 @@ def drive(op: Op, cur: Any) -> Any:
         return done.value
 
 
-def transact(conn: Any, op: Op) -> Any:
+def transact(conn: Any, op: Op, clean: bool = False) -> Any:
     """Drive the write ``op`` as one transaction on ``conn`` (autocommit), in pipeline mode.
 
     The statements are queued and sent together; what the server runs between two
@@ -169,7 +192,8 @@ def transact(conn: Any, op: Op) -> Any:
     first read a write needs (a ``QUERY``, an ``INSERT ... RETURNING``), ``BEGIN`` is
     sent: it opens an explicit transaction that takes in the statements already sent
     (the server's rule for a ``BEGIN`` inside an implicit block), kept across the wait
-    for the result and ended by ``COMMIT``. An error rolls everything back.
+    for the result and ended by ``COMMIT``. An error rolls everything back. ``clean``:
+    as for :func:`drive`.
     """
     import psycopg
 
@@ -180,6 +204,8 @@ def transact(conn: Any, op: Op) -> Any:
         try:
             while True:
                 kind, sql, args = op.send(send)
+                if clean:
+                    args = without_nul(args)
                 if kind == EXEC:
                     cur.execute(sql, args)
                     send = None
@@ -378,13 +404,20 @@ class PostgresStore:
         from psycopg_pool import PoolTimeout
 
         pool = self.pool
-        for attempt in (0, 1):
+        clean = False
+        for attempt in (0, 1, 2):
             conn: Any = None
             try:
                 with pool.connection() as conn:
-                    if not write:
-                        return drive(op_for(), conn.cursor())
-                    return transact(conn, op_for())
+                    try:
+                        if not write:
+                            return drive(op_for(), conn.cursor(), clean)
+                        return transact(conn, op_for(), clean)
+                    except psycopg.Error:
+                        # after a failed statement its session (the statements it prepared) is not
+                        # trusted: closed, the pool replaces it
+                        conn.close()
+                        raise
             except PoolTimeout as exc:
                 raise connection_error(exc, self.dsn, "connect to") from None
             except psycopg.OperationalError as exc:
@@ -394,6 +427,9 @@ class PostgresStore:
                     continue
                 raise connection_error(exc, self.dsn, "write to" if write else "read from") from None
             except psycopg.Error as exc:
+                if not clean and _has_nul_text(exc):  # refused before it was sent: run it again, made storable
+                    clean = True
+                    continue
                 raise StoreError(
                     f"PostgreSQL at {self.path} refused a {'write' if write else 'read'}: {_scrub(str(exc), self.dsn)}"
                 ) from None
