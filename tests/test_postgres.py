@@ -619,3 +619,31 @@ def test_text_with_nul_characters_is_stored_made_visible(pg_dsn: str) -> None:
     assert store.step_window(rid)[0].error == "err\\x00or"
     with pytest.raises(loomc.RunNotFound):
         store.resolve("\x00")  # a read with NUL in its parameters is answered too
+
+
+def test_starting_one_run_id_at_once_is_refused_as_on_sqlite(pg_dsn: str) -> None:
+    """Eight stores (eight connections) begin one run id at once: one wins, the others get RunLocked, never a StoreError."""
+    from loomc.store.lease import owner_token
+
+    stores = [PostgresStore(pg_dsn) for _ in range(8)]
+    for store in stores:
+        store.open()
+    barrier = threading.Barrier(len(stores))
+    outcomes: list[Any] = []
+
+    def start(store: PostgresStore) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(store.begin_run(NewRun(spec_hash="h", run_id="contested", owner=owner_token())))
+        except LoomcError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=start, args=(store,)) for store in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert outcomes.count("contested") == 1
+    assert [type(o).__name__ for o in outcomes if o != "contested"] == ["RunLocked"] * 7
+    for store in stores:
+        store.close()

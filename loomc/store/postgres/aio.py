@@ -28,6 +28,7 @@ from loomc.store.postgres.sync import (
     PostgresStore,
     WriteOp,
     _has_nul_text,
+    _races,
     _scrub,
     connection_error,
     register_state_loaders,
@@ -223,15 +224,16 @@ class AsyncPostgresStore:
         self._loop = None
 
     async def _run(self, op_for: Callable[[], Op], write: bool, retry: bool) -> Any:
-        """Drive ``op_for()`` on a pooled connection (see ``PostgresStore._run``); a write is shielded."""
+        """Drive ``op_for()`` on a pooled connection, run again as ``PostgresStore._run`` says; a write is shielded."""
         import anyio
         import psycopg
         from psycopg_pool import PoolTimeout
 
         pool = await self._connect()
-        clean = False
-        for attempt in (0, 1, 2):
+        clean, reconnected, races = False, False, 0
+        while True:
             conn: Any = None
+            dropped = False
             try:
                 with anyio.CancelScope(shield=write):  # a write is never left half done
                     async with pool.connection() as conn:
@@ -240,23 +242,27 @@ class AsyncPostgresStore:
                                 return await adrive(op_for(), conn.cursor(), clean)
                             return await atransact(conn, op_for(), clean)
                         except psycopg.Error:
-                            await conn.close()  # not trusted after a failed statement (see PostgresStore._run)
+                            dropped = conn.broken or conn.closed
+                            await conn.close()
                             raise
             except PoolTimeout as exc:
                 raise connection_error(exc, self.sync.dsn, "connect to") from None
-            except psycopg.OperationalError as exc:
-                if attempt == 0 and retry and (conn is None or conn.broken or conn.closed):
-                    await pool.check()
-                    continue
-                raise connection_error(exc, self.sync.dsn, "write to" if write else "read from") from None
             except psycopg.Error as exc:
+                if isinstance(exc, psycopg.OperationalError) and (dropped or conn is None):
+                    if retry and not reconnected:
+                        reconnected = True
+                        await pool.check()
+                        continue
+                    raise connection_error(exc, self.sync.dsn, "write to" if write else "read from") from None
+                if write and isinstance(exc, _races()) and races < 3:
+                    races += 1
+                    continue
                 if not clean and _has_nul_text(exc):
                     clean = True
                     continue
                 raise StoreError(
                     f"PostgreSQL at {self.path} refused a {'write' if write else 'read'}: {_scrub(str(exc), self.sync.dsn)}"
                 ) from None
-        raise AssertionError("unreachable")
 
     async def _read(self, op_for: Callable[[], Op]) -> Any:
         return await self._run(op_for, False, True)

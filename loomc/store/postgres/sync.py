@@ -148,6 +148,13 @@ def without_nul(args: Any) -> Any:
     return tuple(a.replace("\x00", "\\x00") if isinstance(a, str) else a for a in args)
 
 
+def _races() -> tuple[type[BaseException], ...]:
+    """The errors of a transaction that lost to a concurrent one (rolled back whole: safe to run again)."""
+    from psycopg import errors
+
+    return (errors.UniqueViolation, errors.DeadlockDetected, errors.SerializationFailure)
+
+
 def _has_nul_text(exc: BaseException) -> bool:
     """Whether psycopg refused a parameter for holding a NUL character."""
     import psycopg
@@ -396,17 +403,26 @@ class PostgresStore:
     def _run(self, op_for: Callable[[], Op], write: bool, retry: bool) -> Any:
         """Drive ``op_for()`` on a pooled connection (a write in one pipelined transaction).
 
-        A connection the server dropped (it restarted, or ended an idle one) is replaced
-        and the operation run once more when ``retry`` (reads, and writes that land the
-        same way twice); otherwise the failure is a :class:`StoreError`.
+        Run again, from a fresh ``op_for()``, when nothing of the failed attempt was kept:
+
+        - a connection the server dropped (it restarted, or ended an idle one) is replaced
+          and the operation run once more when ``retry`` (reads, and writes that land
+          the same way twice; another write may have landed before the drop);
+        - a write that lost a race (a unique key another transaction inserted first, a
+          deadlock, a serialisation failure) was rolled back whole: run again, it sees
+          the winner's row (two processes starting one run id get what SQLite gives them);
+        - text holding NUL is refused before it is sent: run again, made storable.
+
+        Any other failure is a :class:`StoreError` (a connection failure names the server).
         """
         import psycopg
         from psycopg_pool import PoolTimeout
 
         pool = self.pool
-        clean = False
-        for attempt in (0, 1, 2):
+        clean, reconnected, races = False, False, 0
+        while True:
             conn: Any = None
+            dropped = False
             try:
                 with pool.connection() as conn:
                     try:
@@ -414,26 +430,27 @@ class PostgresStore:
                             return drive(op_for(), conn.cursor(), clean)
                         return transact(conn, op_for(), clean)
                     except psycopg.Error:
-                        # after a failed statement its session (the statements it prepared) is not
-                        # trusted: closed, the pool replaces it
-                        conn.close()
+                        dropped = conn.broken or conn.closed
+                        conn.close()  # its session (what it prepared) is not trusted now: the pool replaces it
                         raise
             except PoolTimeout as exc:
                 raise connection_error(exc, self.dsn, "connect to") from None
-            except psycopg.OperationalError as exc:
-                dropped = conn is None or conn.broken or conn.closed
-                if attempt == 0 and retry and dropped:
-                    pool.check()  # let go of the other dropped connections too
-                    continue
-                raise connection_error(exc, self.dsn, "write to" if write else "read from") from None
             except psycopg.Error as exc:
-                if not clean and _has_nul_text(exc):  # refused before it was sent: run it again, made storable
+                if isinstance(exc, psycopg.OperationalError) and (dropped or conn is None):
+                    if retry and not reconnected:
+                        reconnected = True
+                        pool.check()  # let go of the other dropped connections too
+                        continue
+                    raise connection_error(exc, self.dsn, "write to" if write else "read from") from None
+                if write and isinstance(exc, _races()) and races < 3:
+                    races += 1
+                    continue
+                if not clean and _has_nul_text(exc):
                     clean = True
                     continue
                 raise StoreError(
                     f"PostgreSQL at {self.path} refused a {'write' if write else 'read'}: {_scrub(str(exc), self.dsn)}"
                 ) from None
-        raise AssertionError("unreachable")
 
     def _write(self, op: WriteOp, *, retry: bool = False) -> Any:
         import time
