@@ -218,6 +218,34 @@ def test_migrations_are_the_sqlite_versions(pg_dsn: str) -> None:
         assert store.schema_info().version == lite_sql.SCHEMA_VERSION
 
 
+def test_a_v4_schema_is_migrated_to_fenced_leases_caps_and_questions(pg_dsn: str) -> None:
+    """A schema a v4 loomc wrote: the migration adds the lease, cap and fork columns (caps read from the stored
+    budgets, ``Infinity`` too), the questions table and the fence; its runs read, resume and ask as new ones."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute(pg_sql.CREATE_VERSION)
+        conn.execute("INSERT INTO loomc_schema (version) VALUES (4)")
+        for version in range(4):
+            pg_sql.migrate(conn, version)
+        insert = (
+            "INSERT INTO runs (id, spec_hash, status, created_at, updated_at, budget, owner, heartbeat) "
+            "VALUES (%s, 'h', %s, %s, %s, %s, %s, %s)"
+        )
+        now = pg_sql.now_iso()
+        conn.execute(insert, ("capped", "completed", now, now, json.dumps({"usd": 2.5, "iterations": 3}), None, None))
+        conn.execute(insert, ("endless", "running", now, now, json.dumps({"usd": float("inf")}), "far-host:1:1", 100.0))
+    with PostgresStore(pg_dsn, shared_budget=True) as store:
+        assert store.schema_info().version == pg_sql.SCHEMA_VERSION
+        assert store.shared_view("capped") == (0.0, 0.0, 2.5)
+        assert store.shared_view("endless") == (0.0, 0.0, None)
+        assert store.get_run("endless").status is RunStatus.CRASHED  # its lease ended long ago (heartbeat + 30 s)
+        store.acquire("endless", "here:2:2")
+        assert store.epoch_of("endless") == 1
+        store.wait_for_input("endless", WaitRow(0.0, 0.0, "waiting: ok?", Question("endless", 0, 0, "ok?", None, None, "")))
+        assert [q.text for q in store.questions("endless")] == ["ok?"]
+
+
 def test_bad_dsns_and_unreachable_servers_are_one_line_without_the_password(tmp_path: Path) -> None:
     """A server that is not there and a DSN that does not parse: a StoreError, no password, on the CLI one line."""
     with pytest.raises(StoreError, match="cannot open PostgreSQL") as caught:
