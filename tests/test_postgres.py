@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -579,6 +580,25 @@ def test_the_shared_postgres_example_runs(pg_dsn: str) -> None:
     assert out.stdout.count("completed after 5 steps") == 6
     assert "6 runs in postgresql://" in out.stdout
     assert "30 steps" in out.stdout
+
+
+def test_example_shared_budget_workers_on_postgres(pg_dsn: str) -> None:
+    """examples/shared_budget_workers.py --db postgresql://...: three worker processes stop together at one cap."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "shared_budget_workers.py"), "--workers", "3", "--cap", "0.20",
+         "--db", pg_dsn], capture_output=True, text=True, env=_env(), timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    match = re.search(r"run (\w+): 3 workers spent \$([0-9.]+) of \$0\.20", out.stdout)
+    assert match, out.stdout
+    with PostgresStore(pg_dsn) as store:
+        spent, reserved, cap = store.shared_view(match.group(1))
+        assert (cap, reserved) == (0.20, pytest.approx(0.0, abs=1e-9))
+        assert spent == pytest.approx(float(match.group(2)), abs=1e-6)
+        assert spent <= 0.20 + 1e-9
+        children = store.children(match.group(1))
+        assert [c.status for c in children] == [RunStatus.BUDGET_EXHAUSTED] * 3
+        assert sum(c.cost_usd for c in children) == pytest.approx(spent, abs=1e-9)
 
 
 def test_a_write_commits_whole_or_not_at_all(pg_dsn: str) -> None:
