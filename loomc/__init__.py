@@ -47,6 +47,8 @@ from loomc.store.sqlite.sync import CheckpointStore, MemoryStore, SQLiteStore
 
 if TYPE_CHECKING:
     from loomc.integrations.adapters import AnthropicAdapter, OpenAIAdapter
+    from loomc.store.postgres.aio import AsyncPostgresStore
+    from loomc.store.postgres.sync import PostgresStore
 
 __version__ = "0.5.0"
 
@@ -55,6 +57,7 @@ __all__ = [
     "AnthropicAdapter",
     "AsyncCheckpointStore",
     "AsyncLoopRunner",
+    "AsyncPostgresStore",
     "AsyncSQLiteStore",
     "BestScore",
     "BreakerState",
@@ -74,6 +77,7 @@ __all__ = [
     "LoopRunner",
     "MemoryStore",
     "OpenAIAdapter",
+    "PostgresStore",
     "Reservation",
     "Retry",
     "RunContextLost",
@@ -111,7 +115,12 @@ __all__ = [
     "with_run_context",
 ]
 
-_LAZY = {"AnthropicAdapter": "loomc.integrations.adapters", "OpenAIAdapter": "loomc.integrations.adapters"}
+_LAZY = {
+    "AnthropicAdapter": "loomc.integrations.adapters",
+    "OpenAIAdapter": "loomc.integrations.adapters",
+    "PostgresStore": "loomc.store.postgres.sync",
+    "AsyncPostgresStore": "loomc.store.postgres.aio",
+}
 
 
 def __getattr__(name: str) -> Any:

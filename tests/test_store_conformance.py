@@ -1,7 +1,8 @@
 """One conformance suite for every checkpoint store, and a store written from the protocol alone.
 
-Every test runs against the SQLite store (sync), the memory store, and the async face of
-the SQLite store on asyncio (``AsyncSQLiteStore``, aiosqlite) and on trio (worker threads).
+Every test runs against the SQLite store (sync), the memory store, the async face of the
+SQLite store on asyncio (``AsyncSQLiteStore``, aiosqlite) and on trio (worker threads), and
+the same three faces of the PostgreSQL store (a real server, a schema per test).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import loomc
 from loomc import AmbiguousRunId, Budget, LoomcError, MemoryStore, RunNotFound, RunStatus, SQLiteStore, StepRecord, loop, predicate
 from loomc.store.codec import decode, encode
 from loomc.store.lease import owner_token
+from loomc.store.postgres.aio import AsyncPostgresStore
+from loomc.store.postgres.sync import PostgresStore
 from loomc.store.protocol import (
     AsyncCheckpointStore,
     CheckpointStore,
@@ -41,7 +44,10 @@ from loomc.store.sqlite.sql import SCHEMA_VERSION, now_iso
 
 pytestmark = pytest.mark.anyio
 
-KINDS = ["sqlite", "memory", "sqlite-async-asyncio", "sqlite-async-trio"]
+KINDS = [
+    "sqlite", "memory", "sqlite-async-asyncio", "sqlite-async-trio",
+    "postgres", "postgres-async-asyncio", "postgres-async-trio",
+]
 
 
 @pytest.fixture(params=KINDS)
@@ -76,20 +82,25 @@ class Face:
 @pytest.fixture
 async def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Face]:
     """A fresh store of each kind (the async ones fail a test that blocks the event loop)."""
-    if kind.startswith("sqlite-async"):
-        request.getfixturevalue("no_blocking")
     if kind == "memory":
         yield Face(MemoryStore(), is_async=False)
         return
-    sync = SQLiteStore(tmp_path / "conf.db")
-    if kind == "sqlite":
+    sync: Any
+    if kind.startswith("postgres"):
+        sync = PostgresStore(request.getfixturevalue("pg_dsn"))
+        sync.open()  # before the event-loop watch: a sync store connects in the caller's thread
+    else:
+        sync = SQLiteStore(tmp_path / "conf.db")
+    if "-async" in kind:
+        request.getfixturevalue("no_blocking")
+    if kind in ("sqlite", "postgres"):
         yield Face(sync, is_async=False)
     else:
-        twin = async_twin(sync)  # aiosqlite under asyncio, worker threads under trio
-        assert isinstance(twin, AsyncSQLiteStore) == (kind == "sqlite-async-asyncio")
+        twin = async_twin(sync)  # aiosqlite / psycopg's async pool under asyncio, worker threads under trio
+        assert isinstance(twin, (AsyncSQLiteStore, AsyncPostgresStore)) == kind.endswith("-asyncio")
         async with twin:
             yield Face(twin, is_async=True)
-    sync.close()
+    await anyio.to_thread.run_sync(sync.close)  # a pool's workers are joined: not on the event loop
 
 
 def row(
@@ -113,10 +124,11 @@ def test_every_store_has_every_protocol_method() -> None:
     sync_methods = protocol_methods(CheckpointStore)
     assert {"step_history", "charge_holds", "put_hold", "drop_holds", "renew_leases", "stored_state"} <= sync_methods
     assert protocol_methods(AsyncCheckpointStore) == sync_methods
-    for cls in (SQLiteStore, MemoryStore):
+    for cls in (SQLiteStore, MemoryStore, PostgresStore):
         assert sync_methods <= set(dir(cls)), cls
     for name in sync_methods:
         assert inspect.iscoroutinefunction(getattr(AsyncSQLiteStore, name)), name
+        assert inspect.iscoroutinefunction(getattr(AsyncPostgresStore, name)), name
 
 
 async def test_satisfies_the_protocol(store: Face) -> None:

@@ -30,12 +30,13 @@ from loomc.cli.common import (
     fail,
     find_run,
     given_limits,
+    open_reader,
     root_run,
     writable_store,
 )
 
 if TYPE_CHECKING:
-    from loomc.store.sqlite.sync import SQLiteStore
+    from loomc.store.protocol import CheckpointStore
 
 __all__ = ["app", "main"]
 
@@ -58,10 +59,20 @@ graph_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(graph_app, name="graph")
+db_app = typer.Typer(
+    help="Whole databases: describe one, copy every run between two (SQLite, PostgreSQL), vacuum one.",
+    rich_markup_mode=_MARKUP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(db_app, name="db")
 
 DbOpt = Annotated[
-    Path | None,
-    typer.Option("--db", help="Checkpoint database [default: $LOOMC_DB, else .loomc/checkpoints.db].", show_default=False),
+    str | None,
+    typer.Option(
+        "--db", help="Checkpoint database: a SQLite file or a postgresql:// DSN [default: $LOOMC_DB, else .loomc/checkpoints.db].",
+        show_default=False,
+    ),
 ]
 RunIdArg = Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id, or a unique prefix of one.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
@@ -116,20 +127,14 @@ def main() -> None:
 # Reading the store
 
 
-def _open(db: Path | None) -> SQLiteStore:
+def _open(db: str | None) -> Any:
     """The database named by ``--db`` / ``$LOOMC_DB`` / the default, opened for reading.
 
-    A reader never creates a database, nor migrates one: a file older than this loomc
-    reads is refused untouched (``SQLiteStore`` with ``create=False``).
+    A reader never creates a database, nor migrates one: a database older than this
+    loomc reads is refused untouched (``create=False``). A ``postgresql://`` DSN opens a
+    :class:`~loomc.PostgresStore`.
     """
-    from loomc.store.sqlite.sync import SQLiteStore
-
-    path = database_path(db)
-    store = SQLiteStore(path, create=False)
-    store.open()  # now, so a bad file is reported before any output
-    return store
-
-
+    return open_reader(database_path(db))
 
 
 # ---------------------------------------------------------------------------------
@@ -170,7 +175,7 @@ def runs(
 # show
 
 
-def _tree_json(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
+def _tree_json(store: CheckpointStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
     from loomc.cli import render as r
 
     kids = store.children(info.id)
@@ -267,7 +272,7 @@ def _node_rows(info: RunInfo, kids: list[RunInfo]) -> list[tuple[str, Any, str, 
     return rows
 
 
-def _add_tree(out: Any, store: SQLiteStore, node: Any, info: RunInfo, depth: int, items: bool, route: str = "") -> None:
+def _add_tree(out: Any, store: CheckpointStore, node: Any, info: RunInfo, depth: int, items: bool, route: str = "") -> None:
     kids = store.children(info.id)
     branch = node.add(_tree_label(out, info, kids, route))
     if depth > 50:  # a malformed (cyclic) parent chain must not recurse forever
@@ -275,7 +280,7 @@ def _add_tree(out: Any, store: SQLiteStore, node: Any, info: RunInfo, depth: int
     _add_kids(out, store, branch, info, kids, depth, items)
 
 
-def _add_kids(out: Any, store: SQLiteStore, branch: Any, info: RunInfo, kids: list[RunInfo], depth: int, items: bool) -> None:
+def _add_kids(out: Any, store: CheckpointStore, branch: Any, info: RunInfo, kids: list[RunInfo], depth: int, items: bool) -> None:
     """A run's children under ``branch``: a map node's items folded unless ``items``; a graph's routing."""
     from rich.text import Text
 
@@ -297,7 +302,7 @@ def _add_kids(out: Any, store: SQLiteStore, branch: Any, info: RunInfo, kids: li
                 branch.add(Text(f"node {name}  {why}"))
 
 
-def _show_tree(out: Any, store: SQLiteStore, info: RunInfo, items: bool = False) -> None:
+def _show_tree(out: Any, store: CheckpointStore, info: RunInfo, items: bool = False) -> None:
     from rich.tree import Tree
 
     kids = store.children(info.id)
@@ -360,7 +365,7 @@ def _window(first: int | None, last: int | None, all_: bool, tty: bool) -> tuple
 
 
 def _step_rows(
-    store: SQLiteStore, run_id: str, first: int | None, last: int | None, *, full: bool
+    store: CheckpointStore, run_id: str, first: int | None, last: int | None, *, full: bool
 ) -> tuple[list[tuple[Any, float]], int, int, int, int]:
     """The steps to print with their cumulative cost, and what is left out.
 
@@ -634,7 +639,7 @@ def ui(
 # export
 
 
-def _export_node(store: SQLiteStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
+def _export_node(store: CheckpointStore, info: RunInfo, depth: int = 0) -> dict[str, Any]:
     from loomc.cli import render as r
     from loomc.store.codec import decode
 
@@ -841,18 +846,19 @@ def prune(
     if report.skipped:
         out.line(f"left alone: {len(report.skipped)} runs that started running or waiting meanwhile")
     if not dry_run and report.runs:
-        out.line(f"the file keeps its size until `loomc db vacuum --db {store.path}` returns the space")
+        if getattr(store, "dsn", None):  # PostgreSQL: the DSN may hold a password, never printed
+            out.line("the tables keep their size until `loomc db vacuum` (with the same --db) frees the space")
+        else:
+            out.line(f"the file keeps its size until `loomc db vacuum --db {store.path}` returns the space")
 
 
 _PRUNE_LISTED = 20
 
-db_app = typer.Typer(help="The database itself: vacuum.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
 
 
 @db_app.command("vacuum")
 def db_vacuum(db: DbOpt = None) -> None:
-    """Return the space of deleted runs to the file system (SQLite VACUUM)."""
+    """Return the space of deleted runs to the file system (SQLite VACUUM; PostgreSQL VACUUM of loomc's tables)."""
     from loomc.cli import render as r
 
     store = writable_store(database_path(db), existing=True)
@@ -861,6 +867,81 @@ def db_vacuum(db: DbOpt = None) -> None:
         raise CliError(f"{store!r} has nothing to vacuum")
     before, after = vacuum()
     r.Output().line(f"{store.path}: {r.size(before)} -> {r.size(after)} ({r.size(before - after)} returned)")
+
+
+# db
+
+
+@db_app.command("info")
+def db_info(db: DbOpt = None, json_: JsonOpt = False) -> None:
+    """The database's kind, schema version, runs, steps and size."""
+    from loomc.cli import render as r
+    from loomc.store.transfer import db_info as read_info
+
+    store = _open(db)
+    try:
+        info = read_info(store)
+    finally:
+        store.close()
+    if json_:
+        sys.stdout.write(r.dumps(vars(info)) + "\n")
+        return
+    r.Output().kv([
+        ("database", info.where), ("kind", info.kind), ("schema", f"v{info.schema_version}"),
+        ("runs", str(info.runs)), ("steps", str(info.steps)), ("size", _size_text(info.bytes)),
+    ])
+
+
+def _size_text(n: int) -> str:
+    """``n`` bytes for a reader: ``812 B``, ``3.4 MB``."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+@db_app.command("copy")
+def db_copy(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="The database to copy from: a SQLite file or a postgresql:// DSN.")],
+    dst: Annotated[str, typer.Argument(metavar="DST", help="The database to copy into (created if missing).")],
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing", help="Skip run trees whose ids DST already has (default: refuse the copy).")
+    ] = False,
+) -> None:
+    """Copy every run (whole trees: steps, states, reservations) from SRC into DST; leases are not copied."""
+    from loomc.cli.common import same_database
+    from loomc.store.transfer import copy_runs, open_for_copy
+
+    source, target = database_path(src), database_path(dst)
+    if same_database(source, target):
+        raise CliError("SRC and DST are the same database; copy into another one")
+    reader = open_reader(source)
+    writer = open_for_copy(target, create=True)
+    tty = sys.stderr.isatty()
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if done == total or now - shown[0] >= 1.0:
+            shown[0] = now
+            end = "\n" if done == total or not tty else ""
+            sys.stderr.write(f"{chr(13) if tty else ''}loomc: copied {done}/{total} run trees{end}")
+            sys.stderr.flush()
+
+    try:
+        report = copy_runs(reader, writer, skip_existing=skip_existing, progress=progress)
+    finally:
+        reader.close()
+        writer.close()
+    line = f"copied {report.runs} runs ({report.steps} steps, {report.holds} reservations) from {reader.path} to {writer.path}"
+    if report.skipped:
+        more = " ..." if len(report.skipped) > 5 else ""
+        line += f"; skipped {len(report.skipped)} run trees DST already had ({', '.join(report.skipped[:5])}{more})"
+    sys.stdout.write(line + "\n")
 
 
 # ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from loomc._core.types import RunInfo
 __all__ = [
     "LIMIT_OPTIONS",
     "CliError",
+    "Database",
     "OptionError",
     "check_graph_input",
     "check_new_limits",
@@ -31,8 +32,10 @@ __all__ = [
     "find_run",
     "given_database_path",
     "import_file",
+    "open_reader",
     "require_database",
     "root_run",
+    "same_database",
     "writable_store",
 ]
 
@@ -94,63 +97,112 @@ def fail(message: str) -> int:
     return 1
 
 
-def database_path(db: str | os.PathLike[str] | None) -> Path:
+#: Where runs are stored: a SQLite file, or a PostgreSQL DSN (``postgresql://...``).
+Database = Path | str
+
+
+def database_path(db: str | os.PathLike[str] | None) -> Database:
     """The database a command uses: ``--db``, else ``$LOOMC_DB``, else ``.loomc/checkpoints.db``.
+
+    A PostgreSQL URI (``postgresql://...`` / ``postgres://...``) is returned as it is.
 
     Raises:
         StoreError: the path is a directory.
     """
+    from loomc.store.postgres import is_dsn
     from loomc.store.sqlite.sync import default_db_path
 
+    if db is None and is_dsn(os.environ.get("LOOMC_DB")):
+        return os.environ["LOOMC_DB"]
+    if is_dsn(db):
+        return str(db)
     path = Path(db) if db is not None else default_db_path()
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a loomc database; pass --db FILE")
     return path
 
 
-def given_database_path(db: str | os.PathLike[str] | None) -> Path | None:
+def given_database_path(db: str | os.PathLike[str] | None) -> Database | None:
     """:func:`database_path` when ``--db`` or ``$LOOMC_DB`` names one, else ``None`` (the caller's own default)."""
     if db is None and not os.environ.get("LOOMC_DB"):
         return None
     return database_path(db)
 
 
-def checkpoint_path(checkpoint: Any) -> Path | None:
-    """The database file a ``checkpoint=`` argument writes to (``None``: not a file, e.g. ``"memory"``)."""
-    from loomc.store.sqlite.sync import default_db_path
+def checkpoint_path(checkpoint: Any) -> Database | None:
+    """The database a ``checkpoint=`` argument writes to (``None``: not a database, e.g. ``"memory"``)."""
+    from loomc.store.postgres import is_dsn
 
     if checkpoint is None or checkpoint == "sqlite":
-        return default_db_path()
+        return database_path(None)
     if checkpoint == "memory":
         return None
+    if is_dsn(checkpoint):
+        return str(checkpoint)
     if isinstance(checkpoint, (str, os.PathLike)):
         return Path(checkpoint)
-    path = getattr(checkpoint, "path", None)
+    store = getattr(checkpoint, "sync", None) if getattr(checkpoint, "is_async", False) else checkpoint
+    dsn = getattr(store, "dsn", None)
+    if is_dsn(dsn):
+        return str(dsn)
+    path = getattr(store, "path", None)
     return Path(path) if path is not None else None
 
 
-def require_database(path: Path | None) -> None:
-    """Refuse to continue a stored run from a database file that does not exist (it would be created empty).
+def same_database(a: Database, b: Database) -> bool:
+    """Whether two databases are the same file (resolved) or the same PostgreSQL database and schema."""
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    if isinstance(a, str) and isinstance(b, str):
+        from psycopg.conninfo import conninfo_to_dict
+
+        return conninfo_to_dict(a) == conninfo_to_dict(b)
+    return False
+
+
+def open_reader(db: Database) -> Any:
+    """The store at ``db``, opened for reading: never created nor migrated (a newer one is refused untouched).
 
     Raises:
-        StoreError: there is no database at ``path`` (``None``: not a file; nothing to check).
+        StoreError: no loomc database there (or the server cannot be reached).
+        LoomcError: a PostgreSQL DSN without the ``postgres`` extra installed.
     """
-    if path is not None and not path.is_file():
+    if isinstance(db, str):
+        from loomc.store.postgres.sync import PostgresStore
+
+        store: Any = PostgresStore(db, create=False, max_size=2)
+    else:
+        from loomc.store.sqlite.sync import SQLiteStore
+
+        store = SQLiteStore(db, create=False)
+    store.open()  # now, so a bad database is reported before any output
+    return store
+
+
+def require_database(path: Database | None) -> None:
+    """Refuse to continue a stored run from a database that does not exist (it would be created empty).
+
+    Raises:
+        StoreError: there is no database at ``path`` (``None``: not a database; nothing to check).
+    """
+    if isinstance(path, str):
+        open_reader(path).close()  # a schema without loomc's tables is refused with a clear line
+    elif path is not None and not path.is_file():
         raise StoreError(f"no loomc database at {path}, so no run to resume there; pass the --db the run was started with")
 
 
-def writable_store(path: Path, *, existing: bool) -> Any:
-    """The store a command writes runs to (one per file in this process).
+def writable_store(path: Database, *, existing: bool) -> Any:
+    """The store a command writes runs to (one per database in this process).
 
     Args:
-        path: the database file.
-        existing: the command continues a stored run: a missing file is an error, never
-            created empty.
+        path: the database file, or a PostgreSQL DSN.
+        existing: the command continues a stored run: a missing database is an error,
+            never created empty.
 
     Raises:
         StoreError: ``existing`` and there is no database at ``path``.
     """
-    from loomc.store.sqlite.sync import open_store
+    from loomc.store.open import open_store
 
     if existing:
         require_database(path)

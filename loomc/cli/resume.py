@@ -18,7 +18,7 @@ from typing import Any
 
 from loomc._core.errors import LoomcError
 from loomc._core.types import RunInfo, RunStatus
-from loomc.cli.common import checkpoint_path, error_line, given_limits, import_file, root_run
+from loomc.cli.common import Database, checkpoint_path, error_line, given_limits, import_file, root_run, same_database
 
 __all__ = ["load_loop", "resume_budget", "resume_here"]
 
@@ -138,15 +138,19 @@ def resume_here(store: Any, info: RunInfo, budget: Any = None) -> int:
         raise LoomcError(
             f"run {info.id} is running in live process {info.owner}; follow it with `loomc watch {info.id}`, or stop that process first"
         )
-    db_path = Path(store.path).resolve()
+    dsn = getattr(store, "dsn", None)
+    db: Database = dsn if isinstance(dsn, str) else Path(store.path).resolve()
     # A loop declared with the default checkpoint writes to the database being read.
-    os.environ["LOOMC_DB"] = str(db_path)
+    os.environ["LOOMC_DB"] = str(db)
     runner = load_loop(info, Path.cwd())
     target = checkpoint_path(runner.spec.checkpoint)
-    if target is None or target.resolve() != db_path:
+    if target is None or not same_database(target, db):
+        from loomc.store.postgres.sync import display_dsn
+
+        shown, there = (display_dsn(x) if isinstance(x, str) else x for x in (target, db))
         raise LoomcError(
-            f"{info.name} writes its checkpoints to {target or runner.spec.checkpoint!r}, not {db_path}; pass --db {target}"
-            if target
+            f"{info.name} writes its checkpoints to {shown or runner.spec.checkpoint!r}, not {there}; pass --db {shown}"
+            if shown
             else f"{info.name} does not checkpoint to a database file"
         )
     follower = Follower(store, info.id)

@@ -499,10 +499,14 @@ def async_twin(store: Any) -> Any:
     """The async face of ``store`` for the running event loop (``store`` itself when already async).
 
     A ``SQLiteStore`` under asyncio gets the loop's :class:`AsyncSQLiteStore` on the same file
-    and durability; any other store, or any store under trio, a :class:`ThreadedStore`.
+    and durability, a store with an ``asyncio_twin()`` method (``PostgresStore``) what it
+    returns; any other store, or any store under trio, a :class:`ThreadedStore`.
     """
     if getattr(store, "is_async", False):
         return store
+    twin_for_asyncio = getattr(store, "asyncio_twin", None)  # a store with an asyncio face of its own
+    if twin_for_asyncio is not None and _on_asyncio():
+        return twin_for_asyncio()
     if isinstance(store, SQLiteStore) and _on_asyncio():
         loop = _current_loop()
         with _lock:

@@ -395,6 +395,15 @@ class SQLiteStore:
         return StoreError(f"cannot write to {self.path}: {msg}; {hint}")
 
 
+    # -- any operation (``loomc.store.transfer``: whole-database tools) -------------
+    def run_read(self, op_for: Callable[[], Op]) -> Any:
+        """Drive the read operation ``op_for()`` makes (``loomc.store.core`` style) on this store."""
+        return self._read(op_for())
+
+    def run_write(self, op: WriteOp) -> Any:
+        """Drive the write ``op(heartbeat)`` in one transaction of this store; its result."""
+        return self._write(op)
+
     # -- runs ---------------------------------------------------------------------
     def create_run(self, spec_hash: str, **kwargs: Any) -> str:
         """Create a run (status ``running``, no owner) and return its id."""
