@@ -628,8 +628,9 @@ class _Run:
             parent.charge(self.held, enforce=False)  # charged at the resume: new to the enclosing runs' ledgers
         ctx.ledger = ledger
         # the runs above this one, whose stored totals each committed step raises too
+        # (a parent opened from another process names the runs above it too: their totals rise as well)
         self.ancestors = tuple(
-            dict.fromkeys(led.run_id for led in parent.chain() if led.run_id and led.run_id != run_id)
+            dict.fromkeys(rid for rid in parent.lineage() if rid and rid != run_id)
         ) if nested and parent is not None else ()
         self.deadline = ledger.deadline_in_chain()  # this run's or an ancestor's, whichever comes first
         self.iterations, self.max_step_cost, self.wall_base = usage.iterations, usage.max_step_cost, usage.wall_s
