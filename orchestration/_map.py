@@ -161,11 +161,12 @@ async def _run_items(node: str, graph: str, spec: MapSpec, items: list[Any]) -> 
             result: RunResult = await anyio.to_thread.run_sync(call, limiter=threads)
         return result
 
-    def halt() -> None:
-        """No more items start; those on an executor not finished are cancelled."""
+    def halt(*, cancel: bool) -> None:
+        """No more items start. On an executor, with ``cancel``, the items waiting for a worker are
+        cancelled (those running finish there); without, they find no room and return at once."""
         nonlocal stop
         stop = True
-        if remote is not None:
+        if cancel and remote is not None:
             remote.cancel(submitted)
 
     async def worker() -> None:
@@ -183,11 +184,11 @@ async def _run_items(node: str, graph: str, spec: MapSpec, items: list[Any]) -> 
                 if first_failure is None:
                     first_failure = (i, None, exc)
                 if spec.on_item_error == "fail":
-                    halt()
+                    halt(cancel=True)
                 continue
-            if found is None:  # on the executor, not started: no room left (or the map stopped)
+            if found is None:  # on the executor, not started: no room left (or the graph was cancelled)
                 no_room = True
-                halt()
+                halt(cancel=False)
                 continue
             result = found
             status = result.status
@@ -198,13 +199,13 @@ async def _run_items(node: str, graph: str, spec: MapSpec, items: list[Any]) -> 
                 done += 1
             elif status is RunStatus.BUDGET_EXHAUSTED:
                 budget_stop = budget_stop or result.error
-                halt()
+                halt(cancel=False)
             else:
                 failed += 1
                 if first_failure is None:
                     first_failure = (i, result, result.error)
                 if spec.on_item_error == "fail":
-                    halt()
+                    halt(cancel=True)
             if report is not None:
                 report(done + failed, total)
 

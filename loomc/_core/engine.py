@@ -299,7 +299,7 @@ _COST_FN_HINT = "return the USD the step spent (0.0 if it spent nothing)"
 
 def _refused(exc: BudgetExhausted, ledger: RunLedger) -> Stop | None:
     """The stop a refused charge calls for: when the cap is this run's or an ancestor's."""
-    if not any(exc.owner == led.run_id for led in ledger.chain()):
+    if exc.owner not in ledger.lineage():  # (runs driven in other processes included)
         return None  # a cap of a nested run (inside the step) only: a plain step error
     outer = exc.owner if exc.owner != ledger.run_id else None
     return Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}" + (f" (enclosing run {outer})" if outer else ""),
