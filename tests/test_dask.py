@@ -160,7 +160,7 @@ def _in_thread(fn: Callable[[], GraphResult]) -> tuple[threading.Thread, list[An
     def main() -> None:
         try:
             out.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:
             out.append(exc)
 
     thread = threading.Thread(target=main, daemon=True)
@@ -203,7 +203,8 @@ def _steps_paid_once(store: Any, run_id: str, steps: int) -> list[Any]:
 
 def _load_example(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # the workers import it by this name (examples/ is on their path)
     spec.loader.exec_module(module)
@@ -262,7 +263,8 @@ def test_examples_give_the_results_they_give_in_process(
     ran = [c for c in store.children(there.run_id) if c.steps]
     ran += [i for c in ran if c.name.endswith("[map]") for i in store.children(c.id)]
     workers = {_owner_pid(r) for r in ran if not r.name.endswith("[map]")}
-    assert workers and os.getpid() not in workers
+    assert workers
+    assert os.getpid() not in workers
 
 
 def test_graph_budget_is_never_crossed_by_items_on_both_workers(
@@ -273,7 +275,8 @@ def test_graph_budget_is_never_crossed_by_items_on_both_workers(
     result = graph.run({}, executor=local)
     assert result.status is RunStatus.BUDGET_EXHAUSTED
     fan = result.nodes["fan"]
-    assert fan.items is not None and fan.items.pending > 0
+    assert fan.items is not None
+    assert fan.items.pending > 0
     stored = store.get_run(result.run_id)
     assert stored.cost_usd <= 0.25 + 1e-9
     assert stored.cost_usd > 0.25 - 4 * subjects.PRICE  # it ran until the cap, not far short of it
@@ -311,7 +314,8 @@ def test_a_worker_killed_mid_node_is_resumed_from_its_checkpoint(
     assert result.status is RunStatus.COMPLETED
     states = _steps_paid_once(store, node.id, 8)
     pids = states[-1]["pids"]
-    assert pids[0] == victim and pids[-1] != victim  # resumed on the other worker
+    assert pids[0] == victim
+    assert pids[-1] != victim
     assert pids == [s for s in pids if s == victim] + [s for s in pids if s != victim]
     # eight steps committed, each paid once; at most the step in flight when it died was paid too
     cost = store.get_run(node.id).cost_usd
@@ -375,10 +379,12 @@ def test_a_paused_worker_is_fenced_and_writes_nothing_more(
     pids = states[-1]["pids"]
     # the paused worker's steps are a prefix: none of its writes landed after the takeover
     ran_paused = [p for p in pids if p == paused]
-    assert ran_paused and pids[: len(ran_paused)] == ran_paused
+    assert ran_paused
+    assert pids[: len(ran_paused)] == ran_paused
     assert all(s["pids"] == pids[: len(s["pids"])] for s in states)
     final = store.get_run(node.id)
-    assert final.status is RunStatus.COMPLETED and final.steps == 8
+    assert final.status is RunStatus.COMPLETED
+    assert final.steps == 8
     assert final.cost_usd <= 9 * subjects.PRICE + 1e-9
     for w in external.live_workers():  # the continued worker may linger, given up by the scheduler
         if w.pid == paused:
