@@ -25,7 +25,7 @@ import pytest
 import loomc
 from loomc import Budget, LoomcError, PostgresStore, RunStatus, SchemaTooNew, SQLiteStore, StoreError, loop, predicate
 from loomc.store.postgres import sql as pg_sql
-from loomc.store.protocol import NewRun, StepRow
+from loomc.store.protocol import NewRun, Question, StepRow, WaitRow
 from loomc.store.transfer import copy_runs, db_info
 from orchestration import Graph
 from tests.postgres_fixtures import PgServer
@@ -342,7 +342,7 @@ def test_every_cli_command_reads_and_writes_postgres(pg_dsn: str, tmp_path: Path
     assert "pgsubject:refine" in ok("watch", rid, "--interval", "0.05", *db)
     info = ok("db", "info", *db)
     assert "postgresql" in info
-    assert "v4" in info
+    assert f"v{pg_sql.SCHEMA_VERSION}" in info
     ok("resume", rid, "--run", "--iterations", "10", "--db", pg_dsn)
     store = PostgresStore(pg_dsn)
     done = store.get_run(rid)
@@ -372,7 +372,7 @@ def raw_dump(store: Any) -> dict[str, Any]:
 
     d = transfer._dialect(store)
     runs = store.run_read(lambda: transfer._dump_runs(d))
-    steps = store.run_read(lambda: transfer._dump_tree(d, [r[0] for r in runs]))
+    steps, questions = store.run_read(lambda: transfer._dump_tree(d, [r[0] for r in runs]))
     holds = store.run_read(lambda: transfer._dump_holds(d))
     as_bytes = [tuple(bytes(v) if isinstance(v, (bytes, memoryview)) else v for v in r) for r in runs]
     return {
@@ -380,6 +380,7 @@ def raw_dump(store: Any) -> dict[str, Any]:
         "leases": {r[0]: (r[2], r[19]) for r in as_bytes},
         "steps": {k: [tuple(bytes(v) if isinstance(v, memoryview) else v for v in s) for s in v] for k, v in steps.items()},
         "holds": [tuple(h) for h in holds],
+        "questions": {k: [tuple(q) for q in v] for k, v in questions.items() if v},
     }
 
 
@@ -398,6 +399,9 @@ def fill(store: Any, tag: str) -> list[str]:
     crashed = store.begin_run(NewRun(spec_hash="c", name="crashed", owner=f"{loomc.store.lease.owner_token().split(':')[0]}:1:0"))
     store.put_hold(crashed, 4242, 0.75)
     ids.append(crashed)
+    waiting = store.begin_run(NewRun(spec_hash="w", name="waiting"))
+    store.wait_for_input(waiting, WaitRow(0.0, 0.5, "waiting: ok?", Question(waiting, 0, 0, "ok?", None, None, "")))
+    ids.append(waiting)
     return ids
 
 
@@ -410,11 +414,13 @@ def test_db_copy_moves_every_run_step_state_and_hold(pg_dsn: str, tmp_path: Path
     ids = fill(src, "copy")
     seen: list[tuple[int, int]] = []
     report = copy_runs(src, dst, progress=lambda done, total: seen.append((done, total)))
-    assert seen[-1] == (3, 3)
+    assert seen[-1] == (4, 4)
     before, after = raw_dump(src), raw_dump(dst)
     assert after["runs"] == before["runs"]
     assert after["steps"] == before["steps"]
-    assert after["holds"] == before["holds"] == [(4242, ids[2], 0.75, before["holds"][0][3])]
+    assert after["holds"] == before["holds"] == [(4242, ids[2], 0.75, before["holds"][0][3], 0)]
+    assert after["questions"] == before["questions"]
+    assert [q[3] for q in after["questions"][ids[3]]] == ["ok?"]  # a waiting run's question travels with it
     assert report.runs == len(before["runs"])
     assert report.steps == sum(len(s) for s in before["steps"].values())
     kinds = {s[1][:1] for steps in after["steps"].values() for s in steps if isinstance(s[1], bytes)}
@@ -430,7 +436,7 @@ def test_db_copy_moves_every_run_step_state_and_hold(pg_dsn: str, tmp_path: Path
     with pytest.raises(LoomcError, match=f"already has {len(before['runs'])} of the run ids"):
         copy_runs(src, dst)
     again = copy_runs(src, dst, skip_existing=True)
-    assert (again.runs, len(again.skipped)) == (0, 3)
+    assert (again.runs, len(again.skipped)) == (0, 4)
     lite.close()
     pg.close()
 
@@ -447,7 +453,7 @@ def test_db_copy_and_info_on_the_cli(pg_dsn: str, tmp_path: Path) -> None:
     assert loomc_cli("db", "copy", pg_dsn, str(back)).returncode == 0
     assert raw_dump(SQLiteStore(back))["steps"] == raw_dump(SQLiteStore(first))["steps"]
     info = json.loads(loomc_cli("db", "info", "--db", str(back), "--json").stdout)
-    assert (info["kind"], info["schema_version"], info["runs"]) == ("sqlite", 4, runs)
+    assert (info["kind"], info["schema_version"], info["runs"]) == ("sqlite", pg_sql.SCHEMA_VERSION, runs)
     with PostgresStore(pg_dsn) as pg:
         assert db_info(pg).steps == info["steps"] > 0
     refused = loomc_cli("db", "copy", str(first), pg_dsn)
@@ -552,15 +558,15 @@ def test_a_write_commits_whole_or_not_at_all(pg_dsn: str) -> None:
     from loomc.store.core import EXEC, QUERY, Op
 
     def failing_late(beat: float) -> Op:
-        yield EXEC, pg_sql.INSERT_HOLD, (1, "r", 0.5, "t")
-        yield EXEC, pg_sql.INSERT_HOLD, (1, "r", 0.5, "t")  # the same key: the server refuses it
+        yield EXEC, pg_sql.LOAD_HOLD, (1, "r", 0.5, "t", 0)
+        yield EXEC, pg_sql.LOAD_HOLD, (1, "r", 0.5, "t", 0)  # the same key: the server refuses it
 
     def raising(beat: float) -> Op:
-        yield EXEC, pg_sql.INSERT_HOLD, (2, "r", 0.5, "t")
+        yield EXEC, pg_sql.LOAD_HOLD, (2, "r", 0.5, "t", 0)
         raise LoomcError("changed my mind")
 
     def reading(beat: float) -> Op:
-        yield EXEC, pg_sql.INSERT_HOLD, (3, "r", 0.5, "t")
+        yield EXEC, pg_sql.LOAD_HOLD, (3, "r", 0.5, "t", 0)
         rows = yield QUERY, "SELECT count(*) FROM holds", ()
         assert rows == [(1,)]  # its own insert, seen inside its transaction
         raise LoomcError("after a read")
@@ -573,6 +579,7 @@ def test_a_write_commits_whole_or_not_at_all(pg_dsn: str) -> None:
         with pytest.raises(LoomcError, match="after a read"):
             store.run_write(reading)
         assert store.run_read(lambda: (yield QUERY, "SELECT count(*) FROM holds", ())) == [(0,)]
+        store.begin_run(NewRun(spec_hash="h", run_id="r"))
         store.put_hold("r", 4, 0.25)  # and the connections are fine afterwards
         assert store.charge_holds("r").usd == 0.25
 

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import loomc
-from loomc import Budget, BudgetExhausted, RunStatus, SQLiteStore, loop
+from loomc import Budget, BudgetExhausted, PostgresStore, RunStatus, SQLiteStore, loop
 from loomc._core import seams
 from loomc._core.context import current_ledger
 from loomc._core.ledger import TreeLedger
@@ -58,11 +60,31 @@ print(json.dumps({"run": result.run_id, "status": result.status.value, "cost": r
 """
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def shared_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """What a worker process opens with ``open_store``: a SQLite file (a database server's DSN too)."""
-    assert request.param == "sqlite"
+    """What a worker process opens with ``open_store``: a SQLite file, or a PostgreSQL DSN (a schema of its own)."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("pg_dsn"))
     return str(tmp_path / "shared.db")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Makes stores on fresh databases of one kind (a SQLite file, a PostgreSQL schema); closes them after the test."""
+    made: list[Any] = []
+
+    def make(name: str, **options: Any) -> Any:
+        if request.param == "postgres":
+            server = request.getfixturevalue("pg_server")
+            store: Any = PostgresStore(server.new_schema(), **options)
+        else:
+            store = SQLiteStore(tmp_path / f"{name}.db", **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
 
 
 def new_root(target: str, cap: float) -> str:
@@ -178,10 +200,10 @@ def test_a_dead_holders_reservation_is_charged_in_full_when_its_run_is_taken_ove
     assert sum(s.cost_usd for s in steps) == pytest.approx(spent - 0.25, abs=1e-9)
 
 
-def test_shared_budget_store_option_gives_every_run_a_store_ledger(tmp_path: Path) -> None:
-    """``SQLiteStore(shared_budget=True)``: a loop's charges are held in the database against its cap
-    (and its nested loops' against every cap above); the default store keeps the in-process ledger."""
-    store = SQLiteStore(tmp_path / "s.db", shared_budget=True)
+def test_shared_budget_store_option_gives_every_run_a_store_ledger(make_store: Callable[..., Any]) -> None:
+    """``SQLiteStore(shared_budget=True)`` (and ``PostgresStore``): a loop's charges are held in the database
+    against its cap (and its nested loops' against every cap above); the default store keeps the in-process ledger."""
+    store = make_store("s", shared_budget=True)
     kinds: list[type] = []
 
     @loop(budget=Budget(usd=0.1, iterations=5), name="inner")
@@ -206,7 +228,7 @@ def test_shared_budget_store_option_gives_every_run_a_store_ledger(tmp_path: Pat
 
     plain: list[type] = []
 
-    @loop(checkpoint=SQLiteStore(tmp_path / "p.db"), budget=Budget(iterations=1), name="plain")
+    @loop(checkpoint=make_store("p"), budget=Budget(iterations=1), name="plain")
     def plain_loop(n: int) -> int:
         plain.append(type(current_ledger()))
         return n + 1
@@ -215,10 +237,10 @@ def test_shared_budget_store_option_gives_every_run_a_store_ledger(tmp_path: Pat
     assert plain == [TreeLedger]
 
 
-def test_a_charge_past_a_shared_cap_is_refused_in_the_database(tmp_path: Path) -> None:
+def test_a_charge_past_a_shared_cap_is_refused_in_the_database(make_store: Callable[..., Any]) -> None:
     """The database refuses a hold that would cross the cap of the run or any run above it, naming the run
     whose cap it is; nothing is held then."""
-    store = SQLiteStore(tmp_path / "r.db")
+    store = make_store("r")
     root_id = store.begin_run(NewRun(spec_hash="h", name="pool", budget=Budget(usd=0.1).to_dict()))
     parent = seams.open_shared_parent(store, root_id)
     assert isinstance(parent, StoreLedger)
@@ -229,9 +251,9 @@ def test_a_charge_past_a_shared_cap_is_refused_in_the_database(tmp_path: Path) -
     assert store.shared_view(root_id) == (0.0, pytest.approx(0.06), 0.1)
 
 
-def test_open_shared_parent_refuses_an_unknown_run(tmp_path: Path) -> None:
+def test_open_shared_parent_refuses_an_unknown_run(make_store: Callable[..., Any]) -> None:
     """An unknown run id is a RunNotFound, not a ledger of nothing."""
-    store = SQLiteStore(tmp_path / "n.db")
+    store = make_store("n")
     store.open()
     with pytest.raises(loomc.RunNotFound):
         seams.open_shared_parent(store, "nope")

@@ -846,7 +846,10 @@ def prune(
     if report.skipped:
         out.line(f"left alone: {len(report.skipped)} runs that started running or waiting meanwhile")
     if not dry_run and report.runs:
-        out.line(f"the file keeps its size until `loomc db vacuum --db {store.path}` returns the space")
+        if getattr(store, "dsn", None):  # PostgreSQL: the DSN may hold a password, never printed
+            out.line("the tables keep their size until `loomc db vacuum` (with the same --db) frees the space")
+        else:
+            out.line(f"the file keeps its size until `loomc db vacuum --db {store.path}` returns the space")
 
 
 _PRUNE_LISTED = 20
@@ -855,7 +858,7 @@ _PRUNE_LISTED = 20
 
 @db_app.command("vacuum")
 def db_vacuum(db: DbOpt = None) -> None:
-    """Return the space of deleted runs to the file system (SQLite VACUUM)."""
+    """Return the space of deleted runs to the file system (SQLite VACUUM; PostgreSQL VACUUM of loomc's tables)."""
     from loomc.cli import render as r
 
     store = writable_store(database_path(db), existing=True)

@@ -6,7 +6,8 @@ PostgreSQL, either way). A run tree (a root run and every run below it) is copie
 transaction of the destination: every column of its runs, every step with its state as
 stored (compressed keyframes and deltas byte for byte; the blob rows get the
 destination's ids, and a delta names its keyframe by step number, so nothing else
-changes), and the reservations it held. Leases are not copied: a run stored as running
+changes; a fork's steps get blobs of their own), the questions its steps asked, and the
+reservations it held. Leases are not copied: a run stored as running
 names no owner in the copy but a marker no process holds, so it reads as ``crashed``
 there and resumes from its last step.
 """
@@ -29,7 +30,7 @@ __all__ = ["CopyReport", "DbInfo", "copy_runs", "db_info", "open_for_copy"]
 COPIED_OWNER = "loomc-db-copy"
 
 # The indexes of ``ALL_RUN_COLS`` the copy rewrites.
-_ID, _STATUS, _PARENT, _OWNER, _HEARTBEAT, _INPUT = 0, 2, 7, 19, 20, 23
+_ID, _STATUS, _PARENT, _OWNER, _HEARTBEAT, _INPUT = 0, 2, 7, 19, 20, 27
 
 
 @dataclass
@@ -86,11 +87,12 @@ def _dump_runs(d: Any) -> Op:
 
 
 def _dump_tree(d: Any, ids: list[str]) -> Op:
-    """Every step of the runs ``ids`` (by run id)."""
-    steps = {}
+    """Every step and every question of the runs ``ids`` (by run id)."""
+    steps, questions = {}, {}
     for rid in ids:
         steps[rid] = list((yield QUERY, d.DUMP_STEPS, (rid,)))
-    return steps
+        questions[rid] = list((yield QUERY, d.DUMP_QUESTIONS, (rid,)))
+    return steps, questions
 
 
 def _dump_holds(d: Any) -> Op:
@@ -105,8 +107,11 @@ def _existing(d: Any, ids: list[str]) -> Op:
     return found
 
 
-def _load_tree(d: Any, runs: list[tuple[Any, ...]], steps: dict[str, list[tuple[Any, ...]]], holds: list[tuple[Any, ...]]) -> Op:
-    """Insert a tree's runs, steps (blobs get new ids) and holds, as read from another store."""
+def _load_tree(
+    d: Any, runs: list[tuple[Any, ...]], steps: dict[str, list[tuple[Any, ...]]],
+    questions: dict[str, list[tuple[Any, ...]]], holds: list[tuple[Any, ...]],
+) -> Op:
+    """Insert a tree's runs, steps (blobs get new ids), questions and holds, as read from another store."""
     for run in runs:
         row = list(run)
         if row[_STATUS] == RunStatus.RUNNING.value:
@@ -120,8 +125,10 @@ def _load_tree(d: Any, runs: list[tuple[Any, ...]], steps: dict[str, list[tuple[
                 blob_id = yield INSERT, d.INSERT_BLOB, (bytes(state),)
                 state = None
             yield EXEC, d.INSERT_STEP, (run[_ID], step_n, state, cost, score, ts, error, event, next_from, duration, blob_id)
+        for question in questions[run[_ID]]:
+            yield EXEC, d.LOAD_QUESTION, question
     for hold in holds:
-        yield EXEC, d.INSERT_HOLD, hold
+        yield EXEC, d.LOAD_HOLD, hold
 
 
 def _trees(runs: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
@@ -181,9 +188,13 @@ def copy_runs(
         if clash.intersection(ids):
             report.skipped.append(ids[0])
         else:
-            steps = src.run_read(lambda ids=ids: _dump_tree(sd, ids))
+            steps, questions = src.run_read(lambda ids=ids: _dump_tree(sd, ids))
             tree_holds = [h for rid in ids for h in holds_of.get(rid, ())]
-            dst.run_write(lambda beat, tree=tree, steps=steps, tree_holds=tree_holds: _load_tree(dd, tree, steps, tree_holds))
+            dst.run_write(
+                lambda beat, tree=tree, steps=steps, questions=questions, tree_holds=tree_holds: _load_tree(
+                    dd, tree, steps, questions, tree_holds
+                )
+            )
             report.runs += len(tree)
             report.steps += sum(len(s) for s in steps.values())
             report.holds += len(tree_holds)

@@ -22,7 +22,7 @@ from loomc._core.holds import HeldCharge
 from loomc._core.types import RunInfo, RunStatus, StepRecord
 from loomc.store import core
 from loomc.store import protocol as p
-from loomc.store.core import EXEC, EXEC_MANY, INSERT, QUERY, Op, StateLoader
+from loomc.store.core import COUNT, EXEC, EXEC_MANY, INSERT, QUERY, Op, StateLoader
 from loomc.store.postgres import sql as _sql
 from loomc.store.postgres.sync import (
     PostgresStore,
@@ -31,6 +31,7 @@ from loomc.store.postgres.sync import (
     _races,
     _scrub,
     connection_error,
+    fenced_out,
     register_state_loaders,
     session_settings,
     text_input,
@@ -62,6 +63,9 @@ async def adrive(op: Op, cur: Any, clean: bool = False) -> Any:
             elif kind == INSERT:
                 await cur.execute(sql, args)
                 send = (await cur.fetchone())[0]
+            elif kind == COUNT:
+                await cur.execute(sql, args)
+                send = cur.rowcount
             elif kind == EXEC_MANY:
                 if args:
                     await cur.executemany(sql, args)
@@ -70,11 +74,11 @@ async def adrive(op: Op, cur: Any, clean: bool = False) -> Any:
         return done.value
 
 
-async def atransact(conn: Any, op: Op, clean: bool = False) -> Any:
+async def atransact(conn: Any, op: Op, clean: bool = False, ahead: bool = True) -> Any:
     """Drive the write ``op`` as one pipelined transaction on ``conn`` (see ``sync.transact``)."""
     import psycopg
 
-    async with conn.pipeline():
+    async with conn.pipeline() as pipeline:
         cur = conn.cursor()
         began = False
         send: Any = None
@@ -90,21 +94,30 @@ async def atransact(conn: Any, op: Op, clean: bool = False) -> Any:
                     if args:
                         await cur.executemany(sql, args)
                     send = None
+                elif kind == COUNT and ahead and not began and sql in _sql.FENCED:
+                    await cur.execute(_sql.FENCED[sql], args)
+                    send = 1
                 else:
                     if not began:
-                        await cur.execute(_sql.BEGIN)
+                        await cur.execute(_sql.BEGIN, prepare=False)
                         began = True
                     await cur.execute(sql, args)
-                    send = await cur.fetchall() if kind == QUERY else (await cur.fetchone())[0]
+                    if kind == COUNT:
+                        await pipeline.sync()
+                        send = cur.rowcount
+                    else:
+                        send = await cur.fetchall() if kind == QUERY else (await cur.fetchone())[0]
         except StopIteration as done:
             if began:
-                await cur.execute(_sql.COMMIT)
+                await cur.execute(_sql.COMMIT, prepare=False)
             return done.value
         except BaseException:
             try:
                 if not began:
-                    await cur.execute(_sql.BEGIN)
-                await cur.execute(_sql.ROLLBACK)
+                    await cur.execute(_sql.BEGIN, prepare=False)
+                await cur.execute(_sql.ROLLBACK, prepare=False)
+                await pipeline.sync()  # see ``sync.transact``
+                await cur.execute(_sql.AFTER_ROLLBACK, prepare=False)
             except psycopg.Error:
                 pass
             raise
@@ -230,7 +243,7 @@ class AsyncPostgresStore:
         from psycopg_pool import PoolTimeout
 
         pool = await self._connect()
-        clean, reconnected, races = False, False, 0
+        clean, reconnected, races, ahead = False, False, 0, True
         while True:
             conn: Any = None
             dropped = False
@@ -240,7 +253,7 @@ class AsyncPostgresStore:
                         try:
                             if not write:
                                 return await adrive(op_for(), conn.cursor(), clean)
-                            return await atransact(conn, op_for(), clean)
+                            return await atransact(conn, op_for(), clean, ahead)
                         except psycopg.Error:
                             dropped = conn.broken or conn.closed
                             await conn.close()
@@ -254,6 +267,9 @@ class AsyncPostgresStore:
                         await pool.check()
                         continue
                     raise connection_error(exc, self.sync.dsn, "write to" if write else "read from") from None
+                if write and ahead and fenced_out(exc):
+                    ahead = False
+                    continue
                 if write and isinstance(exc, _races()) and races < 3:
                     races += 1
                     continue
@@ -276,9 +292,12 @@ class AsyncPostgresStore:
         return await self.begin_run(NewRun(spec_hash=spec_hash, **kwargs))
 
     async def begin_run(self, new: NewRun) -> str:
-        """Create a run from ``new``, owned by ``new.owner``; returns its id."""
-        run_id, where, new = new.run_id or new_run_id(), self.path, text_input(new)
-        return await self._write(lambda beat: core.begin_run(_sql, where, new, run_id, beat))  # type: ignore[no-any-return]
+        """Create a run from ``new``, owned by ``new.owner`` (epoch 1); returns its id."""
+        run_id, where, new, ttl = new.run_id or new_run_id(), self.path, text_input(new), self.sync.ttl_s
+        run_id = await self._write(lambda beat: core.begin_run(_sql, where, new, run_id, ttl))
+        if new.owner:
+            self.sync.hold_epoch(run_id, 1)
+        return run_id  # type: ignore[no-any-return]
 
     async def get_run(self, run_id: str) -> RunInfo | None:
         """The run with exactly this id, or ``None``."""
@@ -292,33 +311,49 @@ class AsyncPostgresStore:
         """Runs newest first."""
         return await self._read(lambda: core.list_runs(_sql, status, limit, roots_only))  # type: ignore[no-any-return]
 
+    async def search_runs(
+        self, *, status: str | None = None, roots_only: bool = False, id_prefix: str | None = None,
+        name: str | None = None, before: tuple[str, str] | None = None, limit: int = 50,
+    ) -> list[RunInfo]:
+        """A page of runs, newest first, narrowed in the database (see ``PostgresStore.search_runs``)."""
+        return await self._read(  # type: ignore[no-any-return]
+            lambda: core.list_runs(_sql, status, limit, roots_only, before=before, id_prefix=id_prefix, name=name)
+        )
+
     async def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
         """Set a run's status."""
         await self._write(lambda beat: core.update_run_status(_sql, run_id, status), retry=True)
 
     async def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
         """Take the run's lease for ``owner`` (raises :class:`~loomc.RunLocked` if a live process holds it)."""
-        await self._write(lambda beat: core.acquire(_sql, self.path, run_id, owner, budget, beat))
+        where, ttl = self.path, self.sync.ttl_s
+        epoch = await self._write(lambda beat: core.acquire(_sql, where, run_id, owner, budget, ttl))
+        self.sync.hold_epoch(run_id, epoch)
 
-    async def renew_leases(self, owner: str, run_ids: list[str]) -> None:
-        """Refresh the heartbeat of the runs in ``run_ids`` that ``owner`` still holds."""
-        await self._write(lambda beat: core.renew_leases(_sql, owner, run_ids, beat), retry=True)
+    async def renew_leases(self, owner: str, run_ids: list[str]) -> list[str]:
+        """Renew the leases of the runs in ``run_ids`` that ``owner`` still holds; the ids it lost."""
+        leases, ttl = [(run_id, self.sync.epoch_of(run_id)) for run_id in run_ids], self.sync.ttl_s
+        return await self._write(lambda beat: core.renew_leases(_sql, owner, leases, ttl), retry=True)  # type: ignore[no-any-return]
 
     async def commit_step(self, run_id: str, row: p.StepRow) -> None:
         """Write one step and the run's totals in one transaction (retried as ``PostgresStore.commit_step``)."""
-        await self._write(lambda beat: core.commit_step(_sql, run_id, row, beat), retry=True)
+        ttl, epoch = self.sync.ttl_s, self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.commit_step(_sql, run_id, row, ttl, epoch), retry=True)
 
     async def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
         """Record how an attempt ended."""
-        await self._write(lambda beat: core.finish_run(_sql, run_id, status, stop_reason, wall_s, beat), retry=True)
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.finish_run(_sql, run_id, status, stop_reason, wall_s, epoch), retry=True)
 
     async def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
         """Replace the run's free-form metadata (JSON)."""
-        await self._write(lambda beat: core.set_meta(_sql, run_id, meta), retry=True)
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.set_meta(_sql, run_id, meta, epoch), retry=True)
 
     async def add_cost(self, run_id: str, usd: float) -> None:
         """Add to a run's total cost outside a step."""
-        await self._write(lambda beat: core.add_cost(_sql, run_id, usd))
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.add_cost(_sql, run_id, usd, epoch))
 
     async def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
         """The child run a parent step started as its ``call_index``-th nested loop."""
@@ -335,7 +370,8 @@ class AsyncPostgresStore:
     # -- holds ------------------------------------------------------------------------
     async def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
         """Commit a reservation of ``run_id`` before the call it pays for is sent."""
-        await self._write(lambda beat: core.put_hold(_sql, run_id, hold_id, usd))
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.put_hold(_sql, run_id, hold_id, usd, epoch))
 
     async def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
         """Delete holds whose spending is recorded by now."""
@@ -348,7 +384,8 @@ class AsyncPostgresStore:
     # -- steps ----------------------------------------------------------------------
     async def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
-        await self._write(lambda beat: core.save_step(_sql, self.path, run_id, record, beat))
+        ttl, epoch = self.sync.ttl_s, self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.save_step(_sql, self.path, run_id, record, ttl, epoch))
 
     async def load_steps(self, run_id: str) -> list[StepRecord]:
         """Every step of the run, states included, in order."""
@@ -390,6 +427,34 @@ class AsyncPostgresStore:
     async def step_totals(self, run_id: str, before: int) -> tuple[int, float]:
         """``(steps, cost)`` of a run's steps numbered below ``before``."""
         return await self._read(lambda: core.step_totals(_sql, run_id, before))  # type: ignore[no-any-return]
+
+    # -- a run's whole life -------------------------------------------------------------
+    async def questions(self, run_id: str, tree: bool = False) -> list[p.Question]:
+        """The questions the run's steps asked (``tree``: and those of the runs below it)."""
+        return await self._read(lambda: core.questions(_sql, run_id, tree))  # type: ignore[no-any-return]
+
+    async def wait_for_input(self, run_id: str, row: p.WaitRow) -> None:
+        """Stop the run to wait for an answer (see ``PostgresStore.wait_for_input``)."""
+        epoch = self.sync.epoch_of(run_id)
+        await self._write(lambda beat: core.wait_for_input(_sql, run_id, row, epoch), retry=True)
+
+    async def answer(self, question: p.Question, answer: str) -> None:
+        """Store the answer (JSON text) to ``question``; an answer already given is never replaced."""
+        await self._write(lambda beat: core.answer(_sql, self.path, question, answer))
+
+    async def fork(
+        self, run_id: str, at_step: int, *, new_run_id: str, state_blob: str | bytes | None = None,
+        budget: dict[str, Any] | None = None,
+    ) -> str:
+        """Make run ``new_run_id`` from the history of ``run_id`` up to ``at_step`` (see ``core.fork``)."""
+        where = self.path
+        return await self._write(lambda beat: core.fork(_sql, where, run_id, at_step, new_run_id, state_blob, budget))  # type: ignore[no-any-return]
+
+    async def prune(self, **options: Any) -> p.PruneReport:
+        """``PostgresStore.prune`` in a worker thread (it runs several transactions)."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(lambda: self.sync.prune(**options))  # type: ignore[no-any-return]
 
 
 # One AsyncPostgresStore per (event loop, sync store); gone with its loop.

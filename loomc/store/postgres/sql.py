@@ -15,11 +15,13 @@ drivers read ``bytea`` back as SQLite gives it: JSON as ``str``, compressed as `
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from loomc._core import events as _step_events
 from loomc._core.types import RunStatus
 from loomc.store.core import now_iso, run_info, storable
+from loomc.store.core import usd_cap as _usd_cap
 from loomc.store.protocol import StepRow
 
 if TYPE_CHECKING:
@@ -28,11 +30,13 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA_VERSION", "StepRow", "now_iso", "run_info", "storable"]
 
 #: The same versions as the SQLite schema: a version means the same tables and semantics.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 #: The oldest schema this loomc reads without migrating it (readers never write).
 READS_FROM = 1
 
 _ID = 'TEXT COLLATE "C"'
+#: The error ``loomc_fenced`` raises: a fenced write sent ahead of its check changed no row.
+FENCE_SQLSTATE = "LM001"
 
 #: Forward migrations: MIGRATIONS[v] takes a database at version v to v + 1 (as SQLite's).
 MIGRATIONS: dict[int, str] = {
@@ -99,6 +103,45 @@ CREATE INDEX IF NOT EXISTS holds_run ON holds(run_id)
 """,
     # v4: a step's events are a JSON list of records; rewritten in Python (``migrate``).
     3: "SELECT run_id, step_n, event FROM steps WHERE event IS NOT NULL",
+    # v5: fenced leases and a budget shared by processes (see the SQLite dialect). The
+    # usd caps of existing runs are read from their budgets in Python (``migrate``): a
+    # stored budget may hold ``Infinity``, which is not JSON to PostgreSQL. ``loomc_fenced``
+    # fails a statement whose fenced write changed no row (``FENCED``).
+    4: f"""
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS lease_until DOUBLE PRECISION;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS usd_cap DOUBLE PRECISION;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS reserved DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE holds ADD COLUMN IF NOT EXISTS counted INTEGER NOT NULL DEFAULT 0;
+UPDATE runs SET lease_until = heartbeat + 30 WHERE heartbeat IS NOT NULL AND lease_until IS NULL;
+CREATE OR REPLACE FUNCTION loomc_fenced(changed BIGINT) RETURNS BIGINT LANGUAGE plpgsql AS $$
+BEGIN
+    IF changed <> 1 THEN
+        RAISE EXCEPTION 'loomc: a fenced write changed no row' USING ERRCODE = '{FENCE_SQLSTATE}';
+    END IF;
+    RETURN changed;
+END
+$$
+""",
+    # v6: a run's whole life: ``questions`` (``loomc.ask``), ``runs.forked_from`` /
+    # ``forked_step``, and ``steps_blob`` (which steps use a blob: a prune keeps shared ones).
+    5: f"""
+CREATE TABLE IF NOT EXISTS questions (
+    run_id {_ID} NOT NULL,
+    step_n BIGINT NOT NULL,
+    call_index BIGINT NOT NULL,
+    question TEXT NOT NULL,
+    schema_ref TEXT,
+    json_schema TEXT,
+    asked_at TEXT NOT NULL,
+    answer TEXT,
+    answered_at TEXT,
+    PRIMARY KEY (run_id, step_n, call_index)
+);
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS forked_from {_ID};
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS forked_step BIGINT;
+CREATE INDEX IF NOT EXISTS steps_blob ON steps(blob_id) WHERE blob_id IS NOT NULL
+""",
 }
 
 #: ``synchronous_commit`` per durability: "off" survives a crash of the process, and of
@@ -112,15 +155,24 @@ LOCK_TIMEOUT_S = 60.0
 #: Serialises migrations of one schema between processes (``pg_advisory_xact_lock``).
 MIGRATION_LOCK = 0x6C6F6F6D63  # "loomc"
 
+#: The database's clock, in seconds since 1970: the time of the statement, not of its
+#: transaction (``now()`` would be), so that a lease is judged when it is read.
+NOW = "extract(epoch from clock_timestamp())::double precision"
+#: Whether a run's lease has ended (no lease at all counts as ended).
+EXPIRED = f"(lease_until IS NULL OR lease_until < {NOW})"
+
 RUN_COLS = (
     "id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, parent_step, "
-    "call_index, cost_usd, steps, wall_s, max_step_cost, budget, stop_reason, owner, heartbeat, meta"
+    f"call_index, cost_usd, steps, wall_s, max_step_cost, budget, stop_reason, owner, heartbeat, meta, epoch, {EXPIRED}, "
+    "forked_from, forked_step"
 )
 
+#: A new run's owner holds epoch 1 and a lease of the given length.
 INSERT_RUN = (
     "INSERT INTO runs (id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, "
     "parent_step, call_index, root_run_id, state_type, input_blob, budget, owner, heartbeat, meta, "
-    "attempts, cost_usd) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+    "attempts, cost_usd, usd_cap, epoch, lease_until) "
+    f"VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,{NOW},%s,%s,%s,%s,1,{NOW} + %s::double precision)"
 )
 SELECT_RUN = f"SELECT {RUN_COLS} FROM runs WHERE id = %s"
 SELECT_RESUME = "SELECT state_type, input_blob, next_from FROM runs WHERE id = %s"
@@ -133,13 +185,24 @@ SELECT_RECENT_IDS = "SELECT id FROM runs ORDER BY created_at DESC LIMIT %s"
 SELECT_CHILD = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = %s AND parent_step = %s AND call_index = %s"
 SELECT_CHILDREN = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id = %s ORDER BY parent_step, call_index, created_at"
 UPDATE_STATUS = "UPDATE runs SET status = %s, updated_at = %s WHERE id = %s"
+#: Take the run for a new owner: the next epoch, if nobody took it since the lease was read
+#: (parameters: owner, ttl, updated_at, budget, whether a new budget is given, its usd cap, id, epoch read).
 ACQUIRE = (
-    "UPDATE runs SET status = 'running', owner = %s, heartbeat = %s, updated_at = %s, "
-    "attempts = attempts + 1, stop_reason = NULL, budget = COALESCE(%s, budget) WHERE id = %s"
+    f"UPDATE runs SET status = 'running', owner = %s, heartbeat = {NOW}, lease_until = {NOW} + %s::double precision, "
+    "updated_at = %s, attempts = attempts + 1, stop_reason = NULL, budget = COALESCE(%s, budget), "
+    "usd_cap = CASE WHEN %s::boolean THEN %s::double precision ELSE usd_cap END, epoch = epoch + 1 "
+    "WHERE id = %s AND epoch = %s::bigint"
 )
-# FOR UPDATE: two processes claiming one run queue here; the second sees the first's lease.
-SELECT_LEASE = "SELECT status, owner, heartbeat FROM runs WHERE id = %s FOR UPDATE"
-RENEW_LEASE = "UPDATE runs SET heartbeat = %s WHERE id = %s AND owner = %s AND status = 'running'"
+# FOR UPDATE: two processes claiming one run queue here; the second reads the first's epoch
+# and lease only once the first has committed (and its conditional UPDATE changes nothing).
+SELECT_LEASE = f"SELECT status, owner, heartbeat, epoch, {EXPIRED} FROM runs WHERE id = %s FOR UPDATE"
+#: Renew one lease (parameters: ttl, id, owner, epoch): no row changed means it was taken over.
+RENEW_LEASE = (
+    f"UPDATE runs SET heartbeat = {NOW}, lease_until = {NOW} + %s::double precision "
+    "WHERE id = %s AND owner = %s AND epoch = COALESCE(%s::bigint, epoch)"
+)
+#: Who holds a run now, when a fenced write changed nothing.
+SELECT_EPOCH = "SELECT epoch, owner FROM runs WHERE id = %s"
 #: A step's inline state is its JSON text (a compressed one goes to ``blobs``), kept as UTF-8.
 INSERT_STEP = (
     "INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, "
@@ -151,16 +214,21 @@ INSERT_STEP = (
 #: The new blob's id comes back as the statement's one row (the driver reads it).
 INSERT_BLOB = "INSERT INTO blobs (data) VALUES (%s) RETURNING id"
 STATE_OF = "COALESCE(s.state_blob, (SELECT data FROM blobs WHERE id = s.blob_id))"
+# The writes of a run carry the writer's epoch as their last parameter, ``NULL`` for an
+# unfenced (administrative) write: ``epoch = COALESCE(%s, epoch)`` (see the SQLite dialect).
+_FENCE = "epoch = COALESCE(%s::bigint, epoch)"
+#: The run's totals after a step, its lease renewed (the step's one fenced statement).
 UPDATE_TOTALS = (
     "UPDATE runs SET cost_usd = %s, steps = %s, wall_s = %s, max_step_cost = %s, next_from = %s, "
-    "status = %s, stop_reason = %s, updated_at = %s, heartbeat = %s WHERE id = %s"
+    f"status = %s, stop_reason = %s, updated_at = %s, heartbeat = {NOW}, lease_until = {NOW} + %s::double precision "
+    f"WHERE id = %s AND {_FENCE}"
 )
 FINISH = (
     "UPDATE runs SET status = %s, stop_reason = %s, wall_s = GREATEST(wall_s, %s), updated_at = %s, "
-    "heartbeat = %s WHERE id = %s"
+    f"heartbeat = {NOW} WHERE id = %s AND {_FENCE}"
 )
-UPDATE_META = "UPDATE runs SET meta = %s WHERE id = %s"
-ADD_COST = "UPDATE runs SET cost_usd = cost_usd + %s, updated_at = %s WHERE id = %s"
+UPDATE_META = f"UPDATE runs SET meta = %s WHERE id = %s AND {_FENCE}"
+ADD_COST = f"UPDATE runs SET cost_usd = cost_usd + %s, updated_at = %s WHERE id = %s AND {_FENCE}"
 IN_FLIGHT = "SELECT COALESCE(SUM(cost_usd), 0) FROM runs WHERE parent_run_id = %s AND parent_step >= %s"
 _roll_up: dict[int, str] = {}
 
@@ -209,33 +277,201 @@ SELECT_STEPS_FULL = (
 )
 SELECT_STATE = f"SELECT {STATE_OF} FROM steps s WHERE s.run_id = %s AND s.step_n = %s"
 SELECT_STATE_TYPE = "SELECT state_type FROM runs WHERE id = %s"
-INSERT_HOLD = "INSERT INTO holds (hold_id, run_id, usd, created_at) VALUES (%s,%s,%s,%s)"
-DELETE_HOLD = "DELETE FROM holds WHERE hold_id = %s"
-SELECT_TREE_HOLDS = (
-    "WITH RECURSIVE tree(id) AS (SELECT %s::text COLLATE \"C\" UNION SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id) "
-    "SELECT hold_id, usd FROM holds WHERE run_id IN (SELECT id FROM tree)"
+#: A hold of a run, written only while the writer's epoch is the run's (parameters: hold id,
+#: run id, usd, created_at, counted, run id, epoch).
+INSERT_HOLD = (
+    "INSERT INTO holds (hold_id, run_id, usd, created_at, counted) "
+    "SELECT %s::bigint, %s::text, %s::double precision, %s::text, %s::integer "
+    f"WHERE EXISTS (SELECT 1 FROM runs WHERE id = %s AND {_FENCE})"
 )
+DELETE_HOLD = "DELETE FROM holds WHERE hold_id = %s"
+#: The first row of a recursive walk from one run id.
+_FROM_ID = '%s::text COLLATE "C"'
+#: The holds of a run and of every run below it (a run tree is swept as one).
+SELECT_TREE_HOLDS = (
+    f"WITH RECURSIVE tree(id) AS (SELECT {_FROM_ID} UNION SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id) "
+    "SELECT hold_id, usd, run_id, counted FROM holds WHERE run_id IN (SELECT id FROM tree)"
+)
+#: A hold that counts in ``runs.reserved`` (parameter: its id): its run and amount.
+SELECT_COUNTED_HOLD = "SELECT run_id, usd FROM holds WHERE hold_id = %s AND counted = 1"
+#: Give back ``usd`` held by a run on it and every run above it (parameters: run id, usd).
+RELEASE_RESERVED = (
+    f"WITH RECURSIVE up(id) AS (SELECT {_FROM_ID} UNION SELECT r.parent_run_id FROM runs r JOIN up ON r.id = up.id "
+    "WHERE r.parent_run_id IS NOT NULL) "
+    "UPDATE runs SET reserved = GREATEST(0.0, ROUND((reserved - %s)::numeric, 12)::double precision) "
+    "WHERE id IN (SELECT id FROM up)"
+)
+_reserve: dict[int, str] = {}
+
+
+def _ids(depth: int) -> str:
+    return ", ".join(["%s"] * depth)
+
+
+def reserve_sql(depth: int) -> str:
+    """``UPDATE`` holding an amount on ``depth`` runs if every cap allows it (see the SQLite dialect).
+
+    Parameters: the amount, then ``depth`` run ids, then the amount again and the slack.
+    """
+    sql = _reserve.get(depth)
+    if sql is None:
+        sql = _reserve[depth] = (
+            "UPDATE runs SET reserved = ROUND((reserved + %s)::numeric, 12)::double precision "
+            f"WHERE id IN ({_ids(depth)}) AND (usd_cap IS NULL OR cost_usd + reserved + %s <= usd_cap + %s)"
+        )
+    return sql
+
+
+def caps_sql(depth: int) -> str:
+    """What ``depth`` runs have spent and hold, and their caps (to say which refused a hold)."""
+    return f"SELECT id, cost_usd, reserved, usd_cap FROM runs WHERE id IN ({_ids(depth)})"
+
+
 SELECT_META = "SELECT meta FROM runs WHERE id = %s"
 CHARGE_HELD = "UPDATE runs SET cost_usd = cost_usd + %s, meta = %s, updated_at = %s WHERE id = %s"
+#: What a run's tree has spent and holds in the database, and its cap (a shared ledger's view).
+SELECT_SHARED = "SELECT cost_usd, reserved, usd_cap FROM runs WHERE id = %s"
 ROLL_UP_HELD = (
     "WITH RECURSIVE up(id) AS (SELECT parent_run_id FROM runs WHERE id = %s "
     "UNION SELECT r.parent_run_id FROM runs r JOIN up ON r.id = up.id) "
     "UPDATE runs SET cost_usd = cost_usd + %s WHERE id IN (SELECT id FROM up)"
 )
 
+# -- questions (``loomc.ask``) --------------------------------------------------------------
+
+QUESTION_COLS = "run_id, step_n, call_index, question, schema_ref, json_schema, asked_at, answer, answered_at"
+#: A question asked again at the same place replaces the old one (and any answer to it).
+INSERT_QUESTION = (
+    "INSERT INTO questions (run_id, step_n, call_index, question, schema_ref, json_schema, asked_at) "
+    "VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (run_id, step_n, call_index) DO UPDATE SET "
+    "question = EXCLUDED.question, schema_ref = EXCLUDED.schema_ref, json_schema = EXCLUDED.json_schema, "
+    "asked_at = EXCLUDED.asked_at, answer = NULL, answered_at = NULL"
+)
+SELECT_QUESTIONS = f"SELECT {QUESTION_COLS} FROM questions WHERE run_id = %s ORDER BY step_n, call_index"
+#: The questions of a run and of every run below it.
+SELECT_TREE_QUESTIONS = (
+    f"WITH RECURSIVE tree(id) AS (SELECT {_FROM_ID} UNION SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id) "
+    f"SELECT {QUESTION_COLS} FROM questions WHERE run_id IN (SELECT id FROM tree) ORDER BY asked_at, run_id"
+)
+SELECT_QUESTION = f"SELECT {QUESTION_COLS} FROM questions WHERE run_id = %s AND step_n = %s AND call_index = %s"
+ANSWER = (
+    "UPDATE questions SET answer = %s, answered_at = %s "
+    "WHERE run_id = %s AND step_n = %s AND call_index = %s AND answer IS NULL"
+)
+#: The run stops to wait for an answer: its totals (the discarded step's charges kept) and status.
+WAIT = (
+    "UPDATE runs SET cost_usd = %s, status = 'waiting', stop_reason = %s, wall_s = GREATEST(wall_s, %s), "
+    f"updated_at = %s, heartbeat = {NOW} WHERE id = %s AND {_FENCE}"
+)
+
+#: Fenced writes the step path sends ahead of their check, in pipeline mode: each is
+#: wrapped to fail (``loomc_fenced``, SQLSTATE ``FENCE_SQLSTATE``) when it changes no row,
+#: which rolls back everything sent with it. The driver then runs the write again reading
+#: each count (one more round trip), so the store core sees the refusal as on SQLite.
+FENCED: dict[str, str] = {
+    sql: f"WITH changed AS ({sql} RETURNING 1) SELECT loomc_fenced(count(*)) FROM changed"
+    for sql in (UPDATE_TOTALS, FINISH, UPDATE_META, ADD_COST, INSERT_HOLD, WAIT)
+}
+
+
+# -- fork -----------------------------------------------------------------------------------
+
+#: ``(steps, cost, max step cost, active seconds, last step)`` of a run's steps up to a step.
+FORK_TOTALS = (
+    "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0), COALESCE(MAX(cost_usd), 0), COALESCE(SUM(duration_s), 0), "
+    "MAX(step_n) FROM steps WHERE run_id = %s AND step_n <= %s"
+)
+SELECT_LAST_STEP_N = "SELECT MAX(step_n) FROM steps WHERE run_id = %s"
+SELECT_STEP_NEXT = "SELECT next_from FROM steps WHERE run_id = %s AND step_n = %s"
+#: The fork's row: the original's name, type, input and meta; its own totals and status.
+FORK_RUN = (
+    "INSERT INTO runs (id, spec_hash, status, created_at, updated_at, name, kind, state_type, input_blob, budget, "
+    "cost_usd, steps, wall_s, max_step_cost, next_from, stop_reason, meta, attempts, forked_from, forked_step) "
+    "SELECT %s::text, spec_hash, %s::text, %s::text, %s::text, name, kind, state_type, input_blob, "
+    "COALESCE(%s::text, budget), %s::double precision, %s::bigint, %s::double precision, %s::double precision, "
+    "%s::bigint, %s::text, meta, 0, id, %s::bigint FROM runs WHERE id = %s"
+)
+#: The fork's history: the original's step rows up to the fork step. A compressed state is
+#: not copied: the new row points at the same blob.
+FORK_STEPS = (
+    "INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, event, next_from, "
+    "duration_s, blob_id) SELECT %s::text, step_n, state_blob, cost_usd, score, timestamp, error, event, next_from, "
+    "duration_s, blob_id FROM steps WHERE run_id = %s AND step_n <= %s"
+)
+#: A step's state replaced: JSON text (kept as UTF-8) or a blob's id.
+SET_STEP_STATE = "UPDATE steps SET state_blob = convert_to(%s::text, 'UTF8'), blob_id = %s WHERE run_id = %s AND step_n = %s"
+
+# -- prune ------------------------------------------------------------------------------------
+
+SELECT_ROOTS = f"SELECT {RUN_COLS} FROM runs WHERE parent_run_id IS NULL"
+#: Templates over lists of ids: ``{0}`` (and ``{1}``) become one placeholder per id (``in_ids``).
+#: Every run of the trees under the listed roots: ``(root, id, status, owner, heartbeat, updated_at)``.
+TREES_OF = (
+    "WITH RECURSIVE tree(id, root) AS (SELECT id, id FROM runs WHERE id IN ({0}) "
+    "UNION SELECT r.id, t.root FROM runs r JOIN tree t ON r.parent_run_id = t.id) "
+    "SELECT t.root, r.id, r.status, r.owner, r.heartbeat, r.updated_at FROM tree t JOIN runs r ON r.id = t.id"
+)
+STEP_STATS_IN = (
+    "SELECT COUNT(*), COALESCE(SUM(octet_length(state_blob)), 0) + COALESCE(SUM(octet_length(error)), 0) "
+    "+ COALESCE(SUM(octet_length(event)), 0) FROM steps WHERE run_id IN ({0})"
+)
+RUN_BYTES_IN = (
+    "SELECT COALESCE(SUM(octet_length(input_blob)), 0) + COALESCE(SUM(octet_length(meta)), 0) FROM runs WHERE id IN ({0})"
+)
+QUESTION_COUNT_IN = "SELECT COUNT(*) FROM questions WHERE run_id IN ({0})"
+BLOBS_OF_IN = "SELECT DISTINCT blob_id FROM steps WHERE run_id IN ({0}) AND blob_id IS NOT NULL"
+#: Of the blobs ``{0}``, those no step outside the runs ``{1}`` points at, and their sizes.
+UNSHARED_BLOBS = (
+    "SELECT id, octet_length(data) FROM blobs WHERE id IN ({0}) AND NOT EXISTS "
+    "(SELECT 1 FROM steps s WHERE s.blob_id = blobs.id AND s.run_id NOT IN ({1}))"
+)
+#: Of the blobs ``{0}``, those no step points at (any more), and their sizes.
+ORPHAN_BLOBS = (
+    "SELECT id, octet_length(data) FROM blobs WHERE id IN ({0}) "
+    "AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.blob_id = blobs.id)"
+)
+DELETE_STEPS_IN = "DELETE FROM steps WHERE run_id IN ({0})"
+DELETE_QUESTIONS_IN = "DELETE FROM questions WHERE run_id IN ({0})"
+DELETE_HOLDS_IN = "DELETE FROM holds WHERE run_id IN ({0})"
+DELETE_RUNS_IN = "DELETE FROM runs WHERE id IN ({0})"
+DELETE_BLOBS_IN = "DELETE FROM blobs WHERE id IN ({0})"
+#: How many ids one statement lists (well under PostgreSQL's 65535 parameters).
+IDS_PER_STATEMENT = 500
+
+
+def in_ids(template: str, *counts: int) -> str:
+    """``template`` with ``{0}``, ``{1}``... each replaced by that many placeholders."""
+    return template.format(*(_ids(n) for n in counts))
+
+
+#: The tables loomc keeps in a schema (``VACUUM`` and the size report name them).
+TABLES = ("runs", "steps", "blobs", "holds", "questions", "loomc_schema")
+#: Return what deleted rows took to the tables' free space, and trailing free pages to the
+#: file system (outside any transaction; other sessions keep reading and writing meanwhile).
+VACUUM = (f"VACUUM (ANALYZE) {', '.join(TABLES)}",)
+
 
 def list_runs_sql(
-    *, status: str | None, roots_only: bool, limit: int | None, before: tuple[str, str] | None = None
+    *, status: str | None, roots_only: bool, limit: int | None, before: tuple[str, str] | None = None,
+    id_prefix: str | None = None, name: str | None = None,
 ) -> tuple[str, tuple[Any, ...]]:
     """The query behind ``list_runs``: newest first, optionally roots only.
 
     ``before``: only runs older than this ``(created_at, id)`` (the next page).
+    ``id_prefix``: only ids starting with it. ``name``: only names holding it, letters
+    matched in either case.
     """
     where: list[str] = []
     args: list[Any] = []
     if before is not None:
         where.append("(created_at, id) < (%s, %s)")
         args.extend(before)
+    if id_prefix:
+        where.append("id >= %s AND id < %s")
+        args.extend(prefix_args(id_prefix))
+    if name:
+        where.append("strpos(lower(name), lower(%s)) > 0")
+        args.append(name)
     if roots_only:
         where.append("parent_run_id IS NULL")
     if status is not None and status != RunStatus.CRASHED.value:
@@ -270,12 +506,14 @@ SET_IDLE_TIMEOUT = "SET idle_in_transaction_session_timeout = {}"
 SET_LOCK_TIMEOUT = "SET lock_timeout = {}"
 #: The space the schema's tables take, in bytes (tables, indexes, TOAST).
 TABLES_SIZE = (
-    "SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0) FROM "
-    "unnest(ARRAY['runs', 'steps', 'blobs', 'holds', 'loomc_schema']) t"
+    "SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0)::bigint FROM "
+    f"unnest(ARRAY[{', '.join(repr(t) for t in TABLES)}]) t"
 )
 BEGIN = "BEGIN"
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
+#: A statement that does nothing, sent unprepared after a ROLLBACK (see ``sync.transact``).
+AFTER_ROLLBACK = "SELECT 1"
 COUNT_RUNS = "SELECT COUNT(*) FROM runs"
 COUNT_STEPS = "SELECT COUNT(*) FROM steps"
 
@@ -293,9 +531,20 @@ def migrate(conn: psycopg.Connection[Any], version: int) -> None:
                 [(_step_events.migrate(event), run_id, step_n) for run_id, step_n, event in rows],
             )
         return
-    for stmt in MIGRATIONS[version].split(";"):
-        if stmt.strip():
-            conn.execute(stmt)  # type: ignore[call-overload]
+    if MIGRATIONS[version]:
+        # one script, sent as it is (a function body holds semicolons); not prepared
+        conn.execute(MIGRATIONS[version], prepare=False)  # type: ignore[call-overload]
+    if version == 4:
+        caps = []
+        for run_id, budget in conn.execute("SELECT id, budget FROM runs WHERE budget IS NOT NULL").fetchall():
+            try:
+                cap = _usd_cap(json.loads(budget))
+            except (ValueError, TypeError, AttributeError):
+                continue
+            if cap is not None:
+                caps.append((cap, run_id))
+        with conn.cursor() as cur:
+            cur.executemany("UPDATE runs SET usd_cap = %s WHERE id = %s", caps)
 
 
 # -- whole-database reads and writes (``loomc db copy`` / ``loomc db info``) ----------------
@@ -304,7 +553,7 @@ def migrate(conn: psycopg.Connection[Any], version: int) -> None:
 ALL_RUN_COLS = (
     "id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, parent_step, call_index, "
     "root_run_id, state_type, budget, cost_usd, steps, wall_s, max_step_cost, next_from, stop_reason, "
-    "owner, heartbeat, attempts, meta, input_blob"
+    "owner, heartbeat, attempts, meta, usd_cap, reserved, forked_from, forked_step, input_blob"
 )
 DUMP_RUNS = f"SELECT {ALL_RUN_COLS} FROM runs ORDER BY created_at, id"
 #: A run's steps with their states as stored (a blob's bytes, not made whole: deltas stay deltas).
@@ -312,9 +561,13 @@ DUMP_STEPS = (
     f"SELECT s.step_n, {STATE_OF}, s.cost_usd, s.score, s.timestamp, s.error, s.event, s.next_from, "
     "s.duration_s FROM steps s WHERE s.run_id = %s ORDER BY s.step_n"
 )
-DUMP_HOLDS = "SELECT hold_id, run_id, usd, created_at FROM holds ORDER BY hold_id"
+DUMP_HOLDS = "SELECT hold_id, run_id, usd, created_at, counted FROM holds ORDER BY hold_id"
+LOAD_HOLD = "INSERT INTO holds (hold_id, run_id, usd, created_at, counted) VALUES (%s,%s,%s,%s,%s)"
+#: A run's questions (``loomc.ask``) and their answers, every column.
+DUMP_QUESTIONS = f"SELECT {QUESTION_COLS} FROM questions WHERE run_id = %s ORDER BY step_n, call_index"
+LOAD_QUESTION = f"INSERT INTO questions ({QUESTION_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
 #: The input state is the last column: bytes as they are, JSON text as its UTF-8 (two parameters).
-LOAD_RUN = f"INSERT INTO runs ({ALL_RUN_COLS}) VALUES ({'%s, ' * 23}COALESCE(%s::bytea, convert_to(%s::text, 'UTF8')))"
+LOAD_RUN = f"INSERT INTO runs ({ALL_RUN_COLS}) VALUES ({'%s, ' * 27}COALESCE(%s::bytea, convert_to(%s::text, 'UTF8')))"
 SELECT_EXISTING = "SELECT id FROM runs WHERE id = %s"
 
 

@@ -16,18 +16,35 @@ import dataclasses
 import os
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from loomc._core.errors import LoomcError, SchemaTooNew, StoreError
 from loomc._core.holds import HeldCharge
+from loomc._core.ledger import RunLedger, TreeLedger
+from loomc._core.policy import EPS
 from loomc._core.types import RunInfo, RunStatus, StepRecord
 from loomc.store import core
-from loomc.store.core import EXEC, EXEC_MANY, INSERT, QUERY, Op, StateLoader
+from loomc.store import lease as _lease
+from loomc.store.core import COUNT, EXEC, EXEC_MANY, INSERT, QUERY, Op, StateLoader
 from loomc.store.postgres import is_dsn
 from loomc.store.postgres import sql as _sql
-from loomc.store.protocol import Durability, NewRun, ResumePoint, SchemaInfo, StepRow, StoredInput, StoredStep, new_run_id
+from loomc.store.protocol import (
+    Durability,
+    NewRun,
+    PruneReport,
+    Question,
+    ResumePoint,
+    SchemaInfo,
+    StepRow,
+    StoredInput,
+    StoredStep,
+    WaitRow,
+    new_run_id,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -162,6 +179,11 @@ def _has_nul_text(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.DataError) and "NUL" in str(exc)
 
 
+def fenced_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fenced write sent ahead of its check that changed no row (``sql.FENCED``)."""
+    return getattr(exc, "sqlstate", None) == _sql.FENCE_SQLSTATE
+
+
 def drive(op: Op, cur: Any, clean: bool = False) -> Any:
     """Run ``op`` on a psycopg cursor (its result); ``INSERT`` reads the id its ``RETURNING`` gives.
 
@@ -182,6 +204,9 @@ def drive(op: Op, cur: Any, clean: bool = False) -> Any:
             elif kind == INSERT:
                 cur.execute(sql, args)
                 send = cur.fetchone()[0]
+            elif kind == COUNT:
+                cur.execute(sql, args)
+                send = cur.rowcount
             elif kind == EXEC_MANY:
                 if args:
                     cur.executemany(sql, args)
@@ -190,7 +215,7 @@ def drive(op: Op, cur: Any, clean: bool = False) -> Any:
         return done.value
 
 
-def transact(conn: Any, op: Op, clean: bool = False) -> Any:
+def transact(conn: Any, op: Op, clean: bool = False, ahead: bool = True) -> Any:
     """Drive the write ``op`` as one transaction on ``conn`` (autocommit), in pipeline mode.
 
     The statements are queued and sent together; what the server runs between two
@@ -201,10 +226,16 @@ def transact(conn: Any, op: Op, clean: bool = False) -> Any:
     (the server's rule for a ``BEGIN`` inside an implicit block), kept across the wait
     for the result and ended by ``COMMIT``. An error rolls everything back. ``clean``:
     as for :func:`drive`.
+
+    A fenced write (``COUNT`` of a statement in ``sql.FENCED``) is sent, when nothing has
+    been read yet and ``ahead`` is true, in the form that fails on the server if it
+    changes no row, and taken as having changed one: a step still commits in one round
+    trip. If it did fail (:func:`fenced_out`: nothing was kept), the caller runs the write
+    again with ``ahead=False``, reading every count, so the store core sees the refusal.
     """
     import psycopg
 
-    with conn.pipeline():
+    with conn.pipeline() as pipeline:
         cur = conn.cursor()
         began = False
         send: Any = None
@@ -220,21 +251,33 @@ def transact(conn: Any, op: Op, clean: bool = False) -> Any:
                     if args:
                         cur.executemany(sql, args)
                     send = None
+                elif kind == COUNT and ahead and not began and sql in _sql.FENCED:
+                    cur.execute(_sql.FENCED[sql], args)
+                    send = 1
                 else:
                     if not began:
-                        cur.execute(_sql.BEGIN)
+                        cur.execute(_sql.BEGIN, prepare=False)
                         began = True
                     cur.execute(sql, args)
-                    send = cur.fetchall() if kind == QUERY else cur.fetchone()[0]
+                    if kind == COUNT:
+                        pipeline.sync()  # the count is known once the server has answered
+                        send = cur.rowcount
+                    else:
+                        send = cur.fetchall() if kind == QUERY else cur.fetchone()[0]
         except StopIteration as done:
             if began:
-                cur.execute(_sql.COMMIT)
+                cur.execute(_sql.COMMIT, prepare=False)
             return done.value
         except BaseException:
             try:
                 if not began:
-                    cur.execute(_sql.BEGIN)  # takes in what was sent, so that it is rolled back too
-                cur.execute(_sql.ROLLBACK)
+                    cur.execute(_sql.BEGIN, prepare=False)  # takes in what was sent, so that it is rolled back too
+                cur.execute(_sql.ROLLBACK, prepare=False)
+                # psycopg forgets its prepared statements after a ROLLBACK and drops them on
+                # the server with the next statement it sends; in a pipeline that statement
+                # would be prepared first, and dropped. Send an unprepared one now.
+                pipeline.sync()
+                cur.execute(_sql.AFTER_ROLLBACK, prepare=False)
             except psycopg.Error:
                 pass  # the server already aborted it: nothing of it is kept
             raise
@@ -301,6 +344,11 @@ class PostgresStore:
         idle_in_transaction_s: the server ends a connection idle inside a transaction
             this long (``idle_in_transaction_session_timeout``).
         connect_timeout: seconds to wait for the server when connecting.
+        lease_ttl: how long (seconds) a run's lease lasts without being renewed, by the
+            server's clock; the owner renews it every third of that. ``None``:
+            ``$LOOMC_HEARTBEAT_STALE_S``, else 30.
+        shared_budget: enforce the usd caps of this store's runs in the database
+            (``loomc.store.shared``), so runs of one tree in several processes share them.
     """
 
     supports_deltas = True
@@ -315,11 +363,17 @@ class PostgresStore:
         max_size: int = 8,
         idle_in_transaction_s: float = _sql.IDLE_IN_TRANSACTION_S,
         connect_timeout: float = 10.0,
+        lease_ttl: float | None = None,
+        shared_budget: bool = False,
     ) -> None:
         if durability not in _sql.SYNCHRONOUS:
             raise ValueError(f"durability={durability!r}: use 'power' or 'process'")
+        self.lease_ttl = _lease.check_ttl(lease_ttl)
         require_psycopg()
+        self.shared_budget = bool(shared_budget)
         self.dsn = dsn
+        #: What names this database's runs in ``loomc.store.lease`` (claims and epochs).
+        self.lease_key = dsn
         self.durability: Durability = durability
         self.create = create
         self.min_size, self.max_size = min_size, max_size
@@ -337,6 +391,20 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.path!r}, durability={self.durability!r})"
+
+    # -- leases and epochs -----------------------------------------------------------
+    @property
+    def ttl_s(self) -> float:
+        """The lease length of this store's runs (seconds)."""
+        return self.lease_ttl or _lease.HEARTBEAT_STALE_S
+
+    def epoch_of(self, run_id: str) -> int | None:
+        """The epoch this process holds for ``run_id`` (``None``: it does not drive the run)."""
+        return _lease.epochs.get((self.lease_key, run_id))
+
+    def hold_epoch(self, run_id: str, epoch: int) -> None:
+        """Remember that this process acquired ``run_id`` at ``epoch`` (its writes carry it)."""
+        _lease.epochs[(self.lease_key, run_id)] = epoch
 
     # -- connections --------------------------------------------------------------
     def connect_kwargs(self) -> dict[str, Any]:
@@ -419,7 +487,7 @@ class PostgresStore:
         from psycopg_pool import PoolTimeout
 
         pool = self.pool
-        clean, reconnected, races = False, False, 0
+        clean, reconnected, races, ahead = False, False, 0, True
         while True:
             conn: Any = None
             dropped = False
@@ -428,7 +496,7 @@ class PostgresStore:
                     try:
                         if not write:
                             return drive(op_for(), conn.cursor(), clean)
-                        return transact(conn, op_for(), clean)
+                        return transact(conn, op_for(), clean, ahead)
                     except psycopg.Error:
                         dropped = conn.broken or conn.closed
                         conn.close()  # its session (what it prepared) is not trusted now: the pool replaces it
@@ -442,6 +510,9 @@ class PostgresStore:
                         pool.check()  # let go of the other dropped connections too
                         continue
                     raise connection_error(exc, self.dsn, "write to" if write else "read from") from None
+                if write and ahead and fenced_out(exc):
+                    ahead = False  # rolled back whole: run again, reading the fenced writes' counts
+                    continue
                 if write and isinstance(exc, _races()) and races < 3:
                     races += 1
                     continue
@@ -453,8 +524,6 @@ class PostgresStore:
                 ) from None
 
     def _write(self, op: WriteOp, *, retry: bool = False) -> Any:
-        import time
-
         return self._run(lambda: op(time.time()), True, retry)
 
     # -- any operation (``loomc.store.transfer``: whole-database tools) -------------
@@ -472,9 +541,12 @@ class PostgresStore:
         return self.begin_run(NewRun(spec_hash=spec_hash, **kwargs))
 
     def begin_run(self, new: NewRun) -> str:
-        """Create a run from ``new``, owned by ``new.owner``; returns its id."""
-        run_id, where, new = new.run_id or new_run_id(), self.path, text_input(new)
-        return self._write(lambda beat: core.begin_run(_sql, where, new, run_id, beat))  # type: ignore[no-any-return]
+        """Create a run from ``new``, owned by ``new.owner`` (epoch 1); returns its id."""
+        run_id, where, new, ttl = new.run_id or new_run_id(), self.path, text_input(new), self.ttl_s
+        run_id = self._write(lambda beat: core.begin_run(_sql, where, new, run_id, ttl))
+        if new.owner:
+            self.hold_epoch(run_id, 1)
+        return run_id  # type: ignore[no-any-return]
 
     def get_run(self, run_id: str) -> RunInfo | None:
         """The run with exactly this id, or ``None``."""
@@ -488,37 +560,59 @@ class PostgresStore:
         """Runs newest first (all of them by default)."""
         return self._read(lambda: core.list_runs(_sql, status, limit, roots_only))  # type: ignore[no-any-return]
 
+    def search_runs(
+        self, *, status: str | None = None, roots_only: bool = False, id_prefix: str | None = None,
+        name: str | None = None, before: tuple[str, str] | None = None, limit: int = 50,
+    ) -> list[RunInfo]:
+        """A page of runs, newest first, narrowed in the database (see :class:`~loomc.store.protocol.RunSearch`)."""
+        return self._read(  # type: ignore[no-any-return]
+            lambda: core.list_runs(_sql, status, limit, roots_only, before=before, id_prefix=id_prefix, name=name)
+        )
+
     def update_run_status(self, run_id: str, status: RunStatus | str) -> None:
         """Set a run's status."""
         self._write(lambda beat: core.update_run_status(_sql, run_id, status), retry=True)
 
     def acquire(self, run_id: str, owner: str, budget: dict[str, Any] | None = None) -> None:
-        """Take the run's lease for ``owner`` (raises :class:`~loomc.RunLocked` if a live process holds it)."""
-        self._write(lambda beat: core.acquire(_sql, self.path, run_id, owner, budget, beat))
+        """Take the run's lease for ``owner`` (raises :class:`~loomc.RunLocked` if a live process holds it).
 
-    def renew_leases(self, owner: str, run_ids: list[str]) -> None:
-        """Refresh the heartbeat of the runs in ``run_ids`` that ``owner`` still holds."""
-        self._write(lambda beat: core.renew_leases(_sql, owner, run_ids, beat), retry=True)
+        One transaction: the run's row is read ``FOR UPDATE`` and taken by an ``UPDATE``
+        conditional on the epoch read, which it increments.
+        """
+        where, ttl = self.path, self.ttl_s
+        self.hold_epoch(run_id, self._write(lambda beat: core.acquire(_sql, where, run_id, owner, budget, ttl)))
+
+    def renew_leases(self, owner: str, run_ids: list[str]) -> list[str]:
+        """Renew the leases of the runs in ``run_ids`` that ``owner`` still holds (the heartbeat thread).
+
+        Returns the ids of those it no longer holds (taken over by another process).
+        """
+        leases, ttl = [(run_id, self.epoch_of(run_id)) for run_id in run_ids], self.ttl_s
+        return self._write(lambda beat: core.renew_leases(_sql, owner, leases, ttl), retry=True)  # type: ignore[no-any-return]
 
     def commit_step(self, run_id: str, row: StepRow) -> None:
-        """Write one step and the run's totals in one transaction.
+        """Write one step and the run's totals in one transaction (fenced by the run's epoch).
 
         Retried once on a fresh connection when the server dropped the one used: the step
         lands the same way twice (its row is replaced, its totals are absolute).
         """
-        self._write(lambda beat: core.commit_step(_sql, run_id, row, beat), retry=True)
+        ttl, epoch = self.ttl_s, self.epoch_of(run_id)
+        self._write(lambda beat: core.commit_step(_sql, run_id, row, ttl, epoch), retry=True)
 
     def finish_run(self, run_id: str, status: RunStatus, stop_reason: str | None, wall_s: float) -> None:
         """Record how an attempt ended."""
-        self._write(lambda beat: core.finish_run(_sql, run_id, status, stop_reason, wall_s, beat), retry=True)
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.finish_run(_sql, run_id, status, stop_reason, wall_s, epoch), retry=True)
 
     def set_meta(self, run_id: str, meta: dict[str, Any]) -> None:
         """Replace the run's free-form metadata (JSON)."""
-        self._write(lambda beat: core.set_meta(_sql, run_id, meta), retry=True)
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.set_meta(_sql, run_id, meta, epoch), retry=True)
 
     def add_cost(self, run_id: str, usd: float) -> None:
         """Add to a run's total cost outside a step."""
-        self._write(lambda beat: core.add_cost(_sql, run_id, usd))
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.add_cost(_sql, run_id, usd, epoch))
 
     def find_child(self, parent_run_id: str, parent_step: int, call_index: int) -> RunInfo | None:
         """The child run a parent step started as its ``call_index``-th nested loop."""
@@ -535,7 +629,8 @@ class PostgresStore:
     # -- holds ----------------------------------------------------------------------
     def put_hold(self, run_id: str, hold_id: int, usd: float) -> None:
         """Commit a reservation of ``run_id`` before the call it pays for is sent."""
-        self._write(lambda beat: core.put_hold(_sql, run_id, hold_id, usd))
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.put_hold(_sql, run_id, hold_id, usd, epoch))
 
     def drop_holds(self, hold_ids: tuple[int, ...]) -> None:
         """Delete holds whose spending is recorded by now (outside a step's commit)."""
@@ -545,10 +640,39 @@ class PostgresStore:
         """Charge every hold left by ``run_id`` and the runs below it to ``run_id``, in full (one transaction)."""
         return self._write(lambda beat: core.charge_holds(_sql, run_id))  # type: ignore[no-any-return]
 
+    # -- the shared budget (``loomc.store.shared``) ------------------------------------------
+    def reserve_shared(self, chain: tuple[str, ...], hold_id: int, usd: float) -> None:
+        """Hold ``usd`` for ``chain[0]`` against the caps of every run in ``chain``, in the database.
+
+        Raises:
+            BudgetExhausted: a cap cannot take it (nothing is held).
+            LeaseLost: this process no longer holds ``chain[0]``.
+        """
+        epoch = self.epoch_of(chain[0])
+        self._write(lambda beat: core.reserve_shared(_sql, chain, hold_id, usd, epoch, EPS))
+
+    def shared_view(self, run_id: str) -> tuple[float, float, float | None] | None:
+        """``(spent, reserved, cap)`` of a run as the database holds them."""
+        return self._read(lambda: core.shared_view(_sql, run_id))  # type: ignore[no-any-return]
+
+    def open_ledger(
+        self, run_id: str, *, parent: RunLedger | None, usd_cap: float | None, spent: float, prepaid: float,
+        deadline: float | None, context: Any,
+    ) -> RunLedger:
+        """A run's ledger: a shared one (``loomc.store.shared``) with ``shared_budget`` or under a shared parent."""
+        from loomc.store.shared import StoreLedger
+
+        if self.shared_budget or isinstance(parent, StoreLedger):
+            return StoreLedger(self, run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid,
+                               deadline=deadline, context=context)
+        return TreeLedger(run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid, deadline=deadline,
+                          context=context)
+
     # -- steps ----------------------------------------------------------------------
     def save_step(self, run_id: str, record: StepRecord) -> None:
         """Write a step record and fold it into the run's totals (loomc 0.3.0 API)."""
-        self._write(lambda beat: core.save_step(_sql, self.path, run_id, record, beat))
+        ttl, epoch = self.ttl_s, self.epoch_of(run_id)
+        self._write(lambda beat: core.save_step(_sql, self.path, run_id, record, ttl, epoch))
 
     def load_steps(self, run_id: str) -> list[StepRecord]:
         """Every step of the run, states included, in order."""
@@ -591,9 +715,78 @@ class PostgresStore:
         """``(steps, cost)`` of a run's steps numbered below ``before``."""
         return self._read(lambda: core.step_totals(_sql, run_id, before))  # type: ignore[no-any-return]
 
+    # -- a run's whole life: questions, forks, pruning ----------------------------------
+    def questions(self, run_id: str, tree: bool = False) -> list[Question]:
+        """The questions the run's steps asked (``tree``: and those of the runs below it)."""
+        return self._read(lambda: core.questions(_sql, run_id, tree))  # type: ignore[no-any-return]
+
+    def wait_for_input(self, run_id: str, row: WaitRow) -> None:
+        """Stop the run to wait for an answer (status ``waiting``, the question stored) in one transaction."""
+        epoch = self.epoch_of(run_id)
+        self._write(lambda beat: core.wait_for_input(_sql, run_id, row, epoch), retry=True)
+
+    def answer(self, question: Question, answer: str) -> None:
+        """Store the answer (JSON text) to ``question``; an answer already given is never replaced."""
+        self._write(lambda beat: core.answer(_sql, self.path, question, answer))
+
+    def fork(
+        self, run_id: str, at_step: int, *, new_run_id: str, state_blob: str | bytes | None = None,
+        budget: dict[str, Any] | None = None,
+    ) -> str:
+        """Make run ``new_run_id`` from the history of ``run_id`` up to ``at_step`` (see ``core.fork``)."""
+        where = self.path
+        return self._write(lambda beat: core.fork(_sql, where, run_id, at_step, new_run_id, state_blob, budget))  # type: ignore[no-any-return]
+
+    def prune(
+        self, *, older_than: str | float | timedelta | None = None, status: str | list[str] | None = None,
+        name: str | None = None, keep_last: int | None = None, dry_run: bool = False, now: float | None = None,
+    ) -> PruneReport:
+        """Delete whole run trees that match (never a running or waiting one); what was removed.
+
+        The arguments are :meth:`SQLiteStore.prune <loomc.SQLiteStore.prune>`'s. A few
+        hundred trees go per transaction, so loops committing meanwhile go on; the
+        tables keep their size until :meth:`vacuum` (and the server's autovacuum) reuse it.
+        """
+        request = core.prune_request(older_than, status, name, keep_last, now)
+        chosen = core.prune_choice(request, self._read(lambda: core.prune_roots(_sql)), request.now or time.time())
+        parts = [
+            self._read(lambda part=part: core.prune_trees(_sql, part, True)) if dry_run  # type: ignore[misc]
+            else self._write(lambda beat, part=part: core.prune_trees(_sql, part, False))  # type: ignore[misc]
+            for part in core.prune_chunks(chosen)
+        ]
+        return core.merge_reports(parts, dry_run)
+
+    def table_bytes(self) -> int:
+        """The space loomc's tables take in the schema (tables, indexes, TOAST), in bytes."""
+        return int(self._read(lambda: _one_value(_sql.TABLES_SIZE)))
+
+    def vacuum(self) -> tuple[int, int]:
+        """Run PostgreSQL's ``VACUUM`` on loomc's tables; the space they take ``(before, after)``, in bytes.
+
+        ``VACUUM`` (outside a transaction; other sessions keep reading and writing) makes
+        the space of deleted rows free for new ones and gives the pages at the end of a
+        table back to the file system. It does not rewrite the tables: ``VACUUM FULL``
+        (by hand, with its exclusive lock) shrinks them to their live rows.
+        """
+        import psycopg
+
+        before = self.table_bytes()
+        try:
+            with self.pool.connection() as conn:
+                for stmt in _sql.VACUUM:
+                    conn.execute(stmt, prepare=False)  # type: ignore[call-overload]
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL at {self.path} refused VACUUM: {_scrub(str(exc), self.dsn)}") from None
+        return before, self.table_bytes()
+
     def _read(self, op_for: Callable[[], Op]) -> Any:
         """A read, run again on a fresh connection if the server dropped the first one."""
         return self._run(op_for, False, True)
+
+
+def _one_value(sql: str) -> Op:
+    """The first column of the one row ``sql`` reads."""
+    return (yield QUERY, sql, ())[0][0]
 
 
 

@@ -543,7 +543,7 @@ def migrate_0(conn: sqlite3.Connection) -> None:
 ALL_RUN_COLS = (
     "id, spec_hash, status, created_at, updated_at, name, kind, parent_run_id, parent_step, call_index, "
     "root_run_id, state_type, budget, cost_usd, steps, wall_s, max_step_cost, next_from, stop_reason, "
-    "owner, heartbeat, attempts, meta, input_blob"
+    "owner, heartbeat, attempts, meta, usd_cap, reserved, forked_from, forked_step, input_blob"
 )
 DUMP_RUNS = f"SELECT {ALL_RUN_COLS} FROM runs ORDER BY created_at, id"
 #: A run's steps with their states as stored (a blob's bytes, not made whole: deltas stay deltas).
@@ -551,8 +551,12 @@ DUMP_STEPS = (
     f"SELECT s.step_n, {STATE_OF}, s.cost_usd, s.score, s.timestamp, s.error, s.event, s.next_from, "
     "s.duration_s FROM steps s WHERE s.run_id = ? ORDER BY s.step_n"
 )
-DUMP_HOLDS = "SELECT hold_id, run_id, usd, created_at FROM holds ORDER BY hold_id"
-LOAD_RUN = f"INSERT INTO runs ({ALL_RUN_COLS}) VALUES ({', '.join('?' * 24)})"
+DUMP_HOLDS = "SELECT hold_id, run_id, usd, created_at, counted FROM holds ORDER BY hold_id"
+LOAD_HOLD = "INSERT INTO holds (hold_id, run_id, usd, created_at, counted) VALUES (?,?,?,?,?)"
+#: A run's questions (``loomc.ask``) and their answers, every column.
+DUMP_QUESTIONS = f"SELECT {QUESTION_COLS} FROM questions WHERE run_id = ? ORDER BY step_n, call_index"
+LOAD_QUESTION = f"INSERT INTO questions ({QUESTION_COLS}) VALUES (?,?,?,?,?,?,?,?,?)"
+LOAD_RUN = f"INSERT INTO runs ({ALL_RUN_COLS}) VALUES ({', '.join('?' * 28)})"
 SELECT_EXISTING = "SELECT id FROM runs WHERE id = ?"
 COUNT_RUNS = "SELECT COUNT(*) FROM runs"
 COUNT_STEPS = "SELECT COUNT(*) FROM steps"
