@@ -25,9 +25,6 @@ __all__ = ["DaskExecutor"]
 
 INSTALL = "pip install 'loomc[dask]'"
 
-#: loomc's own tests may run workers on one SQLite file (every worker on this machine).
-_FILE_STORES_FOR_TESTS = False
-
 
 def _require_distributed() -> Any:
     try:
@@ -109,8 +106,6 @@ class DaskExecutor:
                 )
             return StoreAddress(dsn, ttl)
         path = getattr(store, "path", None)
-        if _FILE_STORES_FOR_TESTS and path is not None and getattr(store, "shared_budget", False):
-            return StoreAddress(str(path), ttl)
         what = f"the SQLite file {path}" if path is not None else "an in-memory store"
         raise LoomcError(
             f"DaskExecutor: the graph's store is {what}, which Dask workers in other processes or on other machines "

@@ -93,16 +93,10 @@ _stores_lock = threading.Lock()
 
 
 def _open_address(dsn: str, ttl: float | None) -> Any:
-    from loomc.store.postgres import is_dsn
+    from loomc.store.postgres.sync import PostgresStore, require_psycopg
 
-    if is_dsn(dsn):
-        from loomc.store.postgres.sync import PostgresStore
-
-        return PostgresStore(dsn, lease_ttl=ttl)
-    # a SQLite file: only ever given by loomc's own tests (every worker on this machine)
-    from loomc.store.sqlite.sync import SQLiteStore
-
-    return SQLiteStore(dsn, lease_ttl=ttl)
+    require_psycopg()
+    return PostgresStore(dsn, lease_ttl=ttl)
 
 
 @dataclass(frozen=True)
