@@ -384,3 +384,47 @@ def test_a_paused_worker_is_fenced_and_writes_nothing_more(
         if w.pid == paused:
             w.kill()
             w.wait()
+
+
+# -- the command line ---------------------------------------------------------------------
+PIPELINE = """
+from tests.dask_subjects import long_graph
+graph = long_graph(None, steps=2, delay=0.0)
+"""
+
+
+def _loomc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loomc", *args], env=_env(), capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_cli_refuses_a_file_store_with_the_dask_executor(tmp_path: Path) -> None:
+    pipeline = tmp_path / "pipe.py"
+    pipeline.write_text(PIPELINE)
+    db = tmp_path / "runs.db"
+    done = _loomc("graph", "run", str(pipeline), "--executor", "dask", "--db", str(db))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "PostgreSQL" in lines[0]
+    assert "Traceback" not in done.stderr
+    usage = _loomc("graph", "run", str(pipeline), "--address", "tcp://127.0.0.1:9")
+    assert usage.returncode == 2
+    assert "--executor dask" in usage.stderr
+
+
+def test_cli_runs_a_graph_on_a_scheduler(tmp_path: Path, external: External, shared_store: Callable[..., Any]) -> None:
+    external.ensure_workers(2)
+    pipeline = tmp_path / "pipe.py"
+    pipeline.write_text(PIPELINE)
+    dsn = shared_store.dsn  # type: ignore[attr-defined]
+    done = _loomc("graph", "run", str(pipeline), "--input", "{}", "--executor", "dask", "--address", external.address,
+                  "--db", dsn)
+    assert done.returncode == 0, done.stderr
+    store = shared_store()
+    gid = _graph_run_id(store)
+    assert gid is not None
+    assert store.get_run(gid).status is RunStatus.COMPLETED
+    node = _node_run(store, gid, "long_node")
+    assert store.get_run(node.id).steps == 2
+    assert _owner_pid(node) in {w.pid for w in external.live_workers()}
