@@ -428,3 +428,38 @@ def test_cli_runs_a_graph_on_a_scheduler(tmp_path: Path, external: External, sha
     node = _node_run(store, gid, "long_node")
     assert store.get_run(node.id).steps == 2
     assert _owner_pid(node) in {w.pid for w in external.live_workers()}
+
+
+def test_ctrl_c_cancels_the_remote_node_and_the_graph_says_so(
+    external: External, shared_store: Callable[..., Any]
+) -> None:
+    external.ensure_workers(2)
+    store = shared_store()
+    dsn = shared_store.dsn  # type: ignore[attr-defined]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tests.dask_subjects", external.address, dsn, "10", "0.3"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert driver.stdout is not None
+        gid = driver.stdout.readline().strip()
+        _wait_for(lambda: (n := _node_run(store, gid, "long_node")) is not None and n.steps >= 1, "a node step")
+        driver.send_signal(signal.SIGINT)
+        driver.wait(60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        if driver.stdout is not None:
+            driver.stdout.close()
+    graph = store.get_run(gid)
+    assert graph.status is RunStatus.INTERRUPTED
+    assert graph.stop_reason == "interrupted"
+    # the node on its worker stops at its next step boundary and records why
+    node = _wait_for(lambda: (n := _node_run(store, gid, "long_node")).status is not RunStatus.RUNNING and n,
+                     "the remote node to stop", timeout=20)
+    assert node.status is RunStatus.INTERRUPTED
+    assert node.steps < 10
+    result = subjects.long_graph(store, steps=10, delay=0.0).resume(gid, executor=external.executor)
+    assert result.status is RunStatus.COMPLETED
+    _steps_paid_once(store, node.id, 10)
