@@ -463,3 +463,17 @@ def test_ctrl_c_cancels_the_remote_node_and_the_graph_says_so(
     result = subjects.long_graph(store, steps=10, delay=0.0).resume(gid, executor=external.executor)
     assert result.status is RunStatus.COMPLETED
     _steps_paid_once(store, node.id, 10)
+
+
+def test_the_dask_fanout_example_runs(shared_store: Callable[..., Any]) -> None:
+    """examples/dask_fanout.py: the research fan-out on a local cluster, its items in two worker processes."""
+    dsn = shared_store.dsn  # type: ignore[attr-defined]
+    done = subprocess.run([sys.executable, str(EXAMPLES / "dask_fanout.py"), "--dsn", dsn, "--questions", "8"],
+                          env=_env(LOOMC_EXAMPLE_DELAY="0.05"), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ": completed, $" in done.stdout
+    assert "8/8 items" in done.stdout
+    store = shared_store()
+    gid = _graph_run_id(store)
+    assert gid is not None
+    assert store.get_run(gid).status is RunStatus.COMPLETED
