@@ -4,7 +4,8 @@ The graph is one map node of ``--items`` items (default 1,000), each a ``@loop``
 steps that sleep 10 ms (a stand-in for a model call), stored in PostgreSQL (started from
 the ``pgserver`` wheel unless ``--dsn`` names a server). Both runs have the same number
 of item slots: in process, ``max_concurrency`` worker threads; on Dask, a ``LocalCluster``
-of ``--workers`` processes with ``--threads`` threads each. Reported:
+of ``--workers`` processes with ``--threads`` threads each (every item is submitted at
+once; the workers' threads bound how many run). Reported:
 
 - per item: the wall time times the slots divided by the items, in process and on Dask;
   the difference is what Dask adds per item (scheduling, the task's trip, opening the
@@ -66,10 +67,26 @@ def new_schema(uri: str) -> str:
     return f"{uri}{'&' if '?' in uri else '?'}options={quote(f'-csearch_path={name}')}"
 
 
-def fan(store: Any, items: int, slots: int) -> Graph:
+def fan(store: Any, items: int, slots: int | None) -> Graph:
+    """One map node of ``items`` items, at most ``slots`` at once (``None``: the cluster's threads bound them)."""
     graph = Graph("bench-dask", budget=Budget(usd=100.0), checkpoint=store)
     graph.map("items", item, over=lambda up, gi: [{"i": 0, "n": n} for n in range(items)], max_concurrency=slots)
     return graph
+
+
+def nap(n: int) -> int:
+    """A bare Dask task sleeping as long as an item's three steps: the floor any executor pays."""
+    time.sleep(STEPS * SLEEP_S)
+    return n
+
+
+def dask_floor(executor: DaskExecutor, items: int) -> float:
+    """Seconds for ``items`` bare tasks of the same length on the same cluster."""
+    client = executor.client
+    client.gather([client.submit(nap, n, pure=False) for n in range(16)])
+    t0 = time.perf_counter()
+    client.gather([client.submit(nap, n, pure=False) for n in range(items)])
+    return time.perf_counter() - t0
 
 
 def timed(graph: Graph, **kw: Any) -> float:
@@ -123,19 +140,28 @@ def main() -> None:
         print(f"in process: {args.items} items x {STEPS} steps of {SLEEP_S * 1e3:.0f} ms, {slots} at once: "
               f"{here:.2f} s ({per_here:.1f} ms per item; sleeping alone {ideal:.2f} s)")
         with DaskExecutor(n_workers=args.workers, threads_per_worker=args.threads) as executor:
-            timed(fan(store, min(args.items, 2 * slots), slots), executor=executor)  # warm: imports, pools
-            there = timed(fan(store, args.items, slots), executor=executor)
+            timed(fan(store, min(args.items, 2 * slots), None), executor=executor)  # warm: imports, pools
+            there = timed(fan(store, args.items, None), executor=executor)
+            floor = dask_floor(executor, args.items)
         per_there = there * slots / args.items * 1e3
-        print(f"dask ({args.workers} workers x {args.threads} threads): {there:.2f} s ({per_there:.1f} ms per item)")
+        per_floor = floor * slots / args.items * 1e3
         sleep_ms = STEPS * SLEEP_S * 1e3
-        print(f"  per item: {sleep_ms:.0f} ms sleeping, {STEPS} steps of the store ({STEPS * step_ms:.1f} ms), "
-              f"dask adds {per_there - per_here:.1f} ms over in process "
-              f"({per_there - sleep_ms - STEPS * step_ms:.1f} ms over sleep + store)")
+        print(f"dask ({args.workers} workers x {args.threads} threads): {there:.2f} s ({per_there:.1f} ms per item)")
+        print(f"  bare Dask tasks of {sleep_ms:.0f} ms, same cluster: {floor:.2f} s ({per_floor:.1f} ms per task)")
+        print("  where an item's time goes (ms, per slot):")
+        print(f"    sleeping                         {sleep_ms:6.1f}")
+        print(f"    Dask's own scheduling            {per_floor - sleep_ms:6.1f}")
+        print(f"    loomc on Dask (store, ledger...) {per_there - per_floor:6.1f}  "
+              f"(of which {STEPS} bare store steps: {STEPS * step_ms:.1f})")
+        print(f"    = {per_there:.1f}; in process: {per_here:.1f} (Dask adds {per_there - per_here:.1f})")
+        print(f"  in wall time per item (throughput): in process {here / args.items * 1e3:.2f} ms, on Dask "
+              f"{there / args.items * 1e3:.2f} ms: Dask adds {(there - here) / args.items * 1e3:.2f} ms per item "
+              f"(bare tasks: {(floor - ideal) / args.items * 1e3:.2f} ms over their sleep)")
         print("throughput as workers grow:")
         for n in [int(x) for x in args.scaling.split(",") if x]:
             with DaskExecutor(n_workers=n, threads_per_worker=args.threads) as executor:
-                g = fan(store, args.items, n * args.threads)
-                timed(fan(store, min(args.items, 2 * n * args.threads), n * args.threads), executor=executor)
+                g = fan(store, args.items, None)
+                timed(fan(store, min(args.items, 2 * n * args.threads), None), executor=executor)
                 elapsed = timed(g, executor=executor)
             print(f"  {n} worker(s) x {args.threads} threads: {args.items / elapsed:.0f} items/s ({elapsed:.2f} s)")
         store.close()

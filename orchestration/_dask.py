@@ -124,6 +124,8 @@ class DaskExecutor:
                 return
             if self.address is None:
                 options = {"host": "127.0.0.1", "processes": True, "dashboard_address": None, **self.options}
+                # the scheduler's HTTP endpoints on a free port of 127.0.0.1 (never a fixed, maybe busy, one)
+                options["scheduler_kwargs"] = {"dashboard_address": "127.0.0.1:0", **options.get("scheduler_kwargs", {})}
                 self._cluster = distributed.LocalCluster(**options)
                 self._client = distributed.Client(self._cluster)
             else:

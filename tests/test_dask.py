@@ -92,6 +92,7 @@ class External:
         self.env = _env(DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL="3s")
         self.scheduler = subprocess.Popen(
             ["dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--dashboard-address", "127.0.0.1:0",
              "--scheduler-file", str(self.file)],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -108,7 +109,7 @@ class External:
         for _ in range(n):
             self.workers.append(subprocess.Popen(
                 ["dask", "worker", "--scheduler-file", str(self.file), "--host", "127.0.0.1", "--nthreads", "1",
-                 "--no-nanny", "--no-dashboard"],
+                 "--no-nanny", "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
                 env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))
 
