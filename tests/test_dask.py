@@ -478,3 +478,8 @@ def test_the_dask_fanout_example_runs(shared_store: Callable[..., Any]) -> None:
     gid = _graph_run_id(store)
     assert gid is not None
     assert store.get_run(gid).status is RunStatus.COMPLETED
+
+
+def test_importing_orchestration_does_not_import_dask() -> None:
+    code = "import sys, orchestration; assert 'distributed' not in sys.modules and 'dask' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=60)
