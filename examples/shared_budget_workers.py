@@ -2,6 +2,7 @@
 
 Run it:      python examples/shared_budget_workers.py             (4 workers, a $0.50 cap)
              python examples/shared_budget_workers.py --workers 8 --cap 1.00 --db /tmp/pool.db
+             python examples/shared_budget_workers.py --db postgresql://user@host/db   (workers anywhere)
 Inspect it:  loomc show <run_id> --tree
 
 The coordinator creates one run, the pool, with a usd cap. Each worker is a separate
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import loomc
-from loomc import Budget, SQLiteStore, loop
+from loomc import Budget, PostgresStore, SQLiteStore, loop
 from loomc._core import seams
+from loomc.store.postgres import is_dsn
 from loomc.store.protocol import NewRun
 
 PRICE_PER_TOKEN = 0.00001  # invented: $10 per million tokens
@@ -46,9 +48,14 @@ def refine(state: dict[str, Any]) -> dict[str, Any]:
     return {"text": text[-200:], "round": state["round"] + 1}
 
 
+def open_db(db: str) -> Any:
+    """The store every process opens: a SQLite file (one machine), or a PostgreSQL database (any machine)."""
+    return PostgresStore(db) if is_dsn(db) else SQLiteStore(db)
+
+
 def worker(db: str, pool_id: str, index: int) -> None:
     """One worker process: the child ``index`` of the pool, run until the shared cap stops it."""
-    store = SQLiteStore(db)
+    store = open_db(db)
     pool = seams.open_shared_parent(store, pool_id)
     result = seams.run_child(refine, pool, {"text": f"task {index}", "round": 0}, call_index=index, meta={})
     print(json.dumps({"worker": index, "status": result.status.value, "steps": result.steps,
@@ -65,8 +72,9 @@ def main() -> None:
     if args.worker:
         worker(args.db, args.worker[0], int(args.worker[1]))
         return
-    Path(args.db).parent.mkdir(parents=True, exist_ok=True)
-    store = SQLiteStore(args.db)
+    if not is_dsn(args.db):
+        Path(args.db).parent.mkdir(parents=True, exist_ok=True)
+    store = open_db(args.db)
     pool_id = store.begin_run(NewRun(spec_hash="pool", name="shared_budget_workers:pool", kind="graph",
                                      budget=Budget(usd=args.cap).to_dict()))
     started = time.monotonic()

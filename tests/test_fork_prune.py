@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -15,8 +16,10 @@ from typing import Any
 import pytest
 
 import loomc
-from loomc import Budget, LoomcError, MemoryStore, RunStatus, SQLiteStore, StateError, loop, predicate
+from loomc import Budget, LoomcError, MemoryStore, PostgresStore, RunStatus, SQLiteStore, StateError, loop, predicate
 from loomc.store.codec import encode
+from loomc.store.open import open_store
+from loomc.store.postgres import is_dsn
 from loomc.store.protocol import NewRun, StepRow
 from loomc.store.sqlite.sql import now_iso
 
@@ -30,17 +33,34 @@ def cli(*args: str, db: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "loomc", *args, "--db", db], capture_output=True, text=True, env=ENV, timeout=120)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database, as ``checkpoint=`` and ``--db`` name it: a SQLite file, or a PostgreSQL DSN (its own schema)."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("pg_dsn"))
+    return str(tmp_path / "loomc.db")
+
+
+def query(db: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The rows of one statement (``?`` placeholders), read on a connection of the test's own."""
+    if is_dsn(db):
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            rows = conn.execute(sql.replace("?", "%s"), args).fetchall()  # type: ignore[call-overload]
+        return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows]
+    with contextlib.closing(sqlite3.connect(db)) as lite:
+        return lite.execute(sql, args).fetchall()
+
+
 def rows_of(db: str, run_id: str) -> dict[str, list[tuple[Any, ...]]]:
     """Every stored row of one run (its run row, steps, the blobs they use, questions)."""
-    with sqlite3.connect(db) as conn:
-        return {
-            "runs": conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchall(),
-            "steps": conn.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,)).fetchall(),
-            "blobs": conn.execute(
-                "SELECT * FROM blobs WHERE id IN (SELECT blob_id FROM steps WHERE run_id = ?) ORDER BY id", (run_id,)
-            ).fetchall(),
-            "questions": conn.execute("SELECT * FROM questions WHERE run_id = ?", (run_id,)).fetchall(),
-        }
+    return {
+        "runs": query(db, "SELECT * FROM runs WHERE id = ?", (run_id,)),
+        "steps": query(db, "SELECT * FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,)),
+        "blobs": query(db, "SELECT * FROM blobs WHERE id IN (SELECT blob_id FROM steps WHERE run_id = ?) ORDER BY id", (run_id,)),
+        "questions": query(db, "SELECT * FROM questions WHERE run_id = ?", (run_id,)),
+    }
 
 
 def counter(db: str, steps: int = 6, big: bool = False) -> Any:
@@ -78,11 +98,10 @@ def test_fork_keeps_history_and_budget_and_leaves_the_original_untouched(db: str
     assert final.cost_usd == pytest.approx(0.60)  # 0.30 carried over + 3 new steps
     assert rows_of(db, rid) == before
     if big:
-        with sqlite3.connect(db) as conn:  # the fork's history points at the original's blobs: none was copied
-            shared = conn.execute(
-                "SELECT COUNT(*) FROM steps a JOIN steps b ON a.blob_id = b.blob_id WHERE a.run_id = ? AND b.run_id = ?",
-                (fid, rid),
-            ).fetchone()[0]
+        shared = query(  # the fork's history points at the original's blobs: none was copied
+            db, "SELECT COUNT(*) FROM steps a JOIN steps b ON a.blob_id = b.blob_id WHERE a.run_id = ? AND b.run_id = ?",
+            (fid, rid),
+        )[0][0]
         assert shared >= 1
 
 
@@ -166,13 +185,12 @@ def test_fork_then_prune_the_original(db: str) -> None:
     assert count.resume(fid)["seen"] == [0, 1, 2, 3, 4, 5]
     report = store.prune(status="completed")
     assert [r.id for r in report.roots] == [fid]
-    with sqlite3.connect(db) as conn:
-        assert {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES} == dict.fromkeys(TABLES, 0)
+    assert {t: query(db, f"SELECT COUNT(*) FROM {t}")[0][0] for t in TABLES} == dict.fromkeys(TABLES, 0)
 
 
 def test_prune_deletes_whole_trees_never_waiting_or_running(db: str) -> None:
     """A graph's or a nested loop's tree goes whole; a waiting run and a live running run stay."""
-    store = SQLiteStore(db)
+    store = open_store(db)
     parent = store.begin_run(NewRun(spec_hash="p", name="tests:tree"))
     child = store.begin_run(NewRun(spec_hash="c", name="tests:leaf", parent_run_id=parent, parent_step=0, call_index=0))
     done = StepRow(0, '{"a": 1}', 0.1, None, now_iso(), None, None, 0, 0.0, 0.1, 1, 0.0, 0.1, "completed", None, (parent,))
@@ -222,7 +240,7 @@ BUSY = textwrap.dedent(
 )
 
 
-def make_runs(store: SQLiteStore, n: int, status: RunStatus, name: str) -> list[str]:
+def make_runs(store: Any, n: int, status: RunStatus, name: str) -> list[str]:
     """``n`` finished runs of two steps each, written through the store (each with a compressed state)."""
     ids = []
     for _ in range(n):
@@ -281,21 +299,26 @@ def test_prune_ten_thousand_runs_while_a_loop_commits(tmp_path: Path) -> None:
     assert size_after < size_before / 2
 
 
+def contents(db: str) -> Any:
+    """What a database holds: a SQLite file byte for byte (its log copied in), every row of a PostgreSQL schema."""
+    if is_dsn(db):
+        return {t: sorted(query(db, f"SELECT * FROM {t}"), key=repr) for t in (*TABLES, "loomc_schema")}
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return Path(db).read_bytes()
+
+
 def test_dry_run_changes_nothing(db: str) -> None:
-    """`loomc prune --dry-run` lists what would go and leaves the file byte-for-byte the same."""
+    """`loomc prune --dry-run` lists what would go and leaves the database as it was (a file byte for byte)."""
     count = counter(db)
     for _ in range(3):
         count.run({"n": 0, "seen": [], "pad": ""})
     count.store().close()
-    with sqlite3.connect(db) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    before = Path(db).read_bytes()
+    before = contents(db)
     out = cli("prune", "--status", "completed", "--dry-run", db=db)
     assert out.returncode == 0, out.stderr
     assert "would remove 3 run trees" in out.stdout
-    with sqlite3.connect(db) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    assert Path(db).read_bytes() == before
+    assert contents(db) == before
 
 
 def test_cli_fork(db: str, tmp_path: Path) -> None:
@@ -312,10 +335,49 @@ def test_cli_fork(db: str, tmp_path: Path) -> None:
     edited = cli("fork", rid, "--step", "0", "--state-file", str(state), db=db)
     assert edited.returncode == 0, edited.stderr
     eid = edited.stdout.split("new run ")[1].split()[0]
-    assert SQLiteStore(db).load_state(eid, 0) == {"n": 10, "seen": [], "pad": ""}
+    assert open_store(db).load_state(eid, 0) == {"n": 10, "seen": [], "pad": ""}
     bad = cli("fork", rid, "--step", "9", db=db)
     assert bad.returncode == 2
     assert "steps 0..5" in bad.stderr
     both = cli("fork", rid, "--step", "1", "--state", "{}", "--state-file", str(state), db=db)
     assert both.returncode == 2
     assert rows_of(db, rid) == before
+
+
+def test_prune_on_postgres_while_a_loop_commits_and_vacuum(pg_dsn: str, tmp_path: Path) -> None:
+    """PostgreSQL, on a smaller scale: runs pruned by age and status while another process commits; `loomc db
+    vacuum` reports the tables' sizes, and the space the pruned runs took is used again by new ones."""
+    store = PostgresStore(pg_dsn, durability="process")
+    old_done = make_runs(store, 300, RunStatus.COMPLETED, "tests:old")
+    old_failed = make_runs(store, 150, RunStatus.FAILED, "tests:old")
+    time.sleep(0.01)
+    cutoff = time.time()
+    time.sleep(0.01)
+    new_done = make_runs(store, 150, RunStatus.COMPLETED, "tests:new")
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY)
+    busy = subprocess.Popen([sys.executable, str(script), pg_dsn, "200"], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        report = store.prune(status=["completed"], older_than=1.0, now=cutoff + 1.0)
+    finally:
+        out, _ = busy.communicate(timeout=120)
+    assert busy.returncode == 0
+    busy_id, busy_steps = out.split()
+    assert int(busy_steps) == 200
+    assert {r.id for r in report.roots} == set(old_done)
+    assert (report.steps, report.blobs) == (600, 300)
+    assert {r.id for r in store.list_runs()} == {*old_failed, *new_done, busy_id}
+    assert len(store.load_steps(busy_id)) == 200  # every step the loop committed meanwhile is there
+
+    cleared = cli("prune", "--status", "failed,completed", "--name", "tests:old", db=pg_dsn)
+    assert cleared.returncode == 0, cleared.stderr
+    assert "removed 150 run trees" in cleared.stdout
+    assert "`loomc db vacuum` (with the same --db)" in cleared.stdout
+    full = store.table_bytes()
+    vacuum = cli("db", "vacuum", db=pg_dsn)
+    assert vacuum.returncode == 0, vacuum.stderr
+    assert " -> " in vacuum.stdout
+    assert "returned" in vacuum.stdout
+    make_runs(store, 450, RunStatus.COMPLETED, "tests:again")  # as many as were pruned, in the space they left
+    assert store.table_bytes() < full * 1.3  # without the vacuum they would take half as much again
+    store.close()

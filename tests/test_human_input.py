@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,8 @@ import pydantic
 import pytest
 
 import loomc
-from loomc import Budget, InvalidAnswer, LoomcError, RunStatus, SQLiteStore, WaitingForInput, ask, loop, predicate
+from loomc import Budget, InvalidAnswer, LoomcError, RunStatus, WaitingForInput, ask, loop, predicate
+from loomc.store.open import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -33,6 +33,14 @@ class Approval(pydantic.BaseModel):
 
 #: converged after its first step: a loop of one step completes
 ONCE = predicate(lambda history: True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database, as ``checkpoint=`` and ``--db`` name it: a SQLite file, or a PostgreSQL DSN (its own schema)."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("pg_dsn"))
+    return str(tmp_path / "loomc.db")
 
 
 def cli(*args: str, db: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -342,11 +350,10 @@ SUBJECT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("answer_first", [True, False])
-def test_answer_survives_sigkill_of_the_waiting_process(tmp_path: Path, answer_first: bool) -> None:
+def test_answer_survives_sigkill_of_the_waiting_process(tmp_path: Path, db: str, answer_first: bool) -> None:
     """Kill -9 the process that waits (the answer given before or after); a new process resumes with it."""
     script = tmp_path / "subject.py"
     script.write_text(SUBJECT)
-    db = str(tmp_path / "kill.db")
     proc = subprocess.Popen([sys.executable, str(script), db], stdout=subprocess.PIPE, text=True, env=ENV)
     assert proc.stdout is not None
     run_id, status = proc.stdout.readline().split()
@@ -363,8 +370,8 @@ def test_answer_survives_sigkill_of_the_waiting_process(tmp_path: Path, answer_f
     out = subprocess.run([sys.executable, str(script), db, run_id], capture_output=True, text=True, env=ENV, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "{'n': 2, 'answer': 'yes'}"
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT status, cost_usd FROM runs WHERE id = ?", (run_id,)).fetchone() == ("completed", 1.5)
+    info = open_store(db).get_run(run_id)
+    assert (info.status, info.cost_usd) == (RunStatus.COMPLETED, 1.5)
 
 
 def test_cli_reply_show_and_runs(db: str, tmp_path: Path) -> None:
@@ -400,4 +407,4 @@ def test_cli_reply_show_and_runs(db: str, tmp_path: Path) -> None:
     assert again.returncode != 0
     assert "waits for no answer" in again.stderr
     assert review.resume(rid) == {"verdict": True}
-    assert SQLiteStore(db).get_run(rid).status is RunStatus.COMPLETED
+    assert open_store(db).get_run(rid).status is RunStatus.COMPLETED

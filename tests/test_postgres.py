@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -216,6 +217,34 @@ def test_migrations_are_the_sqlite_versions(pg_dsn: str) -> None:
     assert set(pg_sql.MIGRATIONS) == set(lite_sql.MIGRATIONS)
     with PostgresStore(pg_dsn) as store:
         assert store.schema_info().version == lite_sql.SCHEMA_VERSION
+
+
+def test_a_v4_schema_is_migrated_to_fenced_leases_caps_and_questions(pg_dsn: str) -> None:
+    """A schema a v4 loomc wrote: the migration adds the lease, cap and fork columns (caps read from the stored
+    budgets, ``Infinity`` too), the questions table and the fence; its runs read, resume and ask as new ones."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute(pg_sql.CREATE_VERSION)
+        conn.execute("INSERT INTO loomc_schema (version) VALUES (4)")
+        for version in range(4):
+            pg_sql.migrate(conn, version)
+        insert = (
+            "INSERT INTO runs (id, spec_hash, status, created_at, updated_at, budget, owner, heartbeat) "
+            "VALUES (%s, 'h', %s, %s, %s, %s, %s, %s)"
+        )
+        now = pg_sql.now_iso()
+        conn.execute(insert, ("capped", "completed", now, now, json.dumps({"usd": 2.5, "iterations": 3}), None, None))
+        conn.execute(insert, ("endless", "running", now, now, json.dumps({"usd": float("inf")}), "far-host:1:1", 100.0))
+    with PostgresStore(pg_dsn, shared_budget=True) as store:
+        assert store.schema_info().version == pg_sql.SCHEMA_VERSION
+        assert store.shared_view("capped") == (0.0, 0.0, 2.5)
+        assert store.shared_view("endless") == (0.0, 0.0, None)
+        assert store.get_run("endless").status is RunStatus.CRASHED  # its lease ended long ago (heartbeat + 30 s)
+        store.acquire("endless", "here:2:2")
+        assert store.epoch_of("endless") == 1
+        store.wait_for_input("endless", WaitRow(0.0, 0.0, "waiting: ok?", Question("endless", 0, 0, "ok?", None, None, "")))
+        assert [q.text for q in store.questions("endless")] == ["ok?"]
 
 
 def test_bad_dsns_and_unreachable_servers_are_one_line_without_the_password(tmp_path: Path) -> None:
@@ -551,6 +580,25 @@ def test_the_shared_postgres_example_runs(pg_dsn: str) -> None:
     assert out.stdout.count("completed after 5 steps") == 6
     assert "6 runs in postgresql://" in out.stdout
     assert "30 steps" in out.stdout
+
+
+def test_example_shared_budget_workers_on_postgres(pg_dsn: str) -> None:
+    """examples/shared_budget_workers.py --db postgresql://...: three worker processes stop together at one cap."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "shared_budget_workers.py"), "--workers", "3", "--cap", "0.20",
+         "--db", pg_dsn], capture_output=True, text=True, env=_env(), timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    match = re.search(r"run (\w+): 3 workers spent \$([0-9.]+) of \$0\.20", out.stdout)
+    assert match, out.stdout
+    with PostgresStore(pg_dsn) as store:
+        spent, reserved, cap = store.shared_view(match.group(1))
+        assert (cap, reserved) == (0.20, pytest.approx(0.0, abs=1e-9))
+        assert spent == pytest.approx(float(match.group(2)), abs=1e-6)
+        assert spent <= 0.20 + 1e-9
+        children = store.children(match.group(1))
+        assert [c.status for c in children] == [RunStatus.BUDGET_EXHAUSTED] * 3
+        assert sum(c.cost_usd for c in children) == pytest.approx(spent, abs=1e-9)
 
 
 def test_a_write_commits_whole_or_not_at_all(pg_dsn: str) -> None:

@@ -19,7 +19,8 @@ from markupsafe import escape
 from pydantic import BaseModel
 
 import loomc
-from loomc import BestScore, Budget, LastGood, MemoryStore, RunStatus, SQLiteStore, loop
+from loomc import BestScore, Budget, LastGood, MemoryStore, PostgresStore, RunStatus, SQLiteStore, loop
+from loomc.store.postgres import is_dsn
 from loomc.ui._chart import chart
 from loomc.ui._guard import check_bind, is_loopback
 from tests.test_store_conformance import TinyStore
@@ -51,9 +52,18 @@ def filled(tmp_path: Path) -> tuple[Path, str, str]:
     return db, plain, marked
 
 
-def test_runs_list_and_run_page_over_a_real_process(filled: tuple[Path, str, str]) -> None:
-    """The list shows every root run; the run page its steps with cost, cumulative cost, score, error, events, budget."""
-    db, plain, marked = filled
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database as ``--db`` names it: a SQLite file, or a PostgreSQL DSN (a schema of its own)."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("pg_dsn"))
+    return str(tmp_path / "ui.db")
+
+
+def test_runs_list_and_run_page_over_a_real_process(any_db: str) -> None:
+    """The list shows every root run; the run page its steps with cost, cumulative cost, score, error, events, budget
+    (a SQLite file, and PostgreSQL: ``loomc ui --db postgresql://...``)."""
+    db, plain, marked = any_db, _refine(any_db), _refine(any_db, name=SCRIPT_NAME)
     with ui_process(db) as server:
         status, headers, body = server.get("/")
         assert status == 200
@@ -109,11 +119,11 @@ class Approval(BaseModel):
     approve: bool
 
 
-def test_a_waiting_run_shows_its_question_and_takes_the_reply_from_the_form(tmp_path: Path) -> None:
+def test_a_waiting_run_shows_its_question_and_takes_the_reply_from_the_form(any_db: str) -> None:
     """A run waiting on ``loomc.ask``: the page shows the question (escaped); the form stores a valid answer only."""
-    db = tmp_path / "ask.db"
+    db = any_db
 
-    @loop(checkpoint=str(db), budget=Budget(iterations=2), name="approve")
+    @loop(checkpoint=db, budget=Budget(iterations=2), name="approve")
     def drafting(state: dict[str, Any]) -> dict[str, Any]:
         ok = state.get("ok")
         if state["n"] == 0:
@@ -123,7 +133,7 @@ def test_a_waiting_run_shows_its_question_and_takes_the_reply_from_the_form(tmp_
     waiting = drafting.run({"n": 0})
     assert waiting.status is RunStatus.WAITING
     run_id = waiting.run_id
-    store = SQLiteStore(db)
+    store = SQLiteStore(db) if not is_dsn(db) else PostgresStore(db)
 
     def post(server: Any, answer: str, **headers: str) -> tuple[int, dict[str, str], str]:
         got: tuple[int, dict[str, str], str] = server.get(

@@ -66,7 +66,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def ui_process(db: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+def ui_process(db: Path | str, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """``loomc ui --db DB --port 0 ARGS`` as a process; its address is read from the line it prints."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "loomc", "ui", "--db", str(db), "--port", "0", *args],
