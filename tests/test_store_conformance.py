@@ -167,7 +167,9 @@ async def test_search_runs_narrows_and_pages(store: Face) -> None:
         made.append(rid)
         if i % 5 == 0:
             await store.update_run_status(rid, RunStatus.FAILED)
-    child = await store.begin_run(NewRun(spec_hash="s", name="pkg.mod:agent_1", parent_run_id=made[0], parent_step=0, call_index=0))
+    # (an id of its own: a random one starting with "2" would join the id-prefix search below)
+    child = await store.begin_run(NewRun(spec_hash="s", name="pkg.mod:agent_1", parent_run_id=made[0], parent_step=0,
+                                         call_index=0, run_id="feedfacecafe"))
     newest_first = [r.id for r in await store.list_runs()]
     assert newest_first[0] == child
     # every run, 5 at a time: the pages join up to list_runs' order, none twice, none left out
