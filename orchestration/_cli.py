@@ -212,12 +212,15 @@ def graph_run(
     usd: float | None = None,
     iterations: float | None = None,
     wall_clock: str | None = None,
+    executor: str | None = None,
+    address: str | None = None,
 ) -> int:
     """``loomc graph run PATH``: run (or ``--resume``) the file's graph with live progress.
 
     With ``--resume``, ``usd``, ``iterations`` and ``wall_clock`` give new limits, built
     as ``loomc resume --run`` builds them: the graph's ``usd`` and ``wall_clock``, and the
-    ``iterations`` of each node that resumes.
+    ``iterations`` of each node that resumes. ``executor="dask"`` runs the nodes on the
+    Dask scheduler at ``address`` (``None``: a local cluster); the store must be PostgreSQL.
 
     Returns:
         0 when the graph completed, 1 otherwise (errors: one line on stderr), 130 when
@@ -234,7 +237,8 @@ def graph_run(
         progress = _Progress(graph, store, path)
         if budget is not None:
             progress.cap_usd = budget.usd
-        result = _run_live(graph, store, progress, graph_input, resume, force, budget)
+        chosen = _executor(executor, address, store)
+        result = _run_live(graph, store, progress, graph_input, resume, force, budget, chosen)
     except KeyboardInterrupt:
         rid = progress.run_id if "progress" in locals() else None
         hint = f"; resume with: loomc graph run {path} --resume {rid}" if rid else ""
@@ -262,13 +266,30 @@ def _new_limits(store: Any, run_id: str, limits: dict[str, Any]) -> Any:
         raise CliError(f"{LIMIT_OPTIONS}: {exc}") from exc
 
 
+def _executor(name: str | None, address: str | None, store: Any) -> Any:
+    """``--executor dask [--address ADDR]``: the executor, its store checked before anything runs."""
+    if name != "dask":
+        return None
+    from orchestration._dask import DaskExecutor
+
+    executor = DaskExecutor(address)
+    executor.check_store(store)
+    return executor
+
+
 def _run_live(
-    graph: Graph, store: Any, progress: _Progress, graph_input: Any, resume: str | None, force: bool, budget: Any = None
+    graph: Graph, store: Any, progress: _Progress, graph_input: Any, resume: str | None, force: bool, budget: Any = None,
+    executor: Any = None,
 ) -> GraphResult:
     def go() -> GraphResult:
-        if resume is not None:
-            return graph.resume(resume, budget=budget, force=force, store=store, on_progress=progress.hook)
-        return graph.run(graph_input, store=store, on_progress=progress.hook)
+        try:
+            if resume is not None:
+                return graph.resume(resume, budget=budget, force=force, store=store, on_progress=progress.hook,
+                                    executor=executor)
+            return graph.run(graph_input, store=store, on_progress=progress.hook, executor=executor)
+        finally:
+            if executor is not None:
+                executor.close()
 
     if not progress.tty:
         return go()

@@ -47,9 +47,11 @@ from loomc._core.seams import (
     owner_token,
     run_child,
     store_spent,
+    stored_room,
     watch_host,
 )
-from orchestration._map import ItemCounts, MapHalt, MapSpec, item_progress, map_runner
+from orchestration._executor import Executor, RemoteRuns, StoreAddress
+from orchestration._map import ItemCounts, MapHalt, MapSpec, item_progress, item_remote, map_runner
 
 __all__ = ["Graph", "GraphResult", "ItemCounts", "NodeInfo", "ProgressEvent", "ProgressHook"]
 
@@ -136,6 +138,7 @@ class _Node:
     inputs: Callable[[dict[str, Any], Any], Any] | None
     when: Callable[[Any], Any] | None = None
     map: MapSpec | None = None
+    resources: dict[str, float] | None = None  # what an executor's worker must offer (Dask resources)
 
     def describe(self) -> dict[str, Any]:
         """The node as stored in the graph run's ``meta.nodes`` (its index added by the caller)."""
@@ -169,6 +172,14 @@ def _as_runner(fn: Any) -> Any:
     return runner
 
 
+def _check_executor(executor: Any, where: str) -> None:
+    if executor is not None and not isinstance(executor, Executor):
+        raise TypeError(
+            f"{where}: got {executor!r}; expected an executor such as orchestration.DaskExecutor(...), or None "
+            "to run the nodes in this process"
+        )
+
+
 class Graph:
     """A DAG of loops run as one budgeted, resumable pipeline.
 
@@ -183,6 +194,9 @@ class Graph:
         max_concurrency: at most this many nodes run at once (default: unbounded).
         on_step: ``callback(event)`` as the graph run and each node run (and the loops nested
             in them) start, commit a step and finish (see ``@loop(on_step=)``).
+        executor: where the nodes run: ``None`` (this process) or an executor such as
+            :class:`~orchestration.DaskExecutor` (each node, and each map item, a task on a
+            cluster; the store must then be PostgreSQL). ``run(..., executor=)`` overrides it.
 
     Example::
 
@@ -200,7 +214,9 @@ class Graph:
         checkpoint: Any = "sqlite",
         max_concurrency: int | None = None,
         on_step: Callable[[RunEvent], Any] | None = None,
+        executor: Executor | None = None,
     ) -> None:
+        _check_executor(executor, f"Graph({name!r}): executor")
         if on_step is not None and not callable(on_step):
             raise TypeError(f"Graph(on_step={on_step!r}): expected a callable event -> None")
         if not isinstance(name, str) or not name.strip():
@@ -220,6 +236,7 @@ class Graph:
         self.checkpoint = checkpoint
         self.max_concurrency = max_concurrency
         self.on_step = on_step
+        self.executor = executor
         self._dag: nx.DiGraph = nx.DiGraph()
         self._nodes: dict[str, _Node] = {}
         self._names_by_obj: dict[int, str] = {}
@@ -237,6 +254,7 @@ class Graph:
         after: Any = None,
         inputs: Callable[[dict[str, Any], Any], Any] | None = None,
         when: Callable[[Any], Any] | None = None,
+        resources: dict[str, float] | None = None,
     ) -> Any:
         """Add a node: a ``@loop`` (or a plain function, run as one checkpointed step).
 
@@ -252,6 +270,8 @@ class Graph:
                 ran; the node runs if one answer is true, else it is ``skipped`` with the
                 reason ``"not routed"`` (not a failure). The answers are recorded with the
                 graph run, so a resumed graph takes the same branch.
+            resources: what a worker must offer to run the node under an executor
+                (Dask resources, e.g. ``{"GPU": 1}``); ignored in process.
 
         Returns:
             ``fn`` unchanged (so ``add`` also works as a decorator).
@@ -261,7 +281,7 @@ class Graph:
                 node with no upstream (naming the node).
             TypeError: ``fn``, ``inputs`` or ``when`` is not callable.
         """
-        return self._add(_as_runner(fn), fn, name, after, inputs, when, None)
+        return self._add(_as_runner(fn), fn, name, after, inputs, when, None, resources)
 
     def map(
         self,
@@ -273,6 +293,7 @@ class Graph:
         max_concurrency: int | None = None,
         on_item_error: str = "fail",
         when: Callable[[Any], Any] | None = None,
+        resources: dict[str, float] | None = None,
     ) -> Any:
         """Add a map node: one child run of the ``@loop`` ``fn`` per item of a list.
 
@@ -290,6 +311,7 @@ class Graph:
                 are not started) or ``"skip"`` (its slot in the output is ``None`` and
                 ``NodeInfo.items.failed`` counts it).
             when: routing, as for :meth:`add`.
+            resources: what a worker must offer to run each item under an executor (as for :meth:`add`).
 
         Returns:
             ``fn`` unchanged.
@@ -317,16 +339,23 @@ class Graph:
             raise ValueError(f"graph {self.name!r}: map node {name!r}: on_item_error={on_item_error!r}; "
                              "use 'fail' or 'skip'")
         spec = MapSpec(fn, over, max_concurrency, "skip" if on_item_error == "skip" else "fail")
-        self._add(map_runner(name, self.name, spec), fn, name, after, None, when, spec)
+        self._add(map_runner(name, self.name, spec), fn, name, after, None, when, spec, resources)
         return fn
 
     def _add(
         self, runner: Any, fn: Any, name: str | None, after: Any, inputs: Callable[[dict[str, Any], Any], Any] | None,
-        when: Callable[[Any], Any] | None, spec: MapSpec | None,
+        when: Callable[[Any], Any] | None, spec: MapSpec | None, resources: dict[str, float] | None = None,
     ) -> Any:
         node_name = name if name is not None else getattr(fn, "__name__", None)
         if not isinstance(node_name, str) or not node_name:
             raise ValueError(f"graph {self.name!r}: cannot name the node {fn!r}; pass name=")
+        if resources is not None and (
+            not isinstance(resources, dict)
+            or not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                       for k, v in resources.items())
+        ):
+            raise ValueError(f"graph {self.name!r}: node {node_name!r}: resources={resources!r}; give a dict of "
+                             "resource name to amount, e.g. {'GPU': 1}")
         if node_name in self._nodes:
             raise ValueError(
                 f"graph {self.name!r}: a node named {node_name!r} already exists; pass name= to add it again"
@@ -359,7 +388,8 @@ class Graph:
         if not nx.is_directed_acyclic_graph(self._dag):  # pragma: no cover - unknown upstreams already refused
             self._dag.remove_node(node_name)
             raise ValueError(f"graph {self.name!r}: adding node {node_name!r} would make a cycle")
-        self._nodes[node_name] = _Node(node_name, runner, tuple(ups), inputs, when, spec)
+        self._nodes[node_name] = _Node(node_name, runner, tuple(ups), inputs, when, spec,
+                                       dict(resources) if resources else None)
         self._names_by_obj[id(fn)] = node_name
         self._names_by_obj[id(runner)] = node_name
         return fn
@@ -463,12 +493,20 @@ class Graph:
             return self._memory
         return open_store(self.checkpoint)
 
-    def run(self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None) -> GraphResult:
-        """Run the graph from ``input`` and return a :class:`GraphResult` (never raises for node failures)."""
-        return self._sync(functools.partial(self.arun, input, store=store, on_progress=on_progress))
+    def run(
+        self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None,
+        executor: Executor | None = None,
+    ) -> GraphResult:
+        """Run the graph from ``input`` and return a :class:`GraphResult` (never raises for node failures).
+
+        ``executor`` runs the nodes elsewhere for this run (default: the graph's ``executor=``,
+        else this process); a store its workers cannot reach is refused before anything runs.
+        """
+        return self._sync(functools.partial(self.arun, input, store=store, on_progress=on_progress, executor=executor))
 
     async def arun(
-        self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None, _signals: bool = False,
+        self, input: Any = None, *, store: Any = None, on_progress: ProgressHook | None = None,
+        executor: Executor | None = None, _signals: bool = False,
         _observers: tuple[Callable[[RunEvent], Any], ...] = (),
     ) -> GraphResult:
         """Async :meth:`run` (anyio: asyncio or trio)."""
@@ -476,6 +514,7 @@ class Graph:
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         ex.handle_signals = _signals
         ex.observers = _observers
+        await ex.use(executor)
         async with ex.astore:
             try:
                 return await ex.start(input)
@@ -484,7 +523,7 @@ class Graph:
 
     def resume(
         self, run_id: str, *, budget: Budget | None = None, force: bool = False, store: Any = None,
-        on_progress: ProgressHook | None = None,
+        on_progress: ProgressHook | None = None, executor: Executor | None = None,
     ) -> GraphResult:
         """Continue a stopped or crashed graph run.
 
@@ -501,6 +540,8 @@ class Graph:
             force: continue even though the graph's structure changed since the run.
             store: the store to read (default: the graph's ``checkpoint``).
             on_progress: ``hook(ProgressEvent)`` as the graph and its nodes start and finish.
+            executor: where the nodes run this time (default: the graph's ``executor=``); a
+                graph started on a cluster may be resumed in process and the other way round.
 
         Raises:
             SpecMismatch: the structure (nodes, loops, edges) changed and ``force`` is false.
@@ -508,12 +549,12 @@ class Graph:
             RunLocked: the graph run is live in another process.
         """
         return self._sync(functools.partial(
-            self.aresume, run_id, budget=budget, force=force, store=store, on_progress=on_progress
+            self.aresume, run_id, budget=budget, force=force, store=store, on_progress=on_progress, executor=executor
         ))
 
     async def aresume(
         self, run_id: str, *, budget: Budget | None = None, force: bool = False, store: Any = None,
-        on_progress: ProgressHook | None = None, _signals: bool = False,
+        on_progress: ProgressHook | None = None, executor: Executor | None = None, _signals: bool = False,
         _observers: tuple[Callable[[RunEvent], Any], ...] = (),
     ) -> GraphResult:
         """Async :meth:`resume`."""
@@ -523,6 +564,7 @@ class Graph:
         ex = _Execution(self, store if store is not None else await anyio.to_thread.run_sync(self.store), on_progress)
         ex.handle_signals = _signals
         ex.observers = _observers
+        await ex.use(executor)
         async with ex.astore:
             try:
                 return await ex.resume(run_id, budget, force)
@@ -647,6 +689,20 @@ class _Execution:
         self.unfinished: set[str] = set()  # map nodes the graph's budget stopped: no output to hand on
         self.observers: tuple[Callable[[RunEvent], Any], ...] = ()  # a stream's callbacks
         self.resumed = False
+        self.executor: Executor | None = None  # where nodes run (None: in this process)
+        self.address: StoreAddress | None = None  # the store as the executor's workers open it
+        self.remote: RemoteRuns | None = None  # the attempt's units on the executor
+        self.wall_now: Callable[[], float] = lambda: 0.0  # the graph's active time so far (this attempt included)
+
+    async def use(self, executor: Executor | None) -> None:
+        """Run the nodes on ``executor`` (else the graph's): the store checked, the engine opened, before any write."""
+        executor = executor if executor is not None else self.graph.executor
+        _check_executor(executor, f"graph {self.graph.name!r}: executor")
+        if executor is None:
+            return
+        self.address = executor.check_store(self.store)
+        await anyio.to_thread.run_sync(executor.open)
+        self.executor = executor
 
     def release(self) -> None:
         """Let go of the graph run in this process (the attempt is over)."""
@@ -756,8 +812,12 @@ class _Execution:
         wall_cap = budget.wall_clock_seconds
         self.ledger = open_host_ledger(
             run_id, g.name, self.store, budget, spent=self.spent_before, prepaid=self.carried_in,
-            deadline=(t0 + wall_cap - wall_base) if wall_cap is not None else None,
+            deadline=(t0 + wall_cap - wall_base) if wall_cap is not None else None, shared=self.executor is not None,
         )
+        self.wall_now = lambda: wall_base + (time.monotonic() - t0)
+        if self.executor is not None:
+            assert self.address is not None
+            self.remote = RemoteRuns(self.executor, self.address, run_id, self._remote_cancelled)
         self.priors, self.run_id = existing, run_id
         self.done = {name: anyio.Event() for name in g._nodes}
         limiter = anyio.CapacityLimiter(g.max_concurrency) if g.max_concurrency else None
@@ -815,6 +875,10 @@ class _Execution:
                 scope.cancel()
                 return
 
+    async def _remote_cancelled(self) -> None:
+        """Units on the executor are being cancelled: the graph's row says so at once (running ones stop)."""
+        await self.astore.finish_run(self.run_id, RunStatus.INTERRUPTED, "interrupted", self.wall_now())
+
     def _abort(self) -> None:
         """Cancelled: stop sync nodes (running in threads) at their next step boundary."""
         self.aborted = True
@@ -861,6 +925,11 @@ class _Execution:
         if deadline is not None and deadline - time.monotonic() <= 0:
             return "wall_clock"
         return "usd"
+
+    def _stored_room(self) -> bool:
+        """Money left on the graph as the database holds it (nodes on other workers spend as they go)."""
+        assert self.ledger is not None
+        return stored_room(self.store, self.ledger, time.monotonic())
 
     def _room(self) -> bool:
         """May a new node start under the graph's budget?"""
@@ -975,7 +1044,9 @@ class _Execution:
         name = node.name
         # A node that ran before is resumed even without room: it stops at once on the
         # graph's budget and reports its run (id, steps, cost, last state) as it stands.
-        if prior is None and (self.exhausted or not self._room()):
+        if prior is None and (self.exhausted or not self._room() or (
+            self.remote is not None and not await anyio.to_thread.run_sync(self._stored_room)
+        )):
             self.exhausted = True
             return self._finish(NodeInfo(name, PENDING, stop_reason="graph budget ran out before it started"))
         if self.aborted:
@@ -988,9 +1059,22 @@ class _Execution:
             limits = Budget.from_dict({**prior.budget, "iterations": self.node_iterations})
         assert self.ledger is not None
         token = item_progress.set(functools.partial(self._items_progress, name)) if node.map is not None else None
+        remote_token = item_remote.set((self.remote, node.resources)) if node.map is not None else None
+        result: RunResult
         try:
-            if node.is_async:
-                result: RunResult = await arun_child(
+            if self.remote is not None and node.map is None:
+                found = await self.remote.run(
+                    self.ledger, node.runner, state, call_index=idx, kind="node", meta=meta, budget=limits,
+                    resources=node.resources, key=f"node-{name}",
+                )
+                if found is None:  # cancelled, or not started: no room left by the time a worker took it
+                    if self.aborted:
+                        return None
+                    self.exhausted = True
+                    return self._finish(NodeInfo(name, PENDING, stop_reason="graph budget ran out before it started"))
+                result = found
+            elif node.is_async:
+                result = await arun_child(
                     node.runner, self.ledger, state, call_index=idx, meta=meta, budget=limits
                 )
             else:
@@ -1012,6 +1096,8 @@ class _Execution:
         finally:
             if token is not None:
                 item_progress.reset(token)
+            if remote_token is not None:
+                item_remote.reset(remote_token)
         if self.aborted and result.status is RunStatus.BUDGET_EXHAUSTED:
             # Stopped by the cancellation, not by a budget: record it as interrupted.
             with anyio.CancelScope(shield=True):

@@ -26,12 +26,15 @@ import anyio
 from loomc import AsyncLoopRunner, LoopRunner, RunResult, RunStatus, loop, predicate
 from loomc._core.seams import arun_child, current_ledger, has_room, run_child
 
-__all__ = ["ItemCounts", "MapHalt", "MapSpec", "item_progress", "map_runner"]
+__all__ = ["ItemCounts", "MapHalt", "MapSpec", "item_progress", "item_remote", "map_runner"]
 
 OnItemError = Literal["fail", "skip"]
 
 #: ``report(done, total)`` as a map node's items finish (set by the graph for live progress).
 item_progress: ContextVar[Any] = ContextVar("loomc_map_item_progress", default=None)
+
+#: ``(RemoteRuns, resources)`` when the graph runs its units on an executor: items run there.
+item_remote: ContextVar[Any] = ContextVar("loomc_map_item_remote", default=(None, None))
 
 
 @dataclass(frozen=True)
@@ -138,9 +141,17 @@ async def _run_items(node: str, graph: str, spec: MapSpec, items: list[Any]) -> 
     # sync items run in worker threads: a bound of our own when given, else anyio's default
     threads = anyio.CapacityLimiter(spec.max_concurrency) if spec.max_concurrency and not is_async else None
     indexes = iter(range(total))  # shared by the workers: each takes the next item
+    remote, resources = item_remote.get()
+    submitted: dict[int, Any] = {}  # the items on the executor, cancelled when the map stops early
 
-    async def one(i: int) -> RunResult:
+    async def one(i: int) -> RunResult | None:
         meta = {"node": node, "graph": graph, "item": i}
+        if remote is not None:  # a task on the executor; None: it did not start (no room, or cancelled)
+            found: RunResult | None = await remote.run(
+                ledger, item, items[i], call_index=i, kind="item", meta=meta, budget=None, resources=resources,
+                key=f"item-{node}-{i}", group=submitted,
+            )
+            return found
         if is_async:
             return await arun_child(item, ledger, items[i], call_index=i, meta=meta, kind="item")
         call = functools.partial(run_child, item, ledger, items[i], call_index=i, meta=meta, kind="item")
@@ -149,6 +160,14 @@ async def _run_items(node: str, graph: str, spec: MapSpec, items: list[Any]) -> 
         with anyio.CancelScope(shield=True):
             result: RunResult = await anyio.to_thread.run_sync(call, limiter=threads)
         return result
+
+    def halt(*, cancel: bool) -> None:
+        """No more items start. On an executor, with ``cancel``, the items waiting for a worker are
+        cancelled (those running finish there); without, they find no room and return at once."""
+        nonlocal stop
+        stop = True
+        if cancel and remote is not None:
+            remote.cancel(submitted)
 
     async def worker() -> None:
         nonlocal done, failed, first_failure, budget_stop, no_room, stop
@@ -159,14 +178,19 @@ async def _run_items(node: str, graph: str, spec: MapSpec, items: list[Any]) -> 
                 no_room = stop = True
                 return
             try:
-                result = await one(i)
+                found = await one(i)
             except Exception as exc:  # noqa: BLE001 - an item that cannot run fails alone
                 failed += 1
                 if first_failure is None:
                     first_failure = (i, None, exc)
                 if spec.on_item_error == "fail":
-                    stop = True
+                    halt(cancel=True)
                 continue
+            if found is None:  # on the executor, not started: no room left (or the graph was cancelled)
+                no_room = True
+                halt(cancel=False)
+                continue
+            result = found
             status = result.status
             if status is RunStatus.COMPLETED or (
                 status is RunStatus.BUDGET_EXHAUSTED and not _stopped_by_enclosing(result)
@@ -175,13 +199,13 @@ async def _run_items(node: str, graph: str, spec: MapSpec, items: list[Any]) -> 
                 done += 1
             elif status is RunStatus.BUDGET_EXHAUSTED:
                 budget_stop = budget_stop or result.error
-                stop = True
+                halt(cancel=False)
             else:
                 failed += 1
                 if first_failure is None:
                     first_failure = (i, result, result.error)
                 if spec.on_item_error == "fail":
-                    stop = True
+                    halt(cancel=True)
             if report is not None:
                 report(done + failed, total)
 

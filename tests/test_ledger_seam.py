@@ -193,6 +193,10 @@ class FlatLedger:
         """Only this run."""
         yield self
 
+    def lineage(self) -> tuple[str, ...]:
+        """Only this run."""
+        return (self.run_id,)
+
     def deadline_in_chain(self) -> float | None:
         """This run's deadline."""
         return self.deadline

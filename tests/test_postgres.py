@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -702,3 +703,41 @@ def test_starting_one_run_id_at_once_is_refused_as_on_sqlite(pg_dsn: str) -> Non
     assert [type(o).__name__ for o in outcomes if o != "contested"] == ["RunLocked"] * 7
     for store in stores:
         store.close()
+
+
+def test_lease_renewals_hold_one_run_row_at_a_time(pg_dsn: str) -> None:
+    """A renewal never holds one run's row while it waits for another's: with a commit that
+    locks a parent's row and then its child's (a step's roll-up), renewing both leases closes
+    no cycle, and the server detects no deadlock."""
+    import psycopg
+
+    from loomc.store.lease import owner_token
+    from loomc.store.protocol import NewRun
+
+    store = PostgresStore(pg_dsn)
+    me = owner_token()
+    parent = store.begin_run(NewRun(spec_hash="s", name="parent", owner=me))
+    child = store.begin_run(NewRun(spec_hash="s", name="child", owner=me, parent_run_id=parent, parent_step=0,
+                                   call_index=0))
+
+    def deadlocks() -> int:
+        with psycopg.connect(pg_dsn) as c:
+            row = c.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()
+            return int(row[0]) if row else 0
+
+    before = deadlocks()
+    lost: list[list[str]] = []
+    with psycopg.connect(pg_dsn) as other:  # another child's commit: the parent's row first, then (below) its own
+        other.execute("UPDATE runs SET updated_at = updated_at WHERE id = %s", (parent,))
+        renewal = threading.Thread(target=lambda: lost.append(store.renew_leases(me, [child, parent])))
+        renewal.start()
+        time.sleep(0.5)  # the renewal is under way: it has renewed the child's lease, and waits for the parent's row
+        other.execute("UPDATE runs SET updated_at = updated_at WHERE id = %s", (child,))
+        other.commit()
+        renewal.join(30)
+    assert lost == [[]]  # both leases renewed
+    deadline = time.monotonic() + 3  # statistics reach other sessions within a second or so
+    while time.monotonic() < deadline and deadlocks() == before:
+        time.sleep(0.2)
+    assert deadlocks() == before
+    store.close()

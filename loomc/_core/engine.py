@@ -299,7 +299,7 @@ _COST_FN_HINT = "return the USD the step spent (0.0 if it spent nothing)"
 
 def _refused(exc: BudgetExhausted, ledger: RunLedger) -> Stop | None:
     """The stop a refused charge calls for: when the cap is this run's or an ancestor's."""
-    if not any(exc.owner == led.run_id for led in ledger.chain()):
+    if exc.owner not in ledger.lineage():  # (runs driven in other processes included)
         return None  # a cap of a nested run (inside the step) only: a plain step error
     outer = exc.owner if exc.owner != ledger.run_id else None
     return Stop(RunStatus.BUDGET_EXHAUSTED, f"budget: {exc.limit}" + (f" (enclosing run {outer})" if outer else ""),
@@ -628,8 +628,9 @@ class _Run:
             parent.charge(self.held, enforce=False)  # charged at the resume: new to the enclosing runs' ledgers
         ctx.ledger = ledger
         # the runs above this one, whose stored totals each committed step raises too
+        # (a parent opened from another process names the runs above it too: their totals rise as well)
         self.ancestors = tuple(
-            dict.fromkeys(led.run_id for led in parent.chain() if led.run_id and led.run_id != run_id)
+            dict.fromkeys(rid for rid in parent.lineage() if rid and rid != run_id)
         ) if nested and parent is not None else ()
         self.deadline = ledger.deadline_in_chain()  # this run's or an ancestor's, whichever comes first
         self.iterations, self.max_step_cost, self.wall_base = usage.iterations, usage.max_step_cost, usage.wall_s

@@ -74,6 +74,10 @@ class RunLedger(Protocol):
         """This ledger and those of the enclosing runs, innermost first."""
         ...
 
+    def lineage(self) -> tuple[str, ...]:
+        """The ids of this run and of every run above it, innermost first (in this process or not)."""
+        ...
+
     def deadline_in_chain(self) -> float | None:
         """The earliest deadline of this run and the enclosing runs."""
         ...
@@ -223,6 +227,10 @@ class TreeLedger:
         while node is not None:
             yield node
             node = node.parent
+
+    def lineage(self) -> tuple[str, ...]:
+        """The ids of this run and its ancestors, innermost first (a committed step raises their totals)."""
+        return tuple(led.run_id for led in self.chain())
 
     def deadline_in_chain(self) -> float | None:
         """The earliest wall-clock deadline (``time.monotonic()``) of this run and its ancestors."""

@@ -7,8 +7,9 @@ reaching into the engine's globals, the graph layer goes through this module onl
 - the run's row and lease: :func:`new_top_run`, :func:`claim`, :func:`owner_token`,
   :func:`open_store`, :func:`async_twin` (the store's async face);
 - its ledger: :func:`open_host_ledger` (through the same :func:`~loomc._core.ledger.ledger_factory`
-  as every run, so a store-backed shared ledger applies to graphs too),
-  :func:`has_room`, and the :class:`~loomc._core.ledger.RunLedger` methods
+  as every run, so a store-backed shared ledger applies to graphs too; ``shared=True`` when
+  its children run in other processes), :func:`has_room` (:func:`stored_room` as the
+  database sees it), and the :class:`~loomc._core.ledger.RunLedger` methods
   (``spent``, ``expire``, ``take_durable``...);
 - its children: :func:`run_child` / :func:`arun_child` run a ``@loop`` as the child at a
   fixed place under the host, with the host's ledger current (a map node's step runs its
@@ -37,7 +38,7 @@ from loomc._core.policy import EPS
 from loomc._core.types import RunInfo, RunResult
 from loomc.store import codec
 from loomc.store.lease import Claim, claim, owner_token
-from loomc.store.shared import open_shared_parent
+from loomc.store.shared import StoreLedger, open_shared_parent
 from loomc.store.sqlite.aio import async_twin
 from loomc.store.sqlite.sync import MemoryStore, NewRun, new_run_id, open_store
 
@@ -45,7 +46,7 @@ __all__ = [
     "Claim", "MemoryStore", "NewRun", "RunLedger", "arun_child", "async_twin", "charge_left_holds", "claim",
     "current_ledger", "has_room",
     "new_top_run", "open_host_ledger", "open_shared_parent", "open_store", "owner_token", "run_child", "running_under",
-    "store_spent", "watch_host",
+    "store_spent", "stored_room", "watch_host",
 ]
 
 
@@ -60,7 +61,8 @@ def new_top_run(
 
 
 def open_host_ledger(
-    run_id: str, name: str, store: Any, budget: Budget, *, spent: float, prepaid: float, deadline: float | None
+    run_id: str, name: str, store: Any, budget: Budget, *, spent: float, prepaid: float, deadline: float | None,
+    shared: bool = False,
 ) -> RunLedger:
     """The ledger of a run whose children start in its step 0 (a graph run), that step open.
 
@@ -72,10 +74,14 @@ def open_host_ledger(
         spent: what its tree had spent before this attempt.
         prepaid: of ``spent``, what its re-found children will carry again.
         deadline: when its wall clock runs out (``time.monotonic()``).
+        shared: its caps enforced in the database whatever the store's ``shared_budget``
+            (its children run in other processes: an executor's workers).
     """
     ctx = RunContext(run_id, name, store, None, budget)
-    ledger = ledger_factory(store)(
-        run_id, parent=None, usd_cap=budget.usd, spent=spent, prepaid=prepaid, deadline=deadline, context=ctx
+    factory: Any = StoreLedger if shared else ledger_factory(store)
+    args = (store, run_id) if shared else (run_id,)
+    ledger: RunLedger = factory(
+        *args, parent=None, usd_cap=budget.usd, spent=spent, prepaid=prepaid, deadline=deadline, context=ctx
     )
     ctx.ledger = ledger
     ctx.begin_step(0)
@@ -88,6 +94,27 @@ def has_room(ledger: RunLedger, now: float) -> bool:
     if room.wall_s is not None and room.wall_s <= 0:
         return False
     return not (room.usd is not None and room.usd <= EPS)
+
+
+def stored_room(store: Any, ledger: RunLedger, now: float) -> bool:
+    """:func:`has_room` as the database sees it: money left on ``ledger``'s run and every run above it.
+
+    For a run whose children spend in other processes (their holds and commits are in the
+    database, not in this process's ledgers). A store without a shared budget answers as
+    :func:`has_room`.
+    """
+    if not has_room(ledger, now):
+        return False
+    view_of = getattr(store, "shared_view", None)
+    if not callable(view_of):
+        return True
+    for run_id in ledger.lineage():
+        view = view_of(run_id)
+        if view is not None:
+            spent, reserved, cap = view
+            if cap is not None and spent + reserved >= cap - EPS:
+                return False
+    return True
 
 
 def run_child(
@@ -125,14 +152,16 @@ async def charge_left_holds(astore: Any, store: Any, run_id: str, info: RunInfo)
 
 
 async def store_spent(astore: Any, store: Any, ledger: RunLedger) -> None:
-    """Make the run's stored total equal its ledger once its children have stopped.
+    """Make the run's stored total hold all its ledger counts once its children have stopped.
 
     Children's commits raise the stored total as they go; this adds what was spent but
     never committed (a step cut short) and drops the stored holds that spending covers.
+    A stored total above the ledger's is kept: children in other processes raised it
+    (their spending reaches this ledger only when they report back).
     """
     info = await astore.get_run(ledger.run_id)
     delta = round(ledger.spent - (info.cost_usd if info is not None else 0.0), 12)
-    if abs(delta) > EPS:
+    if delta > EPS:
         await astore.add_cost(ledger.run_id, delta)
     held = ledger.take_durable()
     if held and supports_holds(store):

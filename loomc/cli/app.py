@@ -23,6 +23,7 @@ from loomc.cli.common import (
     LIMIT_OPTIONS,
     CliError,
     OptionError,
+    check_executor,
     check_graph_input,
     check_new_limits,
     database_path,
@@ -979,9 +980,20 @@ def graph_run(
     iterations: IterationsOpt = None,
     wall_clock: WallClockOpt = None,
     db: DbOpt = None,
+    executor: Annotated[
+        str | None,
+        typer.Option("--executor", help="Where the nodes run: local (this process) or dask (a Dask cluster; the "
+                     "store must be PostgreSQL) [default: local].", show_default=False),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="With --executor dask: the scheduler, e.g. tcp://10.0.0.5:8786 "
+                     "[default: a local cluster on 127.0.0.1].", show_default=False),
+    ] = None,
 ) -> None:
     """Run (or resume) the graph defined in PIPELINE.py, with live progress per node."""
     _usage(check_graph_input, input_json, input_file, resuming=resume_id is not None)  # a usage error first
+    _usage(check_executor, executor, address)
     cli = _orchestration_cli()
     _usage(check_new_limits, given_limits(usd, iterations, wall_clock), resuming=resume_id is not None, how=cli.GRAPH_RESUME)
     raise typer.Exit(
@@ -996,6 +1008,8 @@ def graph_run(
             usd=usd,
             iterations=iterations,
             wall_clock=wall_clock,
+            executor=executor,
+            address=address,
         )
     )
 

@@ -83,6 +83,22 @@ def check_graph_input(input_json: str | None, input_file: object, *, resuming: b
         raise OptionError("--resume continues with the run's own input; drop --input/--input-file", "--input")
 
 
+#: ``loomc graph run --executor``: where the nodes run.
+EXECUTORS = ("local", "dask")
+
+
+def check_executor(executor: str | None, address: str | None) -> None:
+    """``--executor local|dask``; ``--address`` only with ``dask``.
+
+    Raises:
+        OptionError: an unknown executor, or ``--address`` without ``--executor dask``.
+    """
+    if executor is not None and executor not in EXECUTORS:
+        raise OptionError(f"--executor {executor!r}: use one of {', '.join(EXECUTORS)}", "--executor")
+    if address is not None and executor != "dask":
+        raise OptionError("--address names a Dask scheduler: give it with --executor dask", "--address")
+
+
 def error_line(message: str) -> None:
     """Print ``loomc: message`` on stderr, escaped and cut: messages can quote stored text (a step's error)."""
     from loomc.cli.render import clip

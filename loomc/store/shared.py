@@ -55,6 +55,10 @@ class StoreLedger(TreeLedger):
         #: this run and every run above it, innermost first: the rows a hold is checked against
         self.ids: tuple[str, ...] = (run_id, *tail)
 
+    def lineage(self) -> tuple[str, ...]:
+        """This run and every run above it, those driven in other processes included."""
+        return self.ids
+
     def _hold(self, usd: float) -> int:
         """Hold ``usd`` in the database against every cap above; the hold's id (to be settled at the commit)."""
         hold_id = new_hold_id()

@@ -11,6 +11,7 @@ does for SQLite).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
@@ -332,8 +333,11 @@ class AsyncPostgresStore:
 
     async def renew_leases(self, owner: str, run_ids: list[str]) -> list[str]:
         """Renew the leases of the runs in ``run_ids`` that ``owner`` still holds; the ids it lost."""
-        leases, ttl = [(run_id, self.sync.epoch_of(run_id)) for run_id in run_ids], self.sync.ttl_s
-        return await self._write(lambda beat: core.renew_leases(_sql, owner, leases, ttl), retry=True)  # type: ignore[no-any-return]
+        ttl, lost = self.sync.ttl_s, []  # one transaction per lease (see ``PostgresStore.renew_leases``)
+        for run_id in run_ids:
+            lease = [(run_id, self.sync.epoch_of(run_id))]
+            lost += await self._write(functools.partial(_renew, owner, lease, ttl), retry=True)
+        return lost
 
     async def commit_step(self, run_id: str, row: p.StepRow) -> None:
         """Write one step and the run's totals in one transaction (retried as ``PostgresStore.commit_step``)."""
@@ -471,3 +475,8 @@ def asyncio_twin(store: PostgresStore) -> AsyncPostgresStore:
         if twin is None or twin.sync is not store:
             twin = twins[id(store)] = AsyncPostgresStore(sync=store)
         return twin
+
+
+def _renew(owner: str, lease: list[tuple[str, int | None]], ttl: float, beat: float) -> core.Op:
+    """The store core's lease renewal for one lease (a write's op, given the writer's clock it ignores)."""
+    return core.renew_leases(_sql, owner, lease, ttl)

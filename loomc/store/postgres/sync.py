@@ -13,6 +13,7 @@ psycopg is imported when a store is made, never by ``import loomc``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import threading
@@ -587,8 +588,14 @@ class PostgresStore:
 
         Returns the ids of those it no longer holds (taken over by another process).
         """
-        leases, ttl = [(run_id, self.epoch_of(run_id)) for run_id in run_ids], self.ttl_s
-        return self._write(lambda beat: core.renew_leases(_sql, owner, leases, ttl), retry=True)  # type: ignore[no-any-return]
+        # One transaction per lease: a transaction holding one run's row lock while it waits for
+        # another's could close a cycle with a step's commit (which locks the run's ancestors,
+        # then the run), and the server would abort one of them as a deadlock.
+        ttl, lost = self.ttl_s, []
+        for run_id in run_ids:
+            lease = [(run_id, self.epoch_of(run_id))]
+            lost += self._write(functools.partial(_renew, owner, lease, ttl), retry=True)
+        return lost
 
     def commit_step(self, run_id: str, row: StepRow) -> None:
         """Write one step and the run's totals in one transaction (fenced by the run's epoch).
@@ -803,3 +810,8 @@ def _forget_pools_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+def _renew(owner: str, lease: list[tuple[str, int | None]], ttl: float, beat: float) -> core.Op:
+    """The store core's lease renewal for one lease (a write's op, given the writer's clock it ignores)."""
+    return core.renew_leases(_sql, owner, lease, ttl)
