@@ -84,6 +84,50 @@ _last_us = [0]
 _second_text: dict[int, str] = {}
 
 
+
+def runs_query(
+    run_cols: str, p: str, contains: str, roots: str, *, status: str | None, roots_only: bool, limit: int | None,
+    before: tuple[str, str] | None = None, id_prefix: str | None = None, name: str | None = None,
+) -> tuple[str, tuple[Any, ...]]:
+    """The query behind ``list_runs`` in a dialect's terms: newest first, optionally roots only.
+
+    ``p`` is the dialect's placeholder, ``contains`` its test that ``name`` holds the
+    parameter in either case (with ``{}`` for the placeholder), ``roots`` its test of a
+    root run. ``before``: only runs older than this ``(created_at, id)`` (the next page);
+    ``id_prefix``: only ids starting with it; ``name``: only names holding it.
+    """
+    where: list[str] = []
+    args: list[Any] = []
+    if before is not None:
+        where.append(f"(created_at, id) < ({p}, {p})")
+        args.extend(before)
+    if id_prefix:
+        where.append(f"id >= {p} AND id < {p}")
+        args.extend(prefix_args(id_prefix))
+    if name:
+        where.append(contains.format(p))
+        args.append(name)
+    if roots_only:
+        where.append(roots)
+    if status is not None and status != RunStatus.CRASHED.value:
+        where.append(f"status = {p}")
+        args.append(status)
+    elif status == RunStatus.CRASHED.value:
+        where.append("status = 'running'")
+    sql = f"SELECT {run_cols} FROM runs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC, id DESC"
+    if limit is not None:
+        sql += f" LIMIT {p}"
+        args.append(int(limit))
+    return sql, tuple(args)
+
+
+def prefix_args(run_id: str) -> tuple[str, str]:
+    """Parameters of a dialect's ``SELECT_PREFIX``: every id starting with ``run_id`` (ids sort below U+10FFFF)."""
+    return (run_id, run_id + "\U0010ffff")
+
 def now_iso() -> str:
     """The current UTC time as stored in the database, strictly increasing within a process.
 
@@ -287,7 +331,7 @@ def resolve(d: Any, where: str, run_id: str) -> Op:
     """
     if not run_id:
         raise RunNotFound(run_id, where=where)
-    found = match_prefix(run_id, [r[0] for r in (yield QUERY, d.SELECT_PREFIX, d.prefix_args(run_id))])
+    found = match_prefix(run_id, [r[0] for r in (yield QUERY, d.SELECT_PREFIX, prefix_args(run_id))])
     if found is not None:
         return found
     around = yield QUERY, d.SELECT_IDS_AROUND, (run_id, run_id)

@@ -19,8 +19,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from loomc._core import events as _step_events
-from loomc._core.types import RunStatus
-from loomc.store.core import now_iso, run_info, storable
+from loomc.store.core import now_iso, run_info, runs_query, storable
 from loomc.store.core import usd_cap as _usd_cap
 from loomc.store.protocol import StepRow
 
@@ -455,43 +454,11 @@ def list_runs_sql(
     *, status: str | None, roots_only: bool, limit: int | None, before: tuple[str, str] | None = None,
     id_prefix: str | None = None, name: str | None = None,
 ) -> tuple[str, tuple[Any, ...]]:
-    """The query behind ``list_runs``: newest first, optionally roots only.
-
-    ``before``: only runs older than this ``(created_at, id)`` (the next page).
-    ``id_prefix``: only ids starting with it. ``name``: only names holding it, letters
-    matched in either case.
-    """
-    where: list[str] = []
-    args: list[Any] = []
-    if before is not None:
-        where.append("(created_at, id) < (%s, %s)")
-        args.extend(before)
-    if id_prefix:
-        where.append("id >= %s AND id < %s")
-        args.extend(prefix_args(id_prefix))
-    if name:
-        where.append("strpos(lower(name), lower(%s)) > 0")
-        args.append(name)
-    if roots_only:
-        where.append("parent_run_id IS NULL")
-    if status is not None and status != RunStatus.CRASHED.value:
-        where.append("status = %s")
-        args.append(status)
-    elif status == RunStatus.CRASHED.value:
-        where.append("status = 'running'")
-    sql = f"SELECT {RUN_COLS} FROM runs"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY created_at DESC, id DESC"
-    if limit is not None:
-        sql += " LIMIT %s"
-        args.append(int(limit))
-    return sql, tuple(args)
-
-
-def prefix_args(run_id: str) -> tuple[str, str]:
-    """Parameters of ``SELECT_PREFIX``: every id starting with ``run_id`` (ids sort below U+10FFFF)."""
-    return (run_id, run_id + "\U0010ffff")
+    """The query behind ``list_runs`` (see ``loomc.store.core.runs_query``)."""
+    return runs_query(
+        RUN_COLS, '%s', 'strpos(lower(name), lower({})) > 0', 'parent_run_id IS NULL', status=status, roots_only=roots_only, limit=limit,
+        before=before, id_prefix=id_prefix, name=name,
+    )
 
 
 SELECT_VERSION = "SELECT version FROM loomc_schema"

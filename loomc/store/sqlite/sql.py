@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from loomc._core.types import RunStatus
-
 # Names kept here for code written against the 0.4/0.5 layout; they live in the core now.
-from loomc.store.core import now_iso, run_info, storable
+from loomc.store.core import now_iso, run_info, runs_query, storable
 from loomc.store.protocol import StepRow
 
 if TYPE_CHECKING:
@@ -412,45 +410,13 @@ def list_runs_sql(
     *, status: str | None, roots_only: bool, limit: int | None, before: tuple[str, str] | None = None,
     id_prefix: str | None = None, name: str | None = None,
 ) -> tuple[str, tuple[Any, ...]]:
-    """The query behind ``list_runs``: newest first, optionally roots only.
-
-    ``before``: only runs older than this ``(created_at, id)`` (the next page).
-    ``id_prefix``: only ids starting with it. ``name``: only names holding it, ASCII
-    letters matched in either case.
-    """
-    where: list[str] = []
-    args: list[Any] = []
-    if before is not None:
-        where.append("(created_at, id) < (?, ?)")
-        args.extend(before)
-    if id_prefix:
-        where.append("id >= ? AND id < ?")
-        args.extend(prefix_args(id_prefix))
-    if name:
-        where.append("instr(lower(name), lower(?)) > 0")
-        args.append(name)
-    if roots_only:
-        # "+" keeps SQLite from picking runs_children (an equality match on NULL) and
-        # sorting every root run; walking runs_created newest first stops at LIMIT.
-        where.append("+parent_run_id IS NULL")
-    if status is not None and status != RunStatus.CRASHED.value:
-        where.append("status = ?")
-        args.append(status)
-    elif status == RunStatus.CRASHED.value:
-        where.append("status = 'running'")
-    sql = f"SELECT {RUN_COLS} FROM runs"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY created_at DESC, id DESC"
-    if limit is not None:
-        sql += " LIMIT ?"
-        args.append(int(limit))
-    return sql, tuple(args)
-
-
-def prefix_args(run_id: str) -> tuple[str, str]:
-    """Parameters of ``SELECT_PREFIX``: every id starting with ``run_id`` (ids sort below U+10FFFF)."""
-    return (run_id, run_id + "\U0010ffff")
+    """The query behind ``list_runs`` (see ``loomc.store.core.runs_query``)."""
+    # "+" keeps SQLite from picking runs_children (an equality match on NULL) for roots and
+    # sorting every root run; walking runs_created newest first stops at LIMIT.
+    return runs_query(
+        RUN_COLS, '?', 'instr(lower(name), lower({})) > 0', '+parent_run_id IS NULL', status=status, roots_only=roots_only, limit=limit,
+        before=before, id_prefix=id_prefix, name=name,
+    )
 
 
 SELECT_VERSION = "PRAGMA user_version"
