@@ -160,7 +160,9 @@ def test_sixteen_processes_charging_and_reserving_never_cross_one_cap(tmp_path: 
     assert watch.highest <= CAP + 1e-9
     # 16 x 400 steps of $0.00213 would be $13.6: the workers ran into the cap and stopped at it
     assert all(o["status"] == RunStatus.BUDGET_EXHAUSTED.value for o in outs), outs
-    assert spent > CAP - 0.0031 - 0.00043 - 1e-9
+    # The last worker stopped when its reservation (with a charge after it) found no room;
+    # holds of the other 15 then settled below what they held, giving back up to 0.0014 each.
+    assert spent > CAP - 0.0031 - 0.00043 - 15 * (0.0031 - 0.0017) - 1e-9
     assert sum(o["steps"] > 0 for o in outs) >= 8  # they charged at the same time, not one after another
     children = store.children(root_id)
     assert len(children) == 16

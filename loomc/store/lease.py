@@ -28,7 +28,7 @@ from loomc._core.errors import RunLocked
 
 __all__ = [
     "DEFAULT_LEASE_TTL_S", "HEARTBEAT_STALE_S", "Claim", "LeaseRenewal", "claim", "epochs", "is_alive", "lease_ttl",
-    "owner_token", "store_key",
+    "LeaseEpochs", "owner_token", "store_key",
 ]
 
 #: The lease length when neither the store (``lease_ttl=``) nor ``$LOOMC_HEARTBEAT_STALE_S`` names one.
@@ -263,3 +263,27 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+class LeaseEpochs:
+    """What a store keeps of the leases its process holds: their length, and the epoch of each run.
+
+    A store sets ``lease_ttl`` (``None``: ``$LOOMC_HEARTBEAT_STALE_S`` or its default) and
+    ``_epochs_key`` (its database, as :func:`store_key` names it) in its constructor.
+    """
+
+    lease_ttl: float | None
+    _epochs_key: object
+
+    @property
+    def ttl_s(self) -> float:
+        """The lease length of this store's runs (seconds)."""
+        return self.lease_ttl or HEARTBEAT_STALE_S
+
+    def epoch_of(self, run_id: str) -> int | None:
+        """The epoch this process holds for ``run_id`` (``None``: it does not drive the run)."""
+        return epochs.get((self._epochs_key, run_id))
+
+    def hold_epoch(self, run_id: str, epoch: int) -> None:
+        """Remember that this process acquired ``run_id`` at ``epoch`` (its writes carry it)."""
+        epochs[(self._epochs_key, run_id)] = epoch

@@ -326,7 +326,7 @@ def check_schema(conn: Any, dsn: str, *, create: bool) -> int:
     return version
 
 
-class PostgresStore:
+class PostgresStore(_lease.LeaseEpochs):
     """A store many processes and machines share: one PostgreSQL database, one transaction per step.
 
     Same operations, schema versions and semantics as :class:`~loomc.SQLiteStore`
@@ -374,7 +374,7 @@ class PostgresStore:
         self.shared_budget = bool(shared_budget)
         self.dsn = dsn
         #: What names this database's runs in ``loomc.store.lease`` (claims and epochs).
-        self.lease_key = dsn
+        self.lease_key = self._epochs_key = dsn
         self.durability: Durability = durability
         self.create = create
         self.min_size, self.max_size = min_size, max_size
@@ -393,19 +393,6 @@ class PostgresStore:
     def __repr__(self) -> str:
         return f"PostgresStore({self.path!r}, durability={self.durability!r})"
 
-    # -- leases and epochs -----------------------------------------------------------
-    @property
-    def ttl_s(self) -> float:
-        """The lease length of this store's runs (seconds)."""
-        return self.lease_ttl or _lease.HEARTBEAT_STALE_S
-
-    def epoch_of(self, run_id: str) -> int | None:
-        """The epoch this process holds for ``run_id`` (``None``: it does not drive the run)."""
-        return _lease.epochs.get((self.lease_key, run_id))
-
-    def hold_epoch(self, run_id: str, epoch: int) -> None:
-        """Remember that this process acquired ``run_id`` at ``epoch`` (its writes carry it)."""
-        _lease.epochs[(self.lease_key, run_id)] = epoch
 
     # -- connections --------------------------------------------------------------
     def connect_kwargs(self) -> dict[str, Any]:

@@ -64,7 +64,7 @@ __all__ = [
 # SQLite
 
 
-class SQLiteStore:
+class SQLiteStore(_lease.LeaseEpochs):
     """The embedded default store: one SQLite file in WAL mode, one transaction per step.
 
     Args:
@@ -98,7 +98,7 @@ class SQLiteStore:
         self.path = Path(chosen) if chosen is not None else default_db_path()
         self.lease_ttl = _lease.check_ttl(lease_ttl)
         self.shared_budget = bool(shared_budget)
-        self._key = _lease.store_key(self)  # this database's runs in ``lease.epochs``
+        self._key = self._epochs_key = _lease.store_key(self)  # this database's runs in ``lease.epochs``
         self.durability: Durability = durability
         self.create = create
         self._conn: sqlite3.Connection | None = None
@@ -118,19 +118,6 @@ class SQLiteStore:
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
 
-    # -- leases and epochs -----------------------------------------------------------
-    @property
-    def ttl_s(self) -> float:
-        """The lease length of this store's runs (seconds)."""
-        return self.lease_ttl or _lease.HEARTBEAT_STALE_S
-
-    def epoch_of(self, run_id: str) -> int | None:
-        """The epoch this process holds for ``run_id`` (``None``: it does not drive the run)."""
-        return _lease.epochs.get((self._key, run_id))
-
-    def hold_epoch(self, run_id: str, epoch: int) -> None:
-        """Remember that this process acquired ``run_id`` at ``epoch`` (its writes carry it)."""
-        _lease.epochs[(self._key, run_id)] = epoch
 
     @property
     def conn(self) -> sqlite3.Connection:
