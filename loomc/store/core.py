@@ -128,6 +128,11 @@ def prefix_args(run_id: str) -> tuple[str, str]:
     """Parameters of a dialect's ``SELECT_PREFIX``: every id starting with ``run_id`` (ids sort below U+10FFFF)."""
     return (run_id, run_id + "\U0010ffff")
 
+def step_meta_sql(template: str, error_chars: int | None) -> str:
+    """A dialect's step-metadata window (``STEP_META_AFTER``/``STEP_META_LAST``), errors cut to ``error_chars``."""
+    return template.format(error="error" if error_chars is None else f"substr(error, 1, {int(error_chars)})")
+
+
 def now_iso() -> str:
     """The current UTC time as stored in the database, strictly increasing within a process.
 
@@ -513,10 +518,10 @@ def step_window(
     at most this many characters of each error (``None``: whole).
     """
     if last is not None:
-        rows = (yield QUERY, d.step_meta_last(error_chars), (run_id, last))[::-1]
+        rows = (yield QUERY, step_meta_sql(d.STEP_META_LAST, error_chars), (run_id, last))[::-1]
         rows = [row for row in rows if row[0] > after]
     else:
-        rows = yield QUERY, d.step_meta_after(error_chars), (run_id, after, -1 if first is None else first)
+        rows = yield QUERY, step_meta_sql(d.STEP_META_AFTER, error_chars), (run_id, after, -1 if first is None else first)
     return [meta_record(row) for row in rows]
 
 

@@ -121,3 +121,16 @@ def open_shared_parent(store: Any, run_id: str, *, step: int = 0) -> RunLedger:
     ctx.ledger = ledger
     ctx.begin_step(step)
     return ledger
+
+
+def open_ledger(
+    store: Any, run_id: str, *, parent: RunLedger | None, usd_cap: float | None, spent: float, prepaid: float,
+    deadline: float | None, context: Any,
+) -> RunLedger:
+    """A store's run ledger (``LedgerStore.open_ledger``): a :class:`StoreLedger` when the store
+    has ``shared_budget`` or the parent's ledger is one, else the in-process :class:`TreeLedger`."""
+    if store.shared_budget or isinstance(parent, StoreLedger):
+        return StoreLedger(store, run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid,
+                           deadline=deadline, context=context)
+    return TreeLedger(run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid, deadline=deadline,
+                      context=context)

@@ -236,20 +236,6 @@ STEP_META_AFTER = STEP_META_WINDOW + "AND step_n > ? ORDER BY step_n LIMIT ?"
 STEP_META_LAST = STEP_META_WINDOW + "ORDER BY step_n DESC LIMIT ?"
 
 
-def _error_col(error_chars: int | None) -> str:
-    return "error" if error_chars is None else f"substr(error, 1, {int(error_chars)})"
-
-
-def step_meta_after(error_chars: int | None) -> str:
-    """Step metadata after a step number, at most LIMIT rows (``-1``: all), errors cut to ``error_chars``."""
-    return STEP_META_AFTER.format(error=_error_col(error_chars))
-
-
-def step_meta_last(error_chars: int | None) -> str:
-    """The last LIMIT steps' metadata, newest first, errors cut to ``error_chars``."""
-    return STEP_META_LAST.format(error=_error_col(error_chars))
-
-
 STEP_TOTALS_BEFORE = "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM steps WHERE run_id = ? AND step_n < ?"
 SELECT_STEPS_FULL = (
     f"SELECT s.step_n, {STATE_OF}, s.cost_usd, s.score, s.timestamp, s.error, s.event FROM steps s "

@@ -21,11 +21,11 @@ from typing import Any
 from loomc._core import events as _step_events
 from loomc._core.errors import SchemaTooNew, StoreError
 from loomc._core.holds import HeldCharge
-from loomc._core.ledger import RunLedger, TreeLedger
 from loomc._core.policy import EPS
 from loomc._core.types import RunInfo, RunStatus, StepRecord
 from loomc.store import core
 from loomc.store import lease as _lease
+from loomc.store import shared as _shared
 from loomc.store.core import Op, StateLoader, drive, expand_rows
 from loomc.store.protocol import (
     CheckpointStore,
@@ -527,18 +527,8 @@ class SQLiteStore(_lease.LeaseEpochs):
         """``(spent, reserved, cap)`` of a run as the database holds them."""
         return self._read(core.shared_view(_sql, run_id))  # type: ignore[no-any-return]
 
-    def open_ledger(
-        self, run_id: str, *, parent: RunLedger | None, usd_cap: float | None, spent: float, prepaid: float,
-        deadline: float | None, context: Any,
-    ) -> RunLedger:
-        """A run's ledger: a shared one (``loomc.store.shared``) with ``shared_budget`` or under a shared parent."""
-        from loomc.store.shared import StoreLedger
-
-        if self.shared_budget or isinstance(parent, StoreLedger):
-            return StoreLedger(self, run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid,
-                               deadline=deadline, context=context)
-        return TreeLedger(run_id, parent=parent, usd_cap=usd_cap, spent=spent, prepaid=prepaid, deadline=deadline,
-                          context=context)
+    #: A run's ledger: a shared one (``loomc.store.shared``) with ``shared_budget`` or under a shared parent.
+    open_ledger = _shared.open_ledger
 
     # -- steps --------------------------------------------------------------------
     def save_step(self, run_id: str, record: StepRecord) -> None:
